@@ -1,0 +1,485 @@
+"""WikiText-2 (word level, "wikitext-2-v1"): TFDS builder, vocabulary, LM batching.
+
+Data flow: a source folder holding ``train.txt``, ``valid.txt`` and ``test.txt``
+(or the official ``wiki.{train,valid,test}.tokens``) is checked (names, sha256)
+-> the ``WikiText2`` TFDS builder writes it as ArrayRecord, one example per line
+in file order -> each line becomes ``line.split() + ["<eos>"]`` -> a
+``Vocabulary`` built from train in first-occurrence order -> 1-D int32 id arrays,
+cached as ``.npy`` next to the prepared TFDS data -> ``LMStream`` windows.
+
+The data is Merity et al., "Pointer Sentinel Mixture Models" (2016,
+arXiv:1609.07843), licensed CC BY-SA 3.0. It is never shipped with the project:
+it is read from a folder (argument or ``EE_JAX_DATA_DIR``) or downloaded.
+
+Shape legend: B batch rows, S positions per row of a stream, N positions per window.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import socket
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+EOS = "<eos>"
+ENV_VAR = "EE_JAX_DATA_DIR"
+DEFAULT_CACHE_DIR = Path("~/.cache/ee_jax/tfds")
+DOWNLOAD_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
+# Accepted file names per split, in order of preference. The PyTorch example's
+# train/valid/test.txt are byte-identical to the archive's wiki.*.tokens (same
+# sha1 as recorded by gluon-nlp), so one checksum table serves both names.
+SOURCE_NAMES: Mapping[str, tuple[str, str]] = {
+    split: (f"{split}.txt", f"wiki.{split}.tokens") for split in SPLITS
+}
+SHA256: Mapping[str, str] = {
+    "train": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+    "valid": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    "test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+}
+_EXPECTED_FILES = (
+    "train.txt, valid.txt, test.txt (or wiki.train.tokens, wiki.valid.tokens, "
+    "wiki.test.tokens) from wikitext-2-v1"
+)
+
+
+class DataError(ValueError):
+    """The WikiText-2 source is missing, incomplete or not the expected data."""
+
+
+def _source_error(folder: Path | None, problem: str) -> DataError:
+    """Builds the one error a user sees for any problem with the source data."""
+    where = folder if folder is not None else f"none given and {ENV_VAR} is unset"
+    return DataError(
+        f"{problem}\n  WikiText-2 source folder: {where}\n"
+        f"  Expected files: {_EXPECTED_FILES}.\n"
+        f"  Pass the folder to load_wikitext2(source_dir) or set {ENV_VAR}=/path/to/wikitext-2."
+    )
+
+
+def _fingerprint(digests: Iterable[str]) -> str:
+    """Short hex id of a corpus from its per-split sha256 digests (keys the cache)."""
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+STANDARD_FINGERPRINT = _fingerprint(SHA256[split] for split in SPLITS)
+
+
+# ----------------------------------------------------------------------------
+# Source folder.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceFiles:
+    """A checked source folder: one text file per split."""
+
+    folder: Path  # the folder the files were found in
+    paths: Mapping[str, Path]  # split name -> text file, for every name in SPLITS
+    fingerprint: str  # 16 hex digits from the files' sha256; the cache key
+
+
+def resolve_source_dir(source_dir: str | os.PathLike | None = None) -> Path | None:
+    """Returns the source folder: the argument, else ``$EE_JAX_DATA_DIR``, else None."""
+    if source_dir is None:
+        source_dir = os.environ.get(ENV_VAR) or None
+    return None if source_dir is None else Path(source_dir).expanduser()
+
+
+def _find_split_file(folder: Path, split: str) -> Path:
+    """Returns the first accepted file name for `split` present in `folder`."""
+    for name in SOURCE_NAMES[split]:
+        if (folder / name).is_file():
+            return folder / name
+    names = " or ".join(SOURCE_NAMES[split])
+    raise _source_error(folder, f"The WikiText-2 source folder has no {names}.")
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def find_source(source_dir: str | os.PathLike, *, verify_checksums: bool = True) -> SourceFiles:
+    """Finds and checks the three split files of a WikiText-2 source folder.
+
+    Args:
+      source_dir: folder holding the split files (see ``SOURCE_NAMES``).
+      verify_checksums: compare each file's sha256 with the wikitext-2-v1 one.
+        Turn off for a custom corpus laid out with the same file names.
+
+    Returns:
+      The files and the corpus fingerprint.
+
+    Raises:
+      DataError: the folder or a file is missing, a file is empty, or a checksum
+        differs. Raised before anything is prepared.
+    """
+    folder = Path(source_dir).expanduser()
+    if not folder.is_dir():
+        raise _source_error(folder, "The WikiText-2 source folder does not exist.")
+    paths = {split: _find_split_file(folder, split) for split in SPLITS}
+    for path in paths.values():
+        if path.stat().st_size == 0:
+            raise _source_error(folder, f"{path} is empty.")
+    digests = {split: _file_sha256(path) for split, path in paths.items()}
+    for split, digest in digests.items():
+        if verify_checksums and digest != SHA256[split]:
+            raise _source_error(
+                folder,
+                f"{paths[split]} has sha256 {digest}, but the wikitext-2-v1 {split} file "
+                f"has {SHA256[split]}: it is truncated, altered or another corpus. "
+                "Replace it, or pass verify_checksums=False for a custom corpus.",
+            )
+    fingerprint = _fingerprint(digests[split] for split in SPLITS)
+    return SourceFiles(folder=folder, paths=paths, fingerprint=fingerprint)
+
+
+def _check_reachable(url: str) -> None:
+    """Fails fast offline: the TFDS downloader retries for minutes before giving up."""
+    host = urllib.parse.urlparse(url).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        raise _source_error(
+            None, f"Cannot download {url}: {host} is unreachable ({error})."
+        ) from error
+
+
+# ----------------------------------------------------------------------------
+# TFDS builder.
+
+
+class WikiText2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """WikiText-2 word level ("wikitext-2-v1"), one example per line, in file order.
+
+    Each example is ``{"text": line}``, the raw line without its newline (read
+    back as ``bytes``). Works without TensorFlow: files are ArrayRecord and are
+    read with ``builder.as_data_source(split=...)``.
+
+    Example::
+
+      builder = WikiText2(source=find_source(folder), data_dir=cache)
+      builder.download_and_prepare()
+      lines = builder.as_data_source(split="test")
+    """
+
+    name = "wikitext2"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "One example per line of wikitext-2-v1, in file order."}
+
+    def __init__(self, *, source: SourceFiles | None = None, **kwargs):
+        """Creates the builder.
+
+        Args:
+          source: checked local files (``find_source``); None downloads the
+            official archive when the data is not prepared yet.
+          **kwargs: ``tfds.core.GeneratorBasedBuilder`` arguments (``data_dir``...);
+            ``file_format`` defaults to ArrayRecord, the format readable without
+            TensorFlow.
+        """
+        self._source = source
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="WikiText-2 word-level language modelling corpus, one line per example.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            homepage="https://arxiv.org/abs/1609.07843",
+            citation="Merity, Xiong, Bradbury, Socher. Pointer Sentinel Mixture Models. 2016.",
+            license="CC BY-SA 3.0",
+            disable_shuffling=True,  # line order is the text order
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        source = self._source or self._download(dl_manager)
+        return {split: self._generate_examples(path) for split, path in source.paths.items()}
+
+    def _download(self, dl_manager: tfds.download.DownloadManager) -> SourceFiles:
+        _check_reachable(DOWNLOAD_URL)
+        try:
+            extracted = dl_manager.download_and_extract(DOWNLOAD_URL)
+        except OSError as error:
+            raise _source_error(None, f"Downloading {DOWNLOAD_URL} failed: {error}") from error
+        return find_source(Path(os.fspath(extracted)) / "wikitext-2")
+
+    def _generate_examples(self, path: Path):
+        with path.open(encoding="utf-8") as file:
+            for index, line in enumerate(file):
+                yield index, {"text": line.rstrip("\n")}
+
+
+def read_lines(builder: WikiText2, split: str) -> list[str]:
+    """Returns the lines of a prepared split, in file order."""
+    source = builder.as_data_source(split=split)
+    # One batched read: about 5x faster than indexing the lines one by one.
+    examples = source.__getitems__(range(len(source)))
+    return [example["text"].decode("utf-8") for example in examples]
+
+
+# ----------------------------------------------------------------------------
+# Tokens and vocabulary.
+
+
+def tokenize(lines: Iterable[str]) -> list[str]:
+    """Standard protocol: ``line.split() + ["<eos>"]`` for every line, empty ones too."""
+    return [word for line in lines for word in (*line.split(), EOS)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """Word <-> id mapping; ids are positions in ``words``."""
+
+    words: tuple[str, ...]  # one entry per id, no duplicates
+    _index: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        index = {word: i for i, word in enumerate(self.words)}
+        if len(index) != len(self.words):
+            raise ValueError("Vocabulary words must be unique.")
+        object.__setattr__(self, "_index", index)
+
+    @classmethod
+    def from_tokens(cls, tokens: Iterable[str]) -> "Vocabulary":
+        """Builds the vocabulary of `tokens` in first-occurrence order."""
+        return cls(tuple(dict.fromkeys(tokens)))
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __repr__(self) -> str:
+        return f"Vocabulary({len(self)} words)"
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-line token ``<eos>``."""
+        return self._index[EOS]
+
+    def encode(self, words: Sequence[str]) -> np.ndarray:
+        """Maps words [N] to ids [N] int32; raises ValueError on unknown words."""
+        try:
+            return np.fromiter((self._index[w] for w in words), np.int32, count=len(words))
+        except KeyError:
+            unknown = list(dict.fromkeys(w for w in words if w not in self._index))
+            raise ValueError(
+                f"{len(unknown)} word(s) not in the vocabulary of {len(self)}: {unknown[:5]}"
+            ) from None
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        """Maps ids [N] to words [N]; raises ValueError on ids outside [0, V)."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise ValueError(f"Ids must lie in [0, {len(self)}), got {ids.min()}..{ids.max()}.")
+        return [self.words[i] for i in ids.tolist()]
+
+
+# ----------------------------------------------------------------------------
+# Loading.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Corpus:
+    """The vocabulary and the three splits as token ids."""
+
+    vocab: Vocabulary  # built from train
+    train: np.ndarray  # [N_train] int32
+    valid: np.ndarray  # [N_valid] int32
+    test: np.ndarray  # [N_test] int32
+
+
+def load_wikitext2(
+    source_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    verify_checksums: bool = True,
+) -> Corpus:
+    """Loads WikiText-2 as token ids, preparing and caching it on first use.
+
+    Args:
+      source_dir: folder with the split files; defaults to ``$EE_JAX_DATA_DIR``,
+        and when neither is set the official archive is downloaded.
+      cache_dir: where prepared data goes, one sub-folder per corpus fingerprint
+        (default ``~/.cache/ee_jax/tfds``). Encoded ids are cached as ``.npy``
+        there, so later calls skip TFDS entirely.
+      verify_checksums: check the files' sha256 against wikitext-2-v1 (turn off
+        for a custom corpus with the same file names).
+
+    Returns:
+      The corpus: train has 2,088,628 tokens, valid 217,646, test 245,569 and
+      the vocabulary 33,278 words for the standard files.
+
+    Raises:
+      DataError: missing or wrong source data (before anything is prepared), or
+        valid/test words outside the train vocabulary.
+    """
+    folder = resolve_source_dir(source_dir)
+    source = None if folder is None else find_source(folder, verify_checksums=verify_checksums)
+    fingerprint = STANDARD_FINGERPRINT if source is None else source.fingerprint
+    cache_root = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    builder = WikiText2(source=source, data_dir=os.fspath(cache_root / f"wikitext2-{fingerprint}"))
+    ids_dir = Path(os.fspath(builder.data_dir))
+    if (ids_dir / "vocab.txt").is_file():
+        return _load_cached(ids_dir)
+    builder.download_and_prepare()
+    corpus = _encode_corpus({split: read_lines(builder, split) for split in SPLITS})
+    _save_cached(corpus, ids_dir)
+    return corpus
+
+
+def _encode_corpus(lines: Mapping[str, list[str]]) -> Corpus:
+    """Tokenizes every split and encodes it with the train vocabulary."""
+    tokens = {split: tokenize(lines[split]) for split in SPLITS}
+    vocab = Vocabulary.from_tokens(tokens["train"])
+    ids = {}
+    for split in SPLITS:
+        try:
+            ids[split] = vocab.encode(tokens[split])
+        except ValueError as error:
+            raise DataError(f"The {split} split has words outside train: {error}") from None
+    return Corpus(vocab=vocab, **ids)
+
+
+def _save_cached(corpus: Corpus, ids_dir: Path) -> None:
+    """Writes ``{split}.ids.npy`` then ``vocab.txt``, whose presence marks a full cache."""
+    for split in SPLITS:
+        with _atomic_file(ids_dir / f"{split}.ids.npy") as file:
+            np.save(file, getattr(corpus, split))
+    with _atomic_file(ids_dir / "vocab.txt") as file:
+        file.write("\n".join(corpus.vocab.words).encode("utf-8"))
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Opens a temporary file for writing and renames it to `path` once written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("wb") as file:
+        yield file
+    os.replace(temporary, path)
+
+
+def _load_cached(ids_dir: Path) -> Corpus:
+    # Bytes, not read_text: universal newlines must not touch the words.
+    words = (ids_dir / "vocab.txt").read_bytes().decode("utf-8").split("\n")
+    ids = {split: np.load(ids_dir / f"{split}.ids.npy") for split in SPLITS}
+    return Corpus(vocab=Vocabulary(tuple(words)), **ids)
+
+
+# ----------------------------------------------------------------------------
+# Batching.
+
+
+class Batch(NamedTuple):
+    """One window of a language-modelling stream (a pytree, ready for jit)."""
+
+    inputs: np.ndarray  # [B, N] int32, the token before each target
+    targets: np.ndarray  # [B, N] int32
+    mask: np.ndarray  # [B, N] bool, True for real targets, False for padding
+
+
+def batchify(
+    ids: np.ndarray, batch_size: int, *, row_multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts a 1-D stream into B contiguous rows, padding instead of dropping the tail.
+
+    Row r holds ``ids[r * S:(r + 1) * S]`` with ``S = ceil(len(ids) / B)`` rounded
+    up to a multiple of `row_multiple`; the positions past the end are 0 with
+    mask False, so every token appears exactly once with mask True.
+
+    Args:
+      ids: [T] token ids.
+      batch_size: number of rows B.
+      row_multiple: S is rounded up to a multiple of this (the window length).
+
+    Returns:
+      tokens [B, S] int32 and mask [B, S] bool.
+    """
+    ids = np.asarray(ids, np.int32)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"ids must be a non-empty 1-D array, got shape {ids.shape}.")
+    if batch_size < 1 or row_multiple < 1:
+        raise ValueError(
+            f"batch_size and row_multiple must be >= 1, got {batch_size}, {row_multiple}."
+        )
+    row_length = -(-ids.size // batch_size)  # ceil
+    row_length = -(-row_length // row_multiple) * row_multiple
+    padding = batch_size * row_length - ids.size
+    tokens = np.pad(ids, (0, padding)).reshape(batch_size, row_length)  # [B, S]
+    mask = np.pad(np.ones(ids.size, bool), (0, padding)).reshape(batch_size, row_length)  # [B, S]
+    return tokens, mask
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LMStream:
+    """Next-token prediction over a token stream, cut into B rows and N-wide windows.
+
+    Every token of the stream is a target exactly once (mask True): the first
+    one is predicted from an ``<eos>`` context, as if the text followed a line
+    end, so perplexity counts ``len(ids)`` predictions (245,569 on the
+    WikiText-2 test split, the standard protocol). Rows are contiguous, so state
+    can be carried from window i to window i + 1 of the same row.
+    """
+
+    inputs: np.ndarray  # [B, S] int32, S a multiple of n_seq
+    targets: np.ndarray  # [B, S] int32
+    mask: np.ndarray  # [B, S] bool
+    n_seq: int  # window length N
+
+    def __len__(self) -> int:
+        """Number of windows (batches) per pass over the stream."""
+        return self.inputs.shape[1] // self.n_seq
+
+    def window(self, index: int) -> Batch:
+        """Returns window `index` in [0, len(self)): positions [index * N, (index + 1) * N)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"Window {index} out of range [0, {len(self)}).")
+        span = slice(index * self.n_seq, (index + 1) * self.n_seq)
+        return Batch(self.inputs[:, span], self.targets[:, span], self.mask[:, span])
+
+
+def make_lm_stream(ids: np.ndarray, batch_size: int, n_seq: int, *, eos_id: int) -> LMStream:
+    """Builds the stream of (previous token -> token) pairs of `ids`.
+
+    Args:
+      ids: [T] token ids of one split.
+      batch_size: rows B.
+      n_seq: window length N.
+      eos_id: context id for the first target (``Vocabulary.eos_id``).
+
+    Returns:
+      The stream; its windows cover every one of the T targets exactly once.
+    """
+    ids = np.asarray(ids, np.int32)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"ids must be a non-empty 1-D array, got shape {ids.shape}.")
+    context = np.concatenate([np.array([eos_id], np.int32), ids[:-1]])  # [T]
+    inputs, mask = batchify(context, batch_size, row_multiple=n_seq)  # [B, S]
+    targets, _ = batchify(ids, batch_size, row_multiple=n_seq)  # [B, S]
+    return LMStream(inputs=inputs, targets=targets, mask=mask, n_seq=n_seq)
+
+
+def lm_windows(ids: np.ndarray, batch_size: int, n_seq: int, *, eos_id: int) -> Iterator[Batch]:
+    """Yields the evaluation windows of `ids` in order (see ``LMStream``).
+
+    Sum the loss over ``mask`` and divide by ``mask.sum()`` totalled over all
+    windows, which is ``len(ids)``.
+    """
+    stream = make_lm_stream(ids, batch_size, n_seq, eos_id=eos_id)
+    return (stream.window(index) for index in range(len(stream)))
+
+
+def train_batch(stream: LMStream, step: int) -> Batch:
+    """Returns the batch of training `step`: a pure function of the step.
+
+    Step s reads window ``s % len(stream)`` of epoch ``s // len(stream)``, so a
+    run resumed from a checkpoint at step s continues at exactly the same data.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}.")
+    return stream.window(step % len(stream))
