@@ -11,7 +11,8 @@ The data is Merity et al., "Pointer Sentinel Mixture Models" (2016,
 arXiv:1609.07843), licensed CC BY-SA 3.0. It is never shipped with the project:
 it is read from a folder (argument or ``EE_JAX_DATA_DIR``) or downloaded.
 
-Shape legend: B batch rows, S positions per row of a stream, N positions per window.
+Shape legend: T tokens of a split, B batch rows, S positions per row of a stream,
+N positions per window.
 """
 
 import contextlib
@@ -170,8 +171,14 @@ class WikiText2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     name = "wikitext2"
+    # The id cache lives in the versioned folder: bump VERSION when the examples
+    # or the tokenization change.
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "One example per line of wikitext-2-v1, in file order."}
+    # TFDS looks for a checksums.tsv next to the builder's code; there is none.
+    # Saying so also avoids TFDS 4.9.10 importing `importlib_resources` (not one
+    # of its dependencies) for a builder defined inside a package.
+    code_path = None
 
     def __init__(self, *, source: SourceFiles | None = None, **kwargs):
         """Creates the builder.
@@ -241,6 +248,7 @@ class Vocabulary:
     _index: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "words", tuple(self.words))
         index = {word: i for i, word in enumerate(self.words)}
         if len(index) != len(self.words):
             raise ValueError("Vocabulary words must be unique.")
@@ -289,9 +297,9 @@ class Corpus:
     """The vocabulary and the three splits as token ids."""
 
     vocab: Vocabulary  # built from train
-    train: np.ndarray  # [N_train] int32
-    valid: np.ndarray  # [N_valid] int32
-    test: np.ndarray  # [N_test] int32
+    train: np.ndarray  # [T_train] int32
+    valid: np.ndarray  # [T_valid] int32
+    test: np.ndarray  # [T_test] int32
 
 
 def load_wikitext2(
@@ -383,6 +391,14 @@ class Batch(NamedTuple):
     mask: np.ndarray  # [B, N] bool, True for real targets, False for padding
 
 
+def _as_ids(ids: np.ndarray) -> np.ndarray:
+    """Returns `ids` as a non-empty 1-D int32 array, or raises ValueError."""
+    ids = np.asarray(ids, np.int32)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"ids must be a non-empty 1-D array, got shape {ids.shape}.")
+    return ids
+
+
 def batchify(
     ids: np.ndarray, batch_size: int, *, row_multiple: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -400,9 +416,7 @@ def batchify(
     Returns:
       tokens [B, S] int32 and mask [B, S] bool.
     """
-    ids = np.asarray(ids, np.int32)
-    if ids.ndim != 1 or ids.size == 0:
-        raise ValueError(f"ids must be a non-empty 1-D array, got shape {ids.shape}.")
+    ids = _as_ids(ids)
     if batch_size < 1 or row_multiple < 1:
         raise ValueError(
             f"batch_size and row_multiple must be >= 1, got {batch_size}, {row_multiple}."
@@ -455,9 +469,7 @@ def make_lm_stream(ids: np.ndarray, batch_size: int, n_seq: int, *, eos_id: int)
     Returns:
       The stream; its windows cover every one of the T targets exactly once.
     """
-    ids = np.asarray(ids, np.int32)
-    if ids.ndim != 1 or ids.size == 0:
-        raise ValueError(f"ids must be a non-empty 1-D array, got shape {ids.shape}.")
+    ids = _as_ids(ids)
     context = np.concatenate([np.array([eos_id], np.int32), ids[:-1]])  # [T]
     inputs, mask = batchify(context, batch_size, row_multiple=n_seq)  # [B, S]
     targets, _ = batchify(ids, batch_size, row_multiple=n_seq)  # [B, S]

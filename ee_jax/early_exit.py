@@ -1,0 +1,235 @@
+"""Confidence-based early exit: the jit-compiled halting loop and exit statistics.
+
+A token exits after block l (1-based depth l) when its confidence reaches the
+threshold; otherwise it exits at depth L with the final head. Its logits are
+those of its exit head. The loop over layers is a masked `jax.lax.while_loop`
+that stops as soon as every token of the batch has exited, so in a batched
+teacher-forced pass it can only stop when the last token of the batch exits.
+The threshold is traced: one compilation serves every threshold.
+
+Threshold 1.0 means "never exit early": float32 probabilities round to exactly
+1.0 for very confident tokens, so `confidence >= 1.0` would otherwise still
+let some tokens exit.
+"""
+
+import functools
+from typing import Literal, get_args
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ee_jax.config import ExitMeasure, ModelConfig
+from ee_jax.flops import exit_flops
+from ee_jax.model import EarlyExitLM, check_tokens
+
+ExitedState = Literal["freeze", "compute"]
+SOFTMAX_MEASURES = (ExitMeasure.SOFTMAX_MAX, ExitMeasure.SOFTMAX_MARGIN)
+
+
+@flax.struct.dataclass
+class ExitInfo:
+    """What the halting loop did, per token."""
+
+    exit_depth: jax.Array  # [B, N] int32 in [1, L]: blocks run before the token's exit
+    confidence: jax.Array  # [B, N] float32: the measure at the exit (final head's at L)
+    layers_run: jax.Array  # [] int32: blocks the loop executed for the whole batch
+    flops_per_depth: jax.Array  # [L] float32: cost-model FLOPs of a token exiting at l
+    full_depth_flops: jax.Array  # [] float32: cost-model FLOPs of the plain forward
+
+
+@flax.struct.dataclass
+class HaltState:
+    """The while_loop carry."""
+
+    layer: jax.Array  # [] int32: blocks run so far
+    hidden: jax.Array  # [B, N, D] float32: residual stream (frozen rows for exited tokens)
+    exited: jax.Array  # [B, N] bool
+    exit_depth: jax.Array  # [B, N] int32: 0 until the token exits
+    confidence: jax.Array  # [B, N] float32
+    output: jax.Array  # [B, N, V] logits (softmax measures) or [B, N, D] exit features
+
+    @classmethod
+    def make(cls, hidden: jax.Array, output_width: int) -> "HaltState":
+        batch = hidden.shape[:2]
+        return cls(
+            layer=jnp.zeros((), jnp.int32),
+            hidden=hidden,
+            exited=jnp.zeros(batch, bool),
+            exit_depth=jnp.zeros(batch, jnp.int32),
+            confidence=jnp.zeros(batch, jnp.float32),
+            output=jnp.zeros((*batch, output_width), jnp.float32),
+        )
+
+
+def early_exit_forward(
+    model: EarlyExitLM,
+    variables,
+    tokens,
+    threshold: float | None = None,
+    *,
+    measure: str = "softmax_max",
+    exited_state: ExitedState = "freeze",
+) -> tuple[jax.Array, ExitInfo]:
+    """Runs the model with per-token early exit.
+
+    Args:
+      model: the `EarlyExitLM`.
+      variables: its variables ({"params": ...}).
+      tokens: [B, N] integer ids in [0, V), N <= n_seq.
+      threshold: confidence needed to exit, in [0, 1]; default
+        `model.config.confidence_threshold`. Traced: changing it never recompiles.
+      measure: an `ExitMeasure` value: "softmax_max", "softmax_margin",
+        "state_saturation" or "learned".
+      exited_state: "freeze" copies an exited token's hidden state unchanged to
+        deeper blocks, which still read it as context (what token-by-token
+        decoding does); "compute" keeps updating it (as the original did).
+
+    Returns:
+      (logits [B, N, V] of each token's exit head, ExitInfo).
+
+    Raises:
+      ValueError: bad tokens, a threshold outside [0, 1], an unknown measure or
+        exited_state; raised before any computation.
+    """
+    threshold = model.config.confidence_threshold if threshold is None else threshold
+    measure = check_exit_options(threshold, measure, exited_state)
+    check_tokens(tokens, model.config)
+    return _jitted_early_exit(model, variables, tokens, jnp.float32(threshold), measure,
+                              exited_state)
+
+
+def check_exit_options(threshold, measure: str, exited_state: str) -> ExitMeasure:
+    """Validates the options of `early_exit_forward`; returns the measure."""
+    if not isinstance(threshold, jax.core.Tracer) and not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if measure not in ExitMeasure._value2member_map_:
+        raise ValueError(f"measure must be one of {[m.value for m in ExitMeasure]}, got {measure!r}")
+    if exited_state not in get_args(ExitedState):
+        raise ValueError(
+            f"exited_state must be one of {get_args(ExitedState)}, got {exited_state!r}")
+    return ExitMeasure(measure)
+
+
+def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
+    """The halting loop itself (pure; jit it with model, measure, exited_state static)."""
+    config = model.config
+    measure = ExitMeasure(measure)
+    apply = functools.partial(model.apply, variables)
+    hidden = apply(tokens, method=EarlyExitLM.embed)
+    softmax = measure in SOFTMAX_MEASURES
+    state = HaltState.make(hidden, config.vocab_size if softmax else config.d_model)
+    can_exit_early = threshold < 1.0
+
+    def cond_fn(state: HaltState) -> jax.Array:
+        return (state.layer < config.n_layers) & ~jnp.all(state.exited)
+
+    def body_fn(state: HaltState) -> HaltState:
+        layer = state.layer
+        after, _ = apply(state.hidden, layer, method=EarlyExitLM.block)
+        confidence, payload = _confidence(apply, measure, state.hidden, after, layer)
+        exits = ((confidence >= threshold) & can_exit_early) | (layer == config.n_layers - 1)
+        newly = exits & ~state.exited
+        if exited_state == "freeze":
+            after = jnp.where(state.exited[..., None], state.hidden, after)
+        return state.replace(
+            layer=layer + 1,
+            hidden=after,
+            exited=state.exited | newly,
+            exit_depth=jnp.where(newly, layer + 1, state.exit_depth),
+            confidence=jnp.where(newly, confidence, state.confidence),
+            output=jnp.where(newly[..., None], payload, state.output),
+        )
+
+    state = jax.lax.while_loop(cond_fn, body_fn, state)
+    logits = state.output if softmax else _project_features(apply, config, state)
+    per_depth, full = exit_flops(config, measure, exited_state)
+    info = ExitInfo(
+        exit_depth=state.exit_depth, confidence=state.confidence, layers_run=state.layer,
+        flops_per_depth=jnp.asarray(per_depth, jnp.float32),
+        full_depth_flops=jnp.float32(full),
+    )
+    return logits, info
+
+
+_jitted_early_exit = jax.jit(early_exit_loop, static_argnums=(0, 4, 5))
+
+
+def _confidence(apply, measure, before, after, layer):
+    """(confidence [B, N], payload): logits [B, N, V] or exit features [B, N, D]."""
+    if measure in SOFTMAX_MEASURES:
+        logits = apply(after, layer, method=EarlyExitLM.exit_head)
+        probabilities = jax.nn.softmax(logits)
+        top = jax.lax.top_k(probabilities, 2)[0]  # [B, N, 2]
+        if measure == ExitMeasure.SOFTMAX_MAX:
+            return top[..., 0], logits
+        return top[..., 0] - top[..., 1], logits
+    features = apply(after, layer, method=EarlyExitLM.exit_features)
+    if measure == ExitMeasure.LEARNED:
+        return jax.nn.sigmoid(apply(after, layer, method=EarlyExitLM.exit_classifier)), features
+    cosine = jnp.sum(before * after, -1) / (
+        jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1))
+    return cosine, features
+
+
+def _project_features(apply, config: ModelConfig, state: HaltState) -> jax.Array:
+    """Logits [B, N, V] from each token's stored exit features, one projection per
+    exit head that some token used (a single one unless heads are per exit)."""
+    def project(layer):
+        kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
+        return jnp.einsum("bnd,vd->bnv", state.output, kernel) + bias
+
+    if config.unembedding != "per_exit":
+        return project(0)
+
+    def add_head(layer, logits):
+        chosen = state.exit_depth == layer + 1  # [B, N]
+        return jax.lax.cond(
+            jnp.any(chosen), lambda: jnp.where(chosen[..., None], project(layer), logits),
+            lambda: logits)
+
+    empty = jnp.zeros((*state.exit_depth.shape, config.vocab_size), jnp.float32)
+    return jax.lax.fori_loop(0, config.n_layers, add_head, empty)
+
+
+@flax.struct.dataclass
+class ExitStats:
+    """Exit statistics accumulated over batches (pure: `update` returns a new one)."""
+
+    depth_counts: jax.Array  # [L] int32: tokens that exited at depth 1..L
+    flops: jax.Array  # [] float32: cost-model FLOPs spent with early exit
+    full_flops: jax.Array  # [] float32: cost-model FLOPs of the full forward, same tokens
+
+    @classmethod
+    def zeros(cls, n_layers: int) -> "ExitStats":
+        return cls(depth_counts=jnp.zeros(n_layers, jnp.int32), flops=jnp.zeros((), jnp.float32),
+                   full_flops=jnp.zeros((), jnp.float32))
+
+    def update(self, info: ExitInfo, mask: jax.Array | None = None) -> "ExitStats":
+        """Adds the tokens of `info` (only where `mask` [B, N] is true, if given)."""
+        mask = jnp.ones_like(info.exit_depth, bool) if mask is None else mask.astype(bool)
+        n_layers = self.depth_counts.shape[0]
+        onehot = jax.nn.one_hot(info.exit_depth - 1, n_layers, dtype=jnp.int32)  # [B, N, L]
+        counts = jnp.sum(onehot * mask[..., None], axis=(0, 1))  # [L]
+        return self.replace(
+            depth_counts=self.depth_counts + counts,
+            flops=self.flops + jnp.sum(counts * info.flops_per_depth),
+            full_flops=self.full_flops + jnp.sum(counts) * info.full_depth_flops,
+        )
+
+    def summary(self) -> dict:
+        """Host-side numbers (avg_exit_layer is 1-based; layer_speedup = L / avg)."""
+        counts = np.asarray(self.depth_counts, np.float64)
+        total = counts.sum()
+        n_layers = len(counts)
+        if total == 0:
+            raise ValueError("ExitStats.summary() needs at least one token")
+        average = float(np.dot(counts, np.arange(1, n_layers + 1)) / total)
+        return {
+            "avg_exit_layer": average,
+            "exit_distribution": (counts / total).tolist(),
+            "layer_speedup": n_layers / average,
+            "flops_speedup": float(self.full_flops) / float(self.flops),
+            "total_tokens": int(total),
+        }

@@ -1,0 +1,211 @@
+"""The early-exit ResNet-BK language model (Flax Linen).
+
+Shape legend: B batch, N positions, D width, V vocabulary, L layers, H BK heads.
+
+    tokens [B, N] -> embed -> h_0 [B, N, D]
+    h_l = h_{l-1} + dropout(MoE(LN(h_{l-1})) + s_l * BK(LN(h_{l-1})))   l = 1..L
+    exit l: logits_l = LN_l(h_l) @ U_l^T + b_l                           [B, N, V]
+
+The L blocks' parameters are stacked on a leading layer axis (params["blocks"]),
+so the training path scans over them and the halting loop picks block l with
+`jax.tree.map(lambda p: p[l], blocks)`. The last exit is the model's final head.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from ee_jax.bk_core import resolvent_diagonal
+from ee_jax.config import ModelConfig
+from ee_jax.moe import MoEFeedForward
+
+
+def head_z(config: ModelConfig) -> jax.Array:
+    """z of each BK head: Re z shared, Im z log-spaced from z_imag[0] to z_imag[1]; [H]."""
+    low, high = config.z_imag
+    imag = np.geomspace(low, high, config.bk_heads)
+    return jnp.asarray(config.z_real + 1j * imag, jnp.complex64)
+
+
+class BKLayer(nn.Module):
+    """Sequence mixing through the resolvent diagonal of T = H0 + diag(v(x))."""
+
+    config: ModelConfig
+
+    def setup(self):
+        self.potential = nn.Dense(self.config.bk_heads, name="potential")
+        self.project = nn.Dense(self.config.d_model, name="project")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, N, D] normalised input -> [B, N, D] BK features."""
+        diag = jnp.swapaxes(self.potentials(x), -1, -2)  # [B, H, N]
+        off = jnp.float32(self.config.h0_offdiagonal)
+        z = jnp.broadcast_to(head_z(self.config), diag.shape[:-1])  # [B, H]
+        green = resolvent_diagonal(
+            diag, off, off, z, causal=self.config.causal, method=self.config.bk_method
+        )  # [B, H, N]
+        return self.features_to_output(jnp.swapaxes(green, -1, -2))
+
+    def potentials(self, x: jax.Array) -> jax.Array:
+        """Diagonal of T per head: H0's diagonal plus the learned potential; [..., H]."""
+        return self.config.h0_diagonal + self.potential(x)
+
+    def features_to_output(self, green: jax.Array) -> jax.Array:
+        """[..., H] complex diagonal entries -> [..., D] via [Re G, Im G]."""
+        features = jnp.concatenate([green.real, green.imag], axis=-1)  # [..., 2H]
+        return self.project(features)
+
+
+class BKBlock(nn.Module):
+    """Pre-norm residual block: MoE FFN plus scaled BK features on LN(h)."""
+
+    config: ModelConfig
+
+    def setup(self):
+        self.norm = nn.LayerNorm(name="norm")
+        self.moe = MoEFeedForward(self.config.num_experts, self.config.top_k, name="moe")
+        if self.config.use_bk:
+            self.bk = BKLayer(self.config, name="bk")
+            self.bk_scale = self.param("bk_scale", nn.initializers.ones, ())
+        self.dropout = nn.Dropout(self.config.dropout)
+
+    def __call__(self, h: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """[B, N, D] -> ([B, N, D], MoE load-balancing loss [])."""
+        x = self.norm(h)
+        update, balance_loss = self.moe(x)
+        if self.config.use_bk:
+            update = update + self.bk_scale * self.bk(x)
+        return h + self.dropout(update, deterministic=deterministic), balance_loss
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm over the last axis with given parameters (same as nn.LayerNorm)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(variance + eps) * scale + bias
+
+
+def check_tokens(tokens, config: ModelConfig) -> None:
+    """Raises ValueError for bad token arrays; checks values only when concrete.
+
+    JAX clamps out-of-range gathers silently (id V would read row V-1), so the
+    ids are checked on the host; under jit (a tracer) only shapes and dtypes are.
+    """
+    shape, dtype = np.shape(tokens), np.result_type(getattr(tokens, "dtype", tokens))
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"tokens must have an integer dtype, got {dtype}")
+    if len(shape) != 2 or shape[1] == 0:
+        raise ValueError(f"tokens must have shape (B, N) with N >= 1, got {shape}")
+    if shape[1] > config.n_seq:
+        raise ValueError(f"tokens have N = {shape[1]} positions, more than n_seq = {config.n_seq}")
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    values = np.asarray(tokens)
+    if values.size and (values.min() < 0 or values.max() >= config.vocab_size):
+        raise ValueError(
+            f"token ids must be in [0, vocab_size={config.vocab_size}), "
+            f"got min {values.min()} and max {values.max()}"
+        )
+
+
+class EarlyExitLM(nn.Module):
+    """ResNet-BK language model with an exit head after every block."""
+
+    config: ModelConfig
+
+    def setup(self):
+        config = self.config
+        d, v, n_layers = config.d_model, config.vocab_size, config.n_layers
+        self.token_embed = nn.Embed(v, d, embedding_init=nn.initializers.normal(0.02))
+        self.position_embed = self.param("position_embed", nn.initializers.normal(0.02),
+                                         (config.n_seq, d))
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.blocks = self.param("blocks", self._init_blocks)
+        self.exit_norm_scale = self.param("exit_norm_scale", nn.initializers.ones, (n_layers, d))
+        self.exit_norm_bias = self.param("exit_norm_bias", nn.initializers.zeros, (n_layers, d))
+        heads = n_layers if config.unembedding == "per_exit" else 1
+        if config.unembedding != "tied":
+            self.unembed_kernel = self.param(
+                "unembed_kernel", nn.initializers.normal(d**-0.5), (heads, v, d))
+        self.unembed_bias = self.param("unembed_bias", nn.initializers.zeros, (heads, v))
+        # Learned exit classifiers: LN + Dense(1) per exit on the hidden state.
+        self.classifier_norm_scale = self.param("classifier_norm_scale", nn.initializers.ones,
+                                                (n_layers, d))
+        self.classifier_norm_bias = self.param("classifier_norm_bias", nn.initializers.zeros,
+                                               (n_layers, d))
+        self.classifier_kernel = self.param("classifier_kernel", nn.initializers.zeros,
+                                            (n_layers, d))
+        self.classifier_bias = self.param("classifier_bias", nn.initializers.zeros, (n_layers,))
+
+    def _init_blocks(self, rng: jax.Array):
+        block = BKBlock(self.config, parent=None)
+        dummy = jnp.zeros((1, 1, self.config.d_model))
+        init = lambda key: block.init(key, dummy)["params"]  # noqa: E731
+        return jax.vmap(init)(jax.random.split(rng, self.config.n_layers))
+
+    # ------------------------------------------------------------ pieces
+
+    def embed(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """[B, N] ids -> [B, N, D] (token + position embeddings)."""
+        check_tokens(tokens, self.config)
+        h = self.token_embed(tokens) + self.position_embed[: tokens.shape[1]]
+        return self.embed_dropout(h, deterministic=deterministic)
+
+    def block(self, h: jax.Array, layer, dropout_rng: jax.Array | None = None):
+        """Block `layer` (0-based, may be traced) on [B, N, D] -> ([B, N, D], loss []).
+
+        Dropout is on when `dropout_rng` is given (folded with the layer index).
+        """
+        params = jax.tree.map(lambda p: p[layer], self.blocks)
+        if dropout_rng is None:
+            return BKBlock(self.config, parent=None).apply({"params": params}, h, True)
+        rngs = {"dropout": jax.random.fold_in(dropout_rng, layer)}
+        return BKBlock(self.config, parent=None).apply({"params": params}, h, False, rngs=rngs)
+
+    def exit_features(self, h: jax.Array, layer) -> jax.Array:
+        """Exit `layer`'s LayerNorm of the hidden state; [..., D]."""
+        return layer_norm(h, self.exit_norm_scale[layer], self.exit_norm_bias[layer])
+
+    def unembedding(self, layer) -> tuple[jax.Array, jax.Array]:
+        """Exit `layer`'s output matrix [V, D] and bias [V]."""
+        index = layer if self.config.unembedding == "per_exit" else 0
+        if self.config.unembedding == "tied":
+            return self.token_embed.embedding, self.unembed_bias[index]
+        return self.unembed_kernel[index], self.unembed_bias[index]
+
+    def exit_head(self, h: jax.Array, layer) -> jax.Array:
+        """Exit `layer`'s logits for hidden states [..., D] -> [..., V]."""
+        kernel, bias = self.unembedding(layer)
+        return jnp.einsum("...d,vd->...v", self.exit_features(h, layer), kernel) + bias
+
+    def exit_classifier(self, h: jax.Array, layer) -> jax.Array:
+        """Learned exit classifier logit [...] (input gradient stopped: it does not
+        train the backbone)."""
+        x = layer_norm(jax.lax.stop_gradient(h), self.classifier_norm_scale[layer],
+                       self.classifier_norm_bias[layer])
+        return x @ self.classifier_kernel[layer] + self.classifier_bias[layer]
+
+    # ------------------------------------------------------------ full passes
+
+    def hidden_states(self, tokens: jax.Array, deterministic: bool = True):
+        """Every block's output via lax.scan: ([L, B, N, D], balance losses [L])."""
+        h = self.embed(tokens, deterministic)
+        dropout_rng = None if deterministic else self.make_rng("dropout")
+
+        def step(h, layer):
+            h, balance_loss = self.block(h, layer, dropout_rng)
+            return h, (h, balance_loss)
+
+        _, (states, balance_losses) = jax.lax.scan(step, h, jnp.arange(self.config.n_layers))
+        return states, balance_losses
+
+    def exit_logits(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Every exit's logits, [L, B, N, V] (the training path; differentiable)."""
+        states, _ = self.hidden_states(tokens, deterministic)
+        return jax.vmap(self.exit_head)(states, jnp.arange(self.config.n_layers))
+
+    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The final head's logits, [B, N, V]."""
+        states, _ = self.hidden_states(tokens, deterministic)
+        return self.exit_head(states[-1], self.config.n_layers - 1)
