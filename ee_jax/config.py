@@ -46,7 +46,9 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+            raise ValueError(
+                f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
@@ -60,7 +62,9 @@ class ModelConfig:
             )
         for name, allowed in (("bk_method", BKMethod), ("unembedding", Unembedding)):
             if getattr(self, name) not in get_args(allowed):
-                raise ValueError(f"{name} must be one of {get_args(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {get_args(allowed)}, got {getattr(self, name)!r}"
+                )
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
@@ -70,15 +74,26 @@ class ModelConfig:
 def tiny(vocab_size: int = 97) -> ModelConfig:
     """Seconds-scale model for tests and the quickstart notebook."""
     return ModelConfig(
-        vocab_size=vocab_size, d_model=16, n_layers=3, n_seq=16, num_experts=4, bk_heads=2,
-        z_imag=(0.1, 1.0), dropout=0.0,
+        vocab_size=vocab_size,
+        d_model=16,
+        n_layers=3,
+        n_seq=16,
+        num_experts=4,
+        bk_heads=2,
+        z_imag=(1.0, 1.0),
+        dropout=0.0,
     )
 
 
 def seed(vocab_size: int = 10000) -> ModelConfig:
     """The configuration of the public PyTorch original (its defaults)."""
     return ModelConfig(
-        vocab_size=vocab_size, d_model=64, n_layers=4, n_seq=128, num_experts=4, top_k=1,
+        vocab_size=vocab_size,
+        d_model=64,
+        n_layers=4,
+        n_seq=128,
+        num_experts=4,
+        top_k=1,
     )
 
 

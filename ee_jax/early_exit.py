@@ -96,8 +96,9 @@ def early_exit_forward(
     threshold = model.config.confidence_threshold if threshold is None else threshold
     measure = check_exit_options(threshold, measure, exited_state)
     check_tokens(tokens, model.config)
-    return _jitted_early_exit(model, variables, tokens, jnp.float32(threshold), measure,
-                              exited_state)
+    return _jitted_early_exit(
+        model, variables, tokens, jnp.float32(threshold), measure, exited_state
+    )
 
 
 def check_exit_options(threshold, measure: str, exited_state: str) -> ExitMeasure:
@@ -105,10 +106,13 @@ def check_exit_options(threshold, measure: str, exited_state: str) -> ExitMeasur
     if not isinstance(threshold, jax.core.Tracer) and not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     if measure not in ExitMeasure._value2member_map_:
-        raise ValueError(f"measure must be one of {[m.value for m in ExitMeasure]}, got {measure!r}")
+        raise ValueError(
+            f"measure must be one of {[m.value for m in ExitMeasure]}, got {measure!r}"
+        )
     if exited_state not in get_args(ExitedState):
         raise ValueError(
-            f"exited_state must be one of {get_args(ExitedState)}, got {exited_state!r}")
+            f"exited_state must be one of {get_args(ExitedState)}, got {exited_state!r}"
+        )
     return ExitMeasure(measure)
 
 
@@ -146,7 +150,9 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
     logits = state.output if softmax else _project_features(apply, config, state)
     per_depth, full = exit_flops(config, measure, exited_state)
     info = ExitInfo(
-        exit_depth=state.exit_depth, confidence=state.confidence, layers_run=state.layer,
+        exit_depth=state.exit_depth,
+        confidence=state.confidence,
+        layers_run=state.layer,
         flops_per_depth=jnp.asarray(per_depth, jnp.float32),
         full_depth_flops=jnp.float32(full),
     )
@@ -169,13 +175,15 @@ def _confidence(apply, measure, before, after, layer):
     if measure == ExitMeasure.LEARNED:
         return jax.nn.sigmoid(apply(after, layer, method=EarlyExitLM.exit_classifier)), features
     cosine = jnp.sum(before * after, -1) / (
-        jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1))
+        jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1)
+    )
     return cosine, features
 
 
 def _project_features(apply, config: ModelConfig, state: HaltState) -> jax.Array:
     """Logits [B, N, V] from each token's stored exit features, one projection per
     exit head that some token used (a single one unless heads are per exit)."""
+
     def project(layer):
         kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
         return jnp.einsum("bnd,vd->bnv", state.output, kernel) + bias
@@ -186,8 +194,10 @@ def _project_features(apply, config: ModelConfig, state: HaltState) -> jax.Array
     def add_head(layer, logits):
         chosen = state.exit_depth == layer + 1  # [B, N]
         return jax.lax.cond(
-            jnp.any(chosen), lambda: jnp.where(chosen[..., None], project(layer), logits),
-            lambda: logits)
+            jnp.any(chosen),
+            lambda: jnp.where(chosen[..., None], project(layer), logits),
+            lambda: logits,
+        )
 
     empty = jnp.zeros((*state.exit_depth.shape, config.vocab_size), jnp.float32)
     return jax.lax.fori_loop(0, config.n_layers, add_head, empty)
@@ -203,8 +213,11 @@ class ExitStats:
 
     @classmethod
     def zeros(cls, n_layers: int) -> "ExitStats":
-        return cls(depth_counts=jnp.zeros(n_layers, jnp.int32), flops=jnp.zeros((), jnp.float32),
-                   full_flops=jnp.zeros((), jnp.float32))
+        return cls(
+            depth_counts=jnp.zeros(n_layers, jnp.int32),
+            flops=jnp.zeros((), jnp.float32),
+            full_flops=jnp.zeros((), jnp.float32),
+        )
 
     def update(self, info: ExitInfo, mask: jax.Array | None = None) -> "ExitStats":
         """Adds the tokens of `info` (only where `mask` [B, N] is true, if given)."""

@@ -118,8 +118,9 @@ class EarlyExitLM(nn.Module):
         config = self.config
         d, v, n_layers = config.d_model, config.vocab_size, config.n_layers
         self.token_embed = nn.Embed(v, d, embedding_init=nn.initializers.normal(0.02))
-        self.position_embed = self.param("position_embed", nn.initializers.normal(0.02),
-                                         (config.n_seq, d))
+        self.position_embed = self.param(
+            "position_embed", nn.initializers.normal(0.02), (config.n_seq, d)
+        )
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = self.param("blocks", self._init_blocks)
         self.exit_norm_scale = self.param("exit_norm_scale", nn.initializers.ones, (n_layers, d))
@@ -127,15 +128,19 @@ class EarlyExitLM(nn.Module):
         heads = n_layers if config.unembedding == "per_exit" else 1
         if config.unembedding != "tied":
             self.unembed_kernel = self.param(
-                "unembed_kernel", nn.initializers.normal(d**-0.5), (heads, v, d))
+                "unembed_kernel", nn.initializers.normal(d**-0.5), (heads, v, d)
+            )
         self.unembed_bias = self.param("unembed_bias", nn.initializers.zeros, (heads, v))
         # Learned exit classifiers: LN + Dense(1) per exit on the hidden state.
-        self.classifier_norm_scale = self.param("classifier_norm_scale", nn.initializers.ones,
-                                                (n_layers, d))
-        self.classifier_norm_bias = self.param("classifier_norm_bias", nn.initializers.zeros,
-                                               (n_layers, d))
-        self.classifier_kernel = self.param("classifier_kernel", nn.initializers.zeros,
-                                            (n_layers, d))
+        self.classifier_norm_scale = self.param(
+            "classifier_norm_scale", nn.initializers.ones, (n_layers, d)
+        )
+        self.classifier_norm_bias = self.param(
+            "classifier_norm_bias", nn.initializers.zeros, (n_layers, d)
+        )
+        self.classifier_kernel = self.param(
+            "classifier_kernel", nn.initializers.zeros, (n_layers, d)
+        )
         self.classifier_bias = self.param("classifier_bias", nn.initializers.zeros, (n_layers,))
 
     def _init_blocks(self, rng: jax.Array):
@@ -182,8 +187,11 @@ class EarlyExitLM(nn.Module):
     def exit_classifier(self, h: jax.Array, layer) -> jax.Array:
         """Learned exit classifier logit [...] (input gradient stopped: it does not
         train the backbone)."""
-        x = layer_norm(jax.lax.stop_gradient(h), self.classifier_norm_scale[layer],
-                       self.classifier_norm_bias[layer])
+        x = layer_norm(
+            jax.lax.stop_gradient(h),
+            self.classifier_norm_scale[layer],
+            self.classifier_norm_bias[layer],
+        )
         return x @ self.classifier_kernel[layer] + self.classifier_bias[layer]
 
     # ------------------------------------------------------------ full passes

@@ -44,7 +44,8 @@ class MoEFeedForward(nn.Module):
           experts: [T, k] expert of each (token, slot).
         """
         kernel = self.param(
-            f"{name}_kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
+            f"{name}_kernel",
+            nn.initializers.lecun_normal(batch_axis=(0,)),
             (self.num_experts, inputs.shape[-1], features),
         )  # [E, D, F]
         bias = self.param(f"{name}_bias", nn.initializers.zeros, (self.num_experts, features))
