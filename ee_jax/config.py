@@ -6,6 +6,7 @@ from typing import Literal, get_args
 
 BKMethod = Literal["associative", "sequential"]
 Unembedding = Literal["per_exit", "shared", "tied"]
+ExitWeighting = Literal["uniform", "linear", "final"]
 
 
 class ExitMeasure(enum.StrEnum):
@@ -71,6 +72,90 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Training hyper-parameters; `model` is the ModelConfig being trained."""
+
+    model: ModelConfig  # the model (vocab_size is set from the data's vocabulary)
+    batch_size: int = 16  # B, sequences per step (divisible by the device count)
+    steps: int = 1000  # optimizer steps in total (the schedule's length)
+    learning_rate: float = 3e-3  # AdamW peak learning rate
+    warmup_steps: int = 100  # linear warm-up steps, then cosine decay to 0
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # clip gradients to this global norm
+    exit_weighting: ExitWeighting = "uniform"  # loss weight of each exit: uniform/linear/final
+    balance_weight: float = 0.01  # weight of the MoE load-balancing loss
+    exit_token_fraction: float = 1.0  # fraction of positions scoring the exits before the last
+    seed: int = 0  # initialisation, dropout and nothing else
+    log_every: int = 50  # steps between metric rows (metrics leave the device only then)
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # checkpoints kept on disk
+    eval_batch_size: int = 16  # rows of the evaluation streams
+
+    def __post_init__(self):
+        for name in (
+            "batch_size",
+            "steps",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_batch_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(
+                f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}"
+            )
+        for name in ("learning_rate", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.exit_token_fraction <= 1.0:
+            raise ValueError(
+                f"exit_token_fraction must be in (0, 1], got {self.exit_token_fraction}"
+            )
+        for name in ("weight_decay", "balance_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.exit_weighting not in get_args(ExitWeighting):
+            raise ValueError(
+                f"exit_weighting must be one of {get_args(ExitWeighting)}, got "
+                f"{self.exit_weighting!r}"
+            )
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed; ModelConfig fields go to `model`."""
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        model_changes = {k: v for k, v in changes.items() if k in model_fields}
+        changes = {k: v for k, v in changes.items() if k not in model_fields}
+        if model_changes:
+            changes["model"] = self.model.replace(**model_changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        model = dict(values["model"])
+        model["z_imag"] = tuple(model["z_imag"])
+        return cls(**{**values, "model": ModelConfig(**model)})
+
+
+def field_help(cls) -> dict[str, str]:
+    """The one-line comment of every field of a config dataclass (for --help)."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+): [^=]+(?:= [^#]+)?#\s*(.+)$")
+    return {
+        m.group(1): m.group(2)
+        for line in inspect.getsource(cls).splitlines()
+        if (m := pattern.match(line))
+    }
+
+
 def tiny(vocab_size: int = 97) -> ModelConfig:
     """Seconds-scale model for tests and the quickstart notebook."""
     return ModelConfig(
@@ -80,7 +165,6 @@ def tiny(vocab_size: int = 97) -> ModelConfig:
         n_seq=16,
         num_experts=4,
         bk_heads=2,
-        z_imag=(1.0, 1.0),
         dropout=0.0,
     )
 
@@ -97,4 +181,64 @@ def seed(vocab_size: int = 10000) -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "seed": seed}
+def train_preset(name: str, vocab_size: int) -> TrainConfig:
+    """Training presets (run with `python experiments/train_wikitext2.py --preset NAME`).
+
+    tiny: tests and the offline notebooks; seconds on a CPU; says nothing about quality.
+    cpu:  the main job on a 2-core CPU: about one epoch of WikiText-2 train in
+          tens of minutes; README lists its measured perplexities.
+    gpu:  Colab GPU/TPU: a wider model, 10 epochs; not run on this project's machines.
+    """
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")
+    return TRAIN_PRESETS[name](vocab_size)
+
+
+TRAIN_PRESETS = {
+    "tiny": lambda vocab_size: TrainConfig(
+        model=tiny(vocab_size),
+        batch_size=4,
+        steps=200,
+        learning_rate=1e-2,
+        warmup_steps=10,
+        log_every=20,
+        checkpoint_every=100,
+        eval_batch_size=4,
+    ),
+    "cpu": lambda vocab_size: TrainConfig(
+        model=ModelConfig(
+            vocab_size=vocab_size,
+            d_model=64,
+            n_layers=4,
+            n_seq=128,
+            bk_heads=16,
+            z_imag=(0.05, 1.0),
+            dropout=0.0,
+        ),
+        batch_size=16,
+        steps=800,
+        learning_rate=3e-3,
+        warmup_steps=80,
+        log_every=25,
+        checkpoint_every=100,
+        exit_token_fraction=0.25,
+    ),
+    "gpu": lambda vocab_size: TrainConfig(
+        model=ModelConfig(
+            vocab_size=vocab_size,
+            d_model=256,
+            n_layers=8,
+            n_seq=256,
+            bk_heads=32,
+            z_imag=(0.02, 1.0),
+            dropout=0.2,
+        ),
+        batch_size=64,
+        steps=12000,
+        learning_rate=2e-3,
+        warmup_steps=500,
+        log_every=100,
+        checkpoint_every=1000,
+        eval_batch_size=64,
+    ),
+}

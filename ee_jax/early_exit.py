@@ -48,10 +48,10 @@ class HaltState:
     exited: jax.Array  # [B, N] bool
     exit_depth: jax.Array  # [B, N] int32: 0 until the token exits
     confidence: jax.Array  # [B, N] float32
-    output: jax.Array  # [B, N, V] logits (softmax measures) or [B, N, D] exit features
+    features: jax.Array  # [B, N, D] exit features (the exit head's LayerNorm) at the exit
 
     @classmethod
-    def make(cls, hidden: jax.Array, output_width: int) -> "HaltState":
+    def make(cls, hidden: jax.Array) -> "HaltState":
         batch = hidden.shape[:2]
         return cls(
             layer=jnp.zeros((), jnp.int32),
@@ -59,7 +59,7 @@ class HaltState:
             exited=jnp.zeros(batch, bool),
             exit_depth=jnp.zeros(batch, jnp.int32),
             confidence=jnp.zeros(batch, jnp.float32),
-            output=jnp.zeros((*batch, output_width), jnp.float32),
+            features=jnp.zeros_like(hidden),
         )
 
 
@@ -122,8 +122,7 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
     measure = ExitMeasure(measure)
     apply = functools.partial(model.apply, variables)
     hidden = apply(tokens, method=EarlyExitLM.embed)
-    softmax = measure in SOFTMAX_MEASURES
-    state = HaltState.make(hidden, config.vocab_size if softmax else config.d_model)
+    state = HaltState.make(hidden)
     can_exit_early = threshold < 1.0
 
     def cond_fn(state: HaltState) -> jax.Array:
@@ -132,7 +131,8 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
     def body_fn(state: HaltState) -> HaltState:
         layer = state.layer
         after, _ = apply(state.hidden, layer, method=EarlyExitLM.block)
-        confidence, payload = _confidence(apply, measure, state.hidden, after, layer)
+        features = apply(after, layer, method=EarlyExitLM.exit_features)
+        confidence = _confidence(apply, measure, state.hidden, after, features, layer)
         exits = ((confidence >= threshold) & can_exit_early) | (layer == config.n_layers - 1)
         newly = exits & ~state.exited
         if exited_state == "freeze":
@@ -143,11 +143,11 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
             exited=state.exited | newly,
             exit_depth=jnp.where(newly, layer + 1, state.exit_depth),
             confidence=jnp.where(newly, confidence, state.confidence),
-            output=jnp.where(newly[..., None], payload, state.output),
+            features=jnp.where(newly[..., None], features, state.features),
         )
 
     state = jax.lax.while_loop(cond_fn, body_fn, state)
-    logits = state.output if softmax else _project_features(apply, config, state)
+    logits = _project_features(apply, config, state)
     per_depth, full = exit_flops(config, measure, exited_state)
     info = ExitInfo(
         exit_depth=state.exit_depth,
@@ -162,31 +162,33 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
 _jitted_early_exit = jax.jit(early_exit_loop, static_argnums=(0, 4, 5))
 
 
-def _confidence(apply, measure, before, after, layer):
-    """(confidence [B, N], payload): logits [B, N, V] or exit features [B, N, D]."""
+def _confidence(apply, measure, before, after, features, layer) -> jax.Array:
+    """The measure for every token after block `layer`; [B, N]."""
     if measure in SOFTMAX_MEASURES:
-        logits = apply(after, layer, method=EarlyExitLM.exit_head)
-        probabilities = jax.nn.softmax(logits)
-        top = jax.lax.top_k(probabilities, 2)[0]  # [B, N, 2]
+        kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
+        logits = jnp.einsum("bnd,vd->bnv", features, kernel) + bias  # [B, N, V]
+        normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B, N]
         if measure == ExitMeasure.SOFTMAX_MAX:
-            return top[..., 0], logits
-        return top[..., 0] - top[..., 1], logits
-    features = apply(after, layer, method=EarlyExitLM.exit_features)
+            return jnp.exp(jnp.max(logits, axis=-1) - normaliser)
+        top = jax.lax.top_k(logits, 2)[0]  # [B, N, 2]
+        return jnp.exp(top[..., 0] - normaliser) - jnp.exp(top[..., 1] - normaliser)
     if measure == ExitMeasure.LEARNED:
-        return jax.nn.sigmoid(apply(after, layer, method=EarlyExitLM.exit_classifier)), features
-    cosine = jnp.sum(before * after, -1) / (
+        return jax.nn.sigmoid(apply(after, layer, method=EarlyExitLM.exit_classifier))
+    return jnp.sum(before * after, -1) / (
         jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1)
     )
-    return cosine, features
 
 
 def _project_features(apply, config: ModelConfig, state: HaltState) -> jax.Array:
-    """Logits [B, N, V] from each token's stored exit features, one projection per
-    exit head that some token used (a single one unless heads are per exit)."""
+    """Logits [B, N, V] from each token's stored exit features: one projection per
+    exit head that some token used (a single one unless heads are per exit).
+    Carrying features [B, N, D] instead of logits through the loop avoids a
+    [B, N, V] select per layer; the projection at the end is the one a token's
+    exit head computes anyway."""
 
     def project(layer):
         kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
-        return jnp.einsum("bnd,vd->bnv", state.output, kernel) + bias
+        return jnp.einsum("bnd,vd->bnv", state.features, kernel) + bias
 
     if config.unembedding != "per_exit":
         return project(0)

@@ -6,16 +6,16 @@ scoring tokens a chunk at a time, with each chunk's logits recomputed in the
 backward pass (`jax.checkpoint`) instead of stored.
 """
 
-from typing import Literal, get_args
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ee_jax.config import ExitWeighting
 from ee_jax.model import EarlyExitLM
 
-ExitWeighting = Literal["uniform", "linear", "final"]
 CHUNK_TOKENS = 64  # tokens scored at once: their logits (64 x V floats) stay in cache
 
 
@@ -71,23 +71,20 @@ def exit_nll(model: EarlyExitLM, params, states: jax.Array, targets: jax.Array, 
     """Per-token NLL and argmax of the exits in `layers` from hidden states.
 
     Args:
-      states: [L, B, N, D] hidden state after each block; targets: [B, N];
-      layers: the 0-based exits to score (static), K of them.
+      states: [K, T, D] hidden states of T tokens after each scored block;
+      targets: [T]; layers: the K 0-based exits they belong to (static).
 
     Returns:
-      (nll [K, B, N], argmax [K, B, N]).
+      (nll [K, T], argmax [K, T]).
     """
-
-    def one_exit(args):
-        h, layer = args
+    scored = []
+    # A Python loop (L is small): a lax.map here made the backward pass replay the
+    # checkpointed chunk scans once more per exit.
+    for h, layer in zip(states, layers, strict=True):
         features = model.apply(params, h, layer, method=EarlyExitLM.exit_features)
         kernel, bias = model.apply(params, layer, method=EarlyExitLM.unembedding)
-        flat = features.reshape(-1, features.shape[-1])  # [B*N, D]
-        nll, argmax = chunked_cross_entropy(flat, kernel, bias, targets.reshape(-1))
-        return nll.reshape(targets.shape), argmax.reshape(targets.shape)
-
-    layers = jnp.asarray(layers)
-    return jax.lax.map(one_exit, (states[layers], layers))
+        scored.append(chunked_cross_entropy(features, kernel, bias, targets))
+    return jnp.stack([nll for nll, _ in scored]), jnp.stack([argmax for _, argmax in scored])
 
 
 def lm_loss(
@@ -100,6 +97,8 @@ def lm_loss(
     weights: np.ndarray,
     balance_weight: float,
     dropout_rng: jax.Array | None = None,
+    exit_token_fraction: float = 1.0,
+    sample_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """The joint training loss and its parts.
 
@@ -111,6 +110,11 @@ def lm_loss(
     classifiers (which need every exit's argmax) are not trained: with "final"
     weighting the step does the work of an ordinary single-head LM.
 
+    With exit_token_fraction < 1 the exits before the last are scored on a
+    random subset of that fraction of the B*N positions (the same subset for
+    all of them, drawn from `sample_rng`): an unbiased estimate of their loss at
+    a fraction of the vocabulary-projection cost, which dominates training.
+
     Args:
       params: {"params": ...}; tokens, targets: [B, N] ids; mask: [B, N] (1 = scored).
       weights: [L] static exit weights (see `exit_weights`).
@@ -119,30 +123,44 @@ def lm_loss(
       (loss [], metrics: "exit_nll" [L] (nan for unscored exits), "balance_loss" [],
       "classifier_loss" []).
     """
-    n_layers = model.config.n_layers
+    n_layers, total = model.config.n_layers, tokens.size
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     states, balance = model.apply(
         params, tokens, dropout_rng is None, rngs=rngs, method=EarlyExitLM.hidden_states
     )
-    scored = np.flatnonzero(np.asarray(weights))
-    nll, argmax = exit_nll(model, params, states, targets, scored)  # [K, B, N] each
-    mask = mask.astype(jnp.float32)
-    count = jnp.maximum(mask.sum(), 1.0)
-    per_exit = jnp.sum(nll * mask, axis=(1, 2)) / count  # [K]
-    loss = jnp.dot(jnp.asarray(weights)[scored], per_exit) + balance_weight * balance.mean()
+    states = states.reshape(n_layers, total, -1)  # [L, T, D]
+    targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)  # [T]
+    final_nll, final_argmax = exit_nll(model, params, states[-1:], targets, [n_layers - 1])
+    sample = jnp.arange(total)
+    if exit_token_fraction < 1.0:
+        count = max(1, int(round(exit_token_fraction * total)))
+        sample = jax.random.permutation(sample_rng, total)[:count]  # [S]
+    early = np.flatnonzero(np.asarray(weights)[:-1])  # exits before the last, scored
+    loss = weights[-1] * _masked_mean(final_nll[0], mask) + balance_weight * balance.mean()
+    per_exit = jnp.full(n_layers, jnp.nan).at[-1].set(_masked_mean(final_nll[0], mask))
     classifier_loss = jnp.zeros(())
-    if len(scored) == n_layers:
-        agrees = (argmax == argmax[-1]).astype(jnp.float32)  # [L, B, N]
-        classifier_logits = jax.vmap(
+    if len(early):
+        nll, argmax = exit_nll(
+            model, params, states[early][:, sample], targets[sample], early.tolist()
+        )
+        early_loss = jax.vmap(_masked_mean, (0, None))(nll, mask[sample])  # [K]
+        loss = loss + jnp.dot(jnp.asarray(weights)[early], early_loss)
+        per_exit = per_exit.at[jnp.asarray(early)].set(early_loss)
+    if len(early) == n_layers - 1:
+        agrees = (argmax == final_argmax[0, sample]).astype(jnp.float32)  # [L-1, S]
+        logits = jax.vmap(
             lambda h, layer: model.apply(params, h, layer, method=EarlyExitLM.exit_classifier)
-        )(states, jnp.arange(n_layers))  # [L, B, N]
-        bce = optax.sigmoid_binary_cross_entropy(classifier_logits, agrees)
-        classifier_loss = jnp.sum(bce * mask) / (count * n_layers)
+        )(states[:-1, sample], jnp.arange(n_layers - 1))  # [L-1, S]
+        bce = optax.sigmoid_binary_cross_entropy(logits, agrees)
+        classifier_loss = jax.vmap(_masked_mean, (0, None))(bce, mask[sample]).mean()
         loss = loss + classifier_loss
-    all_exits = jnp.full(n_layers, jnp.nan).at[scored].set(per_exit)
     metrics = {
-        "exit_nll": all_exits,
+        "exit_nll": per_exit,
         "balance_loss": balance.mean(),
         "classifier_loss": classifier_loss,
     }
     return loss, metrics
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(values * mask) / jnp.maximum(mask.sum(), 1.0)

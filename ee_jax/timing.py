@@ -1,14 +1,19 @@
 """Wall-clock timing of jitted functions: compile separately, warm up, medians."""
 
+import contextlib
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Timing:
-    compile_s: float  # lowering + compilation of the jitted function
+    compile_s: float  # lowering + compilation, persistent cache bypassed
     median_ms: float  # median wall time of one call after warm-up
     repeats: int  # calls the median is taken over
 
@@ -17,11 +22,11 @@ def time_jitted(function: Callable, *args, min_repeats: int = 5, budget_s: float
     """Times `jax.jit`-ed `function(*args)`: compile once, warm up once, then
     repeat (at least `min_repeats`, up to about `budget_s`) and take the median.
     Every call is followed by `block_until_ready` on all outputs."""
-    import jax
-
-    start = time.perf_counter()
-    compiled = jax.jit(function).lower(*args).compile()
-    compile_s = time.perf_counter() - start
+    with cold_compilation():
+        start = time.perf_counter()
+        # A fresh partial: no in-memory cache hit from an earlier jit of `function`.
+        compiled = jax.jit(functools.partial(function)).lower(*args).compile()
+        compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(*args))  # warm-up
     durations = []
     while len(durations) < min_repeats or sum(durations) < budget_s:
@@ -33,3 +38,20 @@ def time_jitted(function: Callable, *args, min_repeats: int = 5, budget_s: float
     return Timing(
         compile_s=compile_s, median_ms=1e3 * statistics.median(durations), repeats=len(durations)
     )
+
+
+@contextlib.contextmanager
+def cold_compilation():
+    """Compiles without the persistent compilation cache, so compile times are real.
+
+    JAX reads the cache setting once per process, so the cache is reset on the
+    way in and out for the switch to take effect.
+    """
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()

@@ -127,12 +127,18 @@ def test_second_load_reads_the_cache_without_tfds(corpus, reference, cache_dir, 
         np.testing.assert_array_equal(getattr(again, split), getattr(corpus, split))
 
 
-def test_without_source_uses_the_prepared_standard_data(corpus, reference, cache_dir, monkeypatch):
-    if not reference.verify_checksums:
-        pytest.skip("needs the real WikiText-2 prepared in the session cache")
+def test_without_source_uses_the_prepared_standard_data(
+    corpus, reference, cache_dir, monkeypatch, tmp_path
+):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
-    again = data.load_wikitext2(cache_dir=cache_dir)
-    np.testing.assert_array_equal(again.test, corpus.test)
+    if reference.verify_checksums:
+        # The real WikiText-2 was prepared in this cache: no folder is needed.
+        again = data.load_wikitext2(cache_dir=cache_dir)
+        np.testing.assert_array_equal(again.test, corpus.test)
+    else:
+        # Nothing prepared and no folder: one clear error naming the variable.
+        with pytest.raises(data.DataError, match=data.ENV_VAR):
+            data.load_wikitext2(cache_dir=tmp_path / "empty_cache")
 
 
 def test_official_file_names_and_env_var_are_accepted(tmp_path, monkeypatch):

@@ -1,0 +1,141 @@
+"""Train the early-exit BK language model on WikiText-2.
+
+    python experiments/train_wikitext2.py --preset cpu --workdir runs/cpu \
+        --data_dir ../shared/data/wikitext-2
+
+Re-running the same command resumes from the latest checkpoint in --workdir.
+Every TrainConfig and ModelConfig field can be overridden by name
+(e.g. --steps 2000 --d_model 256 --use_bk false). After training it prints the
+validation perplexity of every exit.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import ee_jax
+from ee_jax.checkpoint import CheckpointError
+from ee_jax.config import ModelConfig, TrainConfig, field_help, train_preset
+from ee_jax.data import DataError, load_wikitext2, make_lm_stream
+
+SKIPPED = {"model", "vocab_size"}
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def parse_pair(text: str) -> tuple[float, float]:
+    low, high = (float(x) for x in text.split(","))
+    return low, high
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, with the field's comment as its help."""
+    for cls in (TrainConfig, ModelConfig):
+        group = parser.add_argument_group(f"{cls.__name__} overrides (default: the preset's)")
+        helps = field_help(cls)
+        for field in dataclasses.fields(cls):
+            if field.name in SKIPPED:
+                continue
+            kind = {
+                "bool": parse_bool,
+                "int": int,
+                "float": float,
+                "tuple[float, float]": parse_pair,
+            }.get(str(field.type).replace("<class '", "").replace("'>", ""), str)
+            group.add_argument(
+                f"--{field.name}", type=kind, default=None, help=helps.get(field.name, "")
+            )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--preset",
+        default="cpu",
+        choices=["tiny", "cpu", "gpu"],
+        help="training preset (see ee_jax.config.train_preset)",
+    )
+    parser.add_argument("--workdir", required=True, help="run folder (created; resumed if present)")
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="WikiText-2 folder (default: $EE_JAX_DATA_DIR, else download)",
+    )
+    parser.add_argument("--cache_dir", default=None, help="prepared-data cache folder")
+    parser.add_argument(
+        "--verify_checksums",
+        type=parse_bool,
+        default=True,
+        help="check the files' sha256 against wikitext-2-v1 (false for a "
+        "custom corpus with the same file names)",
+    )
+    parser.add_argument(
+        "--stop_at_step",
+        type=int,
+        default=None,
+        help="stop at this step (checkpointed) without changing the schedule",
+    )
+    parser.add_argument(
+        "--resume_step",
+        type=int,
+        default=None,
+        help="resume from this checkpoint step instead of the latest",
+    )
+    add_config_flags(parser)
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, vocab_size: int) -> TrainConfig:
+    config = train_preset(args.preset, vocab_size)
+    names = {f.name for cls in (TrainConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return config.replace(**overrides)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ee_jax.enable_compilation_cache()
+    from ee_jax import evaluate, train  # after the cache is set
+
+    try:
+        corpus = load_wikitext2(
+            args.data_dir, cache_dir=args.cache_dir, verify_checksums=args.verify_checksums
+        )
+        config = build_config(args, len(corpus.vocab))
+        eos = corpus.vocab.eos_id
+        stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=eos)
+        state = train.train(
+            config,
+            stream,
+            args.workdir,
+            stop_at_step=args.stop_at_step,
+            resume_step=args.resume_step,
+        )
+    except (DataError, CheckpointError, ValueError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    valid = make_lm_stream(corpus.valid, config.eval_batch_size, config.model.n_seq, eos_id=eos)
+    model = train.EarlyExitLM(config.model)
+    result = evaluate.exit_perplexities(model, state.params, valid)
+    result["step"] = int(state.step)
+    path = pathlib.Path(args.workdir) / "valid_exit_ppl.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(
+        "validation perplexity per exit:",
+        ", ".join(f"exit {i + 1}: {p:.1f}" for i, p in enumerate(result["exit_ppl"])),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
