@@ -167,13 +167,26 @@ def _confidence(apply, measure, before, after, features, layer) -> jax.Array:
     if measure in SOFTMAX_MEASURES:
         kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
         logits = jnp.einsum("bnd,vd->bnv", features, kernel) + bias  # [B, N, V]
-        normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B, N]
-        if measure == ExitMeasure.SOFTMAX_MAX:
-            return jnp.exp(jnp.max(logits, axis=-1) - normaliser)
-        top = jax.lax.top_k(logits, 2)[0]  # [B, N, 2]
-        return jnp.exp(top[..., 0] - normaliser) - jnp.exp(top[..., 1] - normaliser)
+        return softmax_confidence(logits, measure)
     if measure == ExitMeasure.LEARNED:
         return jax.nn.sigmoid(apply(after, layer, method=EarlyExitLM.exit_classifier))
+    return state_saturation(before, after)
+
+
+def softmax_confidence(logits: jax.Array, measure: ExitMeasure) -> jax.Array:
+    """Max probability, or top-1 minus top-2 probability, of logits [..., V]; [...].
+
+    Computed from the log-normaliser, without materialising the softmax.
+    """
+    normaliser = jax.nn.logsumexp(logits, axis=-1)
+    if measure == ExitMeasure.SOFTMAX_MAX:
+        return jnp.exp(jnp.max(logits, axis=-1) - normaliser)
+    top = jax.lax.top_k(logits, 2)[0]  # [..., 2]
+    return jnp.exp(top[..., 0] - normaliser) - jnp.exp(top[..., 1] - normaliser)
+
+
+def state_saturation(before: jax.Array, after: jax.Array) -> jax.Array:
+    """Cosine similarity of a token's hidden state before and after a block; [...]."""
     return jnp.sum(before * after, -1) / (
         jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1)
     )

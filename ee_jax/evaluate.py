@@ -1,11 +1,30 @@
-"""Evaluation on a whole split: every target scored exactly once."""
+"""Evaluation on a whole split: every target scored exactly once.
+
+Two ways to get early-exit numbers, used together by `experiments/eval_early_exit.py`:
+
+* `collect_exit_scores` runs the full-depth model once over a split and keeps,
+  for every token and every exit, the target's NLL, the argmax and each
+  confidence measure. Under exited_state="compute" an exited token's hidden
+  state keeps being updated, so the full-depth pass contains everything an
+  early exit would see: `sweep` then gives exact perplexity, exit depths and
+  agreement for any threshold without running the model again.
+* `time_early_exit` runs the real jit-compiled halting loop (default policy
+  "freeze") and the plain forward on the same windows for wall-clock speedups.
+"""
+
+import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ee_jax.config import ExitMeasure
 from ee_jax.data import LMStream
+from ee_jax.early_exit import early_exit_forward, softmax_confidence, state_saturation
+from ee_jax.flops import exit_flops
 from ee_jax.losses import exit_nll
 from ee_jax.model import EarlyExitLM
 
@@ -33,3 +52,243 @@ def exit_perplexities(model: EarlyExitLM, params, stream: LMStream, *, progress:
         count += int(tokens)
     mean = totals / count
     return {"exit_nll": mean.tolist(), "exit_ppl": np.exp(mean).tolist(), "tokens": count}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitScores:
+    """Every scored token of a split at every exit (host arrays, T tokens)."""
+
+    nll: np.ndarray  # [L, T] float64: NLL of the target at each exit
+    argmax: np.ndarray  # [L, T] int32: each exit's top-1 prediction
+    confidence: dict  # measure value -> [L, T] float32
+
+    @property
+    def tokens(self) -> int:
+        return self.nll.shape[1]
+
+
+def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progress: bool = True):
+    """One full-depth pass over `stream`; returns `ExitScores` of its masked targets."""
+    n_layers = model.config.n_layers
+    measures = [m.value for m in ExitMeasure]
+
+    @jax.jit
+    def window_scores(params, inputs, targets):
+        apply = lambda *args, **kwargs: model.apply(params, *args, **kwargs)  # noqa: E731
+        before = apply(inputs, method=EarlyExitLM.embed)  # [B, N, D]
+        states, _ = apply(inputs, method=EarlyExitLM.hidden_states)  # [L, B, N, D]
+        rows = {name: [] for name in ("nll", "argmax", *measures)}
+        for layer in range(n_layers):
+            logits = apply(states[layer], layer, method=EarlyExitLM.exit_head)  # [B, N, V]
+            target = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+            rows["nll"].append(jax.nn.logsumexp(logits, -1) - target)
+            rows["argmax"].append(jnp.argmax(logits, -1).astype(jnp.int32))
+            for measure in (ExitMeasure.SOFTMAX_MAX, ExitMeasure.SOFTMAX_MARGIN):
+                rows[measure.value].append(softmax_confidence(logits, measure))
+            classifier = apply(states[layer], layer, method=EarlyExitLM.exit_classifier)
+            rows[ExitMeasure.LEARNED.value].append(jax.nn.sigmoid(classifier))
+            rows[ExitMeasure.STATE_SATURATION.value].append(state_saturation(before, states[layer]))
+            before = states[layer]
+        return {name: jnp.stack(values) for name, values in rows.items()}  # each [L, B, N]
+
+    parts = []
+    for index in tqdm(range(len(stream)), desc="score exits", disable=not progress):
+        batch = stream.window(index)
+        scores = jax.device_get(window_scores(params, batch.inputs, batch.targets))
+        parts.append({name: value[:, batch.mask] for name, value in scores.items()})  # [L, t]
+    joined = {name: np.concatenate([part[name] for part in parts], axis=1) for name in parts[0]}
+    return ExitScores(
+        nll=joined["nll"].astype(np.float64),
+        argmax=joined["argmax"],
+        confidence={measure: joined[measure] for measure in measures},
+    )
+
+
+def exit_depths(scores: ExitScores, measure: str, threshold: float) -> np.ndarray:
+    """0-based exit layer of every token under exited_state="compute"; [T].
+
+    A token exits at the first layer whose confidence >= threshold (never early
+    for threshold 1.0, as in `early_exit_forward`), else at the last layer.
+    """
+    confident = scores.confidence[measure] >= threshold
+    confident &= threshold < 1.0
+    confident[-1] = True
+    return np.argmax(confident, axis=0)
+
+
+def oracle_depths(scores: ExitScores) -> np.ndarray:
+    """First layer whose argmax equals the final argmax (CALM's oracle); [T]."""
+    return np.argmax(scores.argmax == scores.argmax[-1], axis=0)
+
+
+def depth_row(scores: ExitScores, depths: np.ndarray, config, measure: str) -> dict:
+    """Perplexity, agreement and speedups of given 0-based exit depths [T]."""
+    n_layers, tokens = scores.nll.shape
+    columns = np.arange(tokens)
+    nll = scores.nll[depths, columns]
+    full_nll = scores.nll[-1].mean()
+    counts = np.bincount(depths, minlength=n_layers)
+    per_depth, full = exit_flops(config, measure, "compute")
+    average = float(np.mean(depths + 1))
+    return {
+        "ppl": float(np.exp(nll.mean())),
+        "ppl_change_pct": float(100 * (np.exp(nll.mean() - full_nll) - 1)),
+        "top1_agreement": float(np.mean(scores.argmax[depths, columns] == scores.argmax[-1])),
+        "avg_exit_layer": average,
+        "exit_distribution": (counts / tokens).tolist(),
+        "layer_speedup": n_layers / average,
+        "flops_speedup": float(full * tokens / np.dot(counts, per_depth)),
+        "tokens": tokens,
+    }
+
+
+def sweep(scores: ExitScores, config, measure: str, thresholds) -> list[dict]:
+    """One row per threshold (exact for exited_state="compute")."""
+    return [
+        {
+            "measure": measure,
+            "threshold": float(threshold),
+            **depth_row(scores, exit_depths(scores, measure, threshold), config, measure),
+        }
+        for threshold in thresholds
+    ]
+
+
+def calibrate(scores: ExitScores, config, measure: str, thresholds, *, max_ppl_change_pct=2.0):
+    """The lowest threshold (the most exits) whose perplexity change is within tolerance.
+
+    Returns the threshold, or 1.0 (full depth) when none qualifies.
+    """
+    for threshold in sorted(thresholds):
+        row = depth_row(scores, exit_depths(scores, measure, threshold), config, measure)
+        if row["ppl_change_pct"] <= max_ppl_change_pct:
+            return float(threshold)
+    return 1.0
+
+
+def time_early_exit(
+    model, params, stream: LMStream, thresholds, *, measure: str, windows: int = 8, repeats: int = 3
+) -> dict:
+    """Median wall-clock ms per window of the plain forward and of the halting loop.
+
+    Each function is compiled and warmed up on the first window, then timed on
+    `windows` windows `repeats` times each (block_until_ready every call).
+
+    Returns:
+      {"forward_ms": ..., "windows": ..., "batch_size": B, threshold: {"ms", "speedup",
+      "layers_run"}} with speedup = forward_ms / ms.
+    """
+    forward = jax.jit(model.apply)
+    batches = [stream.window(i) for i in range(min(windows, len(stream)))]
+
+    def median_ms(call) -> float:
+        jax.block_until_ready(call(batches[0].inputs))  # compile and warm up
+        durations = []
+        for batch in batches * repeats:
+            start = time.perf_counter()
+            jax.block_until_ready(call(batch.inputs))
+            durations.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(durations)
+
+    result = {
+        "forward_ms": median_ms(lambda tokens: forward(params, tokens)),
+        "windows": len(batches),
+        "repeats": repeats,
+        "batch_size": int(batches[0].inputs.shape[0]),
+    }
+    for threshold in thresholds:
+        ms = median_ms(
+            lambda t, th=threshold: early_exit_forward(model, params, t, th, measure=measure)
+        )
+        _, info = early_exit_forward(model, params, batches[0].inputs, threshold, measure=measure)
+        result[float(threshold)] = {
+            "ms": ms,
+            "speedup": result["forward_ms"] / ms,
+            "layers_run": int(info.layers_run),
+        }
+    return result
+
+
+def real_loop_row(
+    model, params, stream: LMStream, threshold: float, measure: str, *, progress: bool = True
+) -> dict:
+    """Perplexity and exit statistics of the real halting loop (policy "freeze") over a
+    whole split, every masked target once."""
+    from ee_jax.early_exit import ExitStats
+
+    @jax.jit
+    def nll_sum(logits, targets, mask):
+        target = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, -1) - target) * mask)
+
+    stats, total = ExitStats.zeros(model.config.n_layers), 0.0
+    for index in tqdm(range(len(stream)), desc=f"halting loop {threshold}", disable=not progress):
+        batch = stream.window(index)
+        logits, info = early_exit_forward(model, params, batch.inputs, threshold, measure=measure)
+        total += float(nll_sum(logits, batch.targets, batch.mask))
+        stats = stats.update(info, batch.mask)
+    summary = stats.summary()
+    return {
+        "measure": measure,
+        "threshold": threshold,
+        "exited_state": "freeze",
+        "ppl": float(np.exp(total / summary["total_tokens"])),
+        **summary,
+    }
+
+
+def evaluate_checkpoint(
+    model,
+    params,
+    valid: LMStream,
+    test: LMStream,
+    *,
+    thresholds,
+    measures,
+    max_ppl_change_pct: float = 2.0,
+    timing_windows: int = 8,
+    progress: bool = True,
+) -> dict:
+    """The whole early-exit evaluation of a trained model (see the module docstring).
+
+    Returns a JSON-ready dict: full-depth exit perplexities, the threshold sweep per
+    measure on test, the oracle row, the threshold calibrated on valid per measure
+    and its test row, the real halting loop at each calibrated threshold, and
+    wall-clock timings.
+    """
+    config = model.config
+    valid_scores = collect_exit_scores(model, params, valid, progress=progress)
+    test_scores = collect_exit_scores(model, params, test, progress=progress)
+    results = {
+        "test_exit_ppl": np.exp(test_scores.nll.mean(axis=1)).tolist(),
+        "valid_exit_ppl": np.exp(valid_scores.nll.mean(axis=1)).tolist(),
+        "sweep": [row for m in measures for row in sweep(test_scores, config, m, thresholds)],
+        "oracle": depth_row(test_scores, oracle_depths(test_scores), config, "learned"),
+        "calibration": {},
+        "real_loop": [],
+    }
+    for measure in measures:
+        threshold = calibrate(
+            valid_scores, config, measure, thresholds, max_ppl_change_pct=max_ppl_change_pct
+        )
+        results["calibration"][measure] = {
+            "threshold": threshold,
+            "max_ppl_change_pct": max_ppl_change_pct,
+            "valid": depth_row(
+                valid_scores, exit_depths(valid_scores, measure, threshold), config, measure
+            ),
+            "test": depth_row(
+                test_scores, exit_depths(test_scores, measure, threshold), config, measure
+            ),
+        }
+        results["real_loop"].append(
+            real_loop_row(model, params, test, threshold, measure, progress=progress)
+        )
+    timed = sorted({*(c["threshold"] for c in results["calibration"].values()), 0.9, 1.0})
+    results["timing"] = {
+        measure: time_early_exit(
+            model, params, test, timed, measure=measure, windows=timing_windows
+        )
+        for measure in measures
+    }
+    return results

@@ -39,17 +39,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import linen as nn
-from jax.experimental.compilation_cache import compilation_cache
 
 import ee_jax
-from ee_jax.config import ModelConfig
+from ee_jax.config import ModelConfig, TrainConfig
+from ee_jax.data import Batch
 from ee_jax.early_exit import early_exit_forward, early_exit_loop
-from ee_jax.losses import exit_weights, lm_loss
 from ee_jax.model import EarlyExitLM
 from ee_jax.moe import MoEFeedForward
-from ee_jax.timing import Timing, time_jitted
+from ee_jax.timing import Timing, cold_compilation, time_jitted
+from ee_jax.train import TrainState, make_optimizer, make_train_step
 
 # The PyTorch original on this machine (tokens/s, B = 8, N = 128, V = 33,278).
 ORIGINAL = {"forward": 1462.0, "early_exit": 688.0, "train_step": 885.0}
@@ -150,26 +149,21 @@ def bench_early_exit(model, variables, tokens, thresholds, timing) -> list[dict]
     return rows
 
 
-def make_train_step(model, weights: np.ndarray):
-    """train_step(variables, opt_state, tokens, targets, rng) -> (variables, opt_state, loss)."""
-    optimizer = optax.adamw(1e-3)
-    loss_fn = functools.partial(lm_loss, model, weights=weights, balance_weight=BALANCE_WEIGHT)
-
-    def train_step(variables, opt_state, tokens, targets, rng):
-        mask = jnp.ones(tokens.shape, jnp.float32)  # [B, N]
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            variables, tokens, targets, mask, dropout_rng=rng
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, variables)
-        return optax.apply_updates(variables, updates), opt_state, loss
-
-    return train_step, optimizer
-
-
 def bench_train(model, variables, tokens, targets, scheme: str, timing) -> dict:
-    train_step, optimizer = make_train_step(model, exit_weights(model.config.n_layers, scheme))
-    args = (variables, optimizer.init(variables), tokens, targets, jax.random.key(1))
-    result = time_jitted(train_step, *args, **timing)
+    """One `ee_jax.train` step (loss, gradients, AdamW) with the given exit weighting."""
+    config = TrainConfig(
+        model=model.config,
+        batch_size=tokens.shape[0],
+        exit_weighting=scheme,
+        balance_weight=BALANCE_WEIGHT,
+    )
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables,
+        opt_state=make_optimizer(config).init(variables),
+    )
+    batch = Batch(tokens, targets, jnp.ones(tokens.shape, bool))
+    result = time_jitted(make_train_step(config), state, batch, jax.random.key(1), **timing)
     return {
         "weights": scheme,
         "ms": result.median_ms,
@@ -202,19 +196,13 @@ def compile_seconds(config: ModelConfig, batch: int, seed: int) -> dict:
     model, variables, tokens, _ = build(config, batch, seed)
     # A fresh callable each time, so no in-memory trace or executable cache hits either.
     jitted = jax.jit(functools.partial(early_exit_loop), static_argnums=(0, 4, 5))
-    previous = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    try:
+    with cold_compilation():
         start = time.perf_counter()
         lowered = jitted.lower(model, variables, tokens, jnp.float32(0.9), "softmax_max", "freeze")
         lower_s = time.perf_counter() - start
         start = time.perf_counter()
         lowered.compile()
         compile_s = time.perf_counter() - start
-    finally:
-        jax.config.update("jax_enable_compilation_cache", previous)
-        compilation_cache.reset_cache()
     return {"layers": config.n_layers, "lower_s": lower_s, "compile_s": compile_s}
 
 

@@ -1,0 +1,149 @@
+"""Markdown tables and PNG plots of an early-exit evaluation (`evaluate_checkpoint`)."""
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def sweep_table(results: dict) -> str:
+    """The threshold sweep (and oracle) as a Markdown table."""
+    lines = [
+        "| measure | threshold | test ppl | ppl change | top-1 agreement | avg exit layer "
+        "| exit distribution | layer speedup | FLOPs speedup |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    rows = [
+        *results["sweep"],
+        {"measure": "oracle", "threshold": float("nan"), **results["oracle"]},
+    ]
+    for row in rows:
+        distribution = " / ".join(f"{100 * share:.0f}" for share in row["exit_distribution"])
+        threshold = "-" if row["measure"] == "oracle" else f"{row['threshold']:.2f}"
+        lines.append(
+            f"| {row['measure']} | {threshold} | {row['ppl']:.1f} | {row['ppl_change_pct']:+.1f}% "
+            f"| {100 * row['top1_agreement']:.1f}% | {row['avg_exit_layer']:.2f} "
+            f"| {distribution} | {row['layer_speedup']:.2f}x | {row['flops_speedup']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def calibration_table(results: dict) -> str:
+    lines = [
+        "| measure | threshold (valid, <= +{:.0f}% ppl) | valid ppl change | test ppl change "
+        "| test avg exit layer | test layer speedup | halting loop (freeze) test ppl "
+        "| halting loop avg exit layer |".format(
+            next(iter(results["calibration"].values()))["max_ppl_change_pct"]
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    real = {row["measure"]: row for row in results["real_loop"]}
+    for measure, row in results["calibration"].items():
+        lines.append(
+            f"| {measure} | {row['threshold']:.2f} | {row['valid']['ppl_change_pct']:+.1f}% "
+            f"| {row['test']['ppl_change_pct']:+.1f}% | {row['test']['avg_exit_layer']:.2f} "
+            f"| {row['test']['layer_speedup']:.2f}x | {real[measure]['ppl']:.1f} "
+            f"| {real[measure]['avg_exit_layer']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def timing_table(results: dict) -> str:
+    lines = [
+        "| measure | threshold | halting loop ms / window | plain forward ms / window "
+        "| measured speedup | blocks run |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for measure, timing in results["timing"].items():
+        for threshold, row in timing.items():
+            if isinstance(row, dict):
+                lines.append(
+                    f"| {measure} | {float(threshold):.2f} | {row['ms']:.0f} "
+                    f"| {timing['forward_ms']:.0f} | {row['speedup']:.2f}x "
+                    f"| {row['layers_run']} |"
+                )
+    return "\n".join(lines)
+
+
+def write_report(results: dict, directory: str | pathlib.Path) -> pathlib.Path:
+    """Writes results.md and three PNG plots into `directory`; returns results.md."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join(
+        [
+            "## Threshold sweep on test (exited_state=compute, exact from one full pass)",
+            sweep_table(results),
+            "## Thresholds calibrated on valid, checked on test",
+            calibration_table(results),
+            "## Wall-clock (batched, teacher-forced; the loop stops when the last token exits)",
+            timing_table(results),
+        ]
+    )
+    path = directory / "results.md"
+    path.write_text(text + "\n")
+    _plot_distribution(results, directory / "exit_distribution.png")
+    _plot_tradeoff(results, directory / "ppl_vs_layer_speedup.png")
+    _plot_measured(results, directory / "ppl_vs_measured_speedup.png")
+    return path
+
+
+def _plot_distribution(results, path):
+    rows = [row for row in results["sweep"] if row["measure"] == results["sweep"][0]["measure"]]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(rows)
+    labels = [f"{row['threshold']:.2f}" for row in rows]
+    for depth in range(len(rows[0]["exit_distribution"])):
+        shares = [row["exit_distribution"][depth] for row in rows]
+        axis.bar(labels, shares, bottom=bottom, label=f"exit {depth + 1}")
+        bottom = [b + s for b, s in zip(bottom, shares, strict=True)]
+    axis.set(
+        xlabel=f"threshold ({rows[0]['measure']})",
+        ylabel="fraction of test tokens",
+        title="Exit distribution",
+    )
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_tradeoff(results, path):
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for measure in dict.fromkeys(row["measure"] for row in results["sweep"]):
+        rows = [row for row in results["sweep"] if row["measure"] == measure]
+        axis.plot([r["layer_speedup"] for r in rows], [r["ppl"] for r in rows], "o-", label=measure)
+    oracle = results["oracle"]
+    axis.plot([oracle["layer_speedup"]], [oracle["ppl"]], "k*", markersize=12, label="oracle")
+    axis.set(
+        xlabel="layer speedup (L / average exit layer)",
+        ylabel="test perplexity",
+        title="Perplexity vs layer speedup",
+    )
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_measured(results, path):
+    figure, axis = plt.subplots(figsize=(6, 4))
+    sweep = {(row["measure"], row["threshold"]): row for row in results["sweep"]}
+    for measure, timing in results["timing"].items():
+        points = [
+            (row["speedup"], sweep[(measure, float(t))]["ppl"])
+            for t, row in timing.items()
+            if isinstance(row, dict) and (measure, float(t)) in sweep
+        ]
+        axis.plot(*zip(*sorted(points), strict=True), "o-", label=measure)
+    axis.axvline(1.0, color="grey", linestyle=":")
+    axis.set(
+        xlabel="measured wall-clock speedup vs plain forward",
+        ylabel="test perplexity",
+        title="Perplexity vs measured speedup",
+    )
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,118 @@
+"""Early-exit evaluation of a trained checkpoint on the WikiText-2 test set.
+
+    python experiments/eval_early_exit.py --workdir runs/cpu_bk \
+        --data_dir ../shared/data/wikitext-2
+
+Scores every test token once per exit, sweeps the thresholds of each confidence
+measure, calibrates a threshold on valid (at most --max_ppl_change_pct worse
+perplexity), runs the real halting loop at it, times the loop against the plain
+forward, and writes results.json, results.md and PNG plots into --out
+(default: WORKDIR/eval).
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import ee_jax
+from ee_jax.checkpoint import CheckpointError
+from ee_jax.config import ExitMeasure
+from ee_jax.data import DataError, load_wikitext2, make_lm_stream
+
+DEFAULT_THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workdir", required=True, help="training run folder (config + checkpoints)"
+    )
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="WikiText-2 folder (default: $EE_JAX_DATA_DIR, else download)",
+    )
+    parser.add_argument("--cache_dir", default=None, help="prepared-data cache folder")
+    parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/eval)")
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=DEFAULT_THRESHOLDS,
+        help="thresholds to sweep, each in [0, 1]; 1.0 is full depth",
+    )
+    parser.add_argument(
+        "--measures",
+        nargs="+",
+        default=[m.value for m in ExitMeasure],
+        choices=[m.value for m in ExitMeasure],
+        help="confidence measures",
+    )
+    parser.add_argument(
+        "--max_ppl_change_pct",
+        type=float,
+        default=2.0,
+        help="calibration tolerance: most perplexity increase on valid, in %%",
+    )
+    parser.add_argument(
+        "--timing_windows",
+        type=int,
+        default=8,
+        help="test windows timed for the wall-clock speedup",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="rows per evaluation window (default: the run's eval_batch_size)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not all(0.0 <= t <= 1.0 for t in args.thresholds):
+        print(f"error: thresholds must be in [0, 1], got {args.thresholds}", file=sys.stderr)
+        return 2
+    ee_jax.enable_compilation_cache()
+    from ee_jax import evaluate, report, train
+
+    try:
+        config, params, step = train.restore_params(args.workdir, args.step)
+        corpus = load_wikitext2(args.data_dir, cache_dir=args.cache_dir)
+    except (CheckpointError, DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    batch_size = args.batch_size or config.eval_batch_size
+    streams = [
+        make_lm_stream(
+            getattr(corpus, split), batch_size, config.model.n_seq, eos_id=corpus.vocab.eos_id
+        )
+        for split in ("valid", "test")
+    ]
+    model = train.EarlyExitLM(config.model)
+    results = evaluate.evaluate_checkpoint(
+        model,
+        params,
+        *streams,
+        thresholds=args.thresholds,
+        measures=args.measures,
+        max_ppl_change_pct=args.max_ppl_change_pct,
+        timing_windows=args.timing_windows,
+    )
+    results.update(step=step, config=config.to_dict(), command=" ".join(sys.argv))
+    out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(report.write_report(results, out).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
