@@ -13,7 +13,7 @@ let some tokens exit.
 """
 
 import functools
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import flax.struct
 import jax
@@ -41,25 +41,27 @@ class ExitInfo:
 
 @flax.struct.dataclass
 class HaltState:
-    """The while_loop carry."""
+    """The while_loop carry. Token shape [...]: [B, N] for a sequence, [B] when decoding."""
 
     layer: jax.Array  # [] int32: blocks run so far
-    hidden: jax.Array  # [B, N, D] float32: residual stream (frozen rows for exited tokens)
-    exited: jax.Array  # [B, N] bool
-    exit_depth: jax.Array  # [B, N] int32: 0 until the token exits
-    confidence: jax.Array  # [B, N] float32
-    features: jax.Array  # [B, N, D] exit features (the exit head's LayerNorm) at the exit
+    hidden: jax.Array  # [..., D] float32: residual stream (frozen rows for exited tokens)
+    exited: jax.Array  # [...] bool
+    exit_depth: jax.Array  # [...] int32: 0 until the token exits
+    confidence: jax.Array  # [...] float32
+    features: jax.Array  # [..., D] exit features (the exit head's LayerNorm) at the exit
+    block_state: Any  # pytree the block function carries (decoding: BK states [L, B, H])
 
     @classmethod
-    def make(cls, hidden: jax.Array) -> "HaltState":
-        batch = hidden.shape[:2]
+    def make(cls, hidden: jax.Array, block_state: Any = ()) -> "HaltState":
+        tokens = hidden.shape[:-1]
         return cls(
             layer=jnp.zeros((), jnp.int32),
             hidden=hidden,
-            exited=jnp.zeros(batch, bool),
-            exit_depth=jnp.zeros(batch, jnp.int32),
-            confidence=jnp.zeros(batch, jnp.float32),
+            exited=jnp.zeros(tokens, bool),
+            exit_depth=jnp.zeros(tokens, jnp.int32),
+            confidence=jnp.zeros(tokens, jnp.float32),
             features=jnp.zeros_like(hidden),
+            block_state=block_state,
         )
 
 
@@ -117,12 +119,29 @@ def check_exit_options(threshold, measure: str, exited_state: str) -> ExitMeasur
 
 
 def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
-    """The halting loop itself (pure; jit it with model, measure, exited_state static)."""
-    config = model.config
-    measure = ExitMeasure(measure)
+    """The halting loop over a sequence (pure; jit with model, measure, exited_state static)."""
     apply = functools.partial(model.apply, variables)
     hidden = apply(tokens, method=EarlyExitLM.embed)
-    state = HaltState.make(hidden)
+
+    def run_block(hidden, layer, block_state):
+        return apply(hidden, layer, method=EarlyExitLM.block)[0], block_state
+
+    state = halting_loop(apply, model.config, HaltState.make(hidden), threshold, measure,
+                         exited_state, run_block)
+    return _project_features(apply, model.config, state), exit_info(model.config, state,
+                                                                     measure, exited_state)
+
+
+def halting_loop(apply, config: ModelConfig, state: HaltState, threshold, measure,
+                 exited_state, run_block) -> HaltState:
+    """Runs blocks while some token has not exited; shared by sequences and decoding.
+
+    Args:
+      apply: `model.apply` with the variables bound.
+      state: the initial carry (`HaltState.make` of the embeddings).
+      run_block: (hidden, layer, block_state) -> (hidden after the block, block_state).
+    """
+    measure = ExitMeasure(measure)
     can_exit_early = threshold < 1.0
 
     def cond_fn(state: HaltState) -> jax.Array:
@@ -130,7 +149,7 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
 
     def body_fn(state: HaltState) -> HaltState:
         layer = state.layer
-        after, _ = apply(state.hidden, layer, method=EarlyExitLM.block)
+        after, block_state = run_block(state.hidden, layer, state.block_state)
         features = apply(after, layer, method=EarlyExitLM.exit_features)
         confidence = _confidence(apply, measure, state.hidden, after, features, layer)
         exits = ((confidence >= threshold) & can_exit_early) | (layer == config.n_layers - 1)
@@ -144,19 +163,21 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
             exit_depth=jnp.where(newly, layer + 1, state.exit_depth),
             confidence=jnp.where(newly, confidence, state.confidence),
             features=jnp.where(newly[..., None], features, state.features),
+            block_state=block_state,
         )
 
-    state = jax.lax.while_loop(cond_fn, body_fn, state)
-    logits = _project_features(apply, config, state)
+    return jax.lax.while_loop(cond_fn, body_fn, state)
+
+
+def exit_info(config: ModelConfig, state: HaltState, measure, exited_state) -> ExitInfo:
     per_depth, full = exit_flops(config, measure, exited_state)
-    info = ExitInfo(
+    return ExitInfo(
         exit_depth=state.exit_depth,
         confidence=state.confidence,
         layers_run=state.layer,
         flops_per_depth=jnp.asarray(per_depth, jnp.float32),
         full_depth_flops=jnp.float32(full),
     )
-    return logits, info
 
 
 _jitted_early_exit = jax.jit(early_exit_loop, static_argnums=(0, 4, 5))
@@ -166,7 +187,7 @@ def _confidence(apply, measure, before, after, features, layer) -> jax.Array:
     """The measure for every token after block `layer`; [B, N]."""
     if measure in SOFTMAX_MEASURES:
         kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
-        logits = jnp.einsum("bnd,vd->bnv", features, kernel) + bias  # [B, N, V]
+        logits = jnp.einsum("...d,vd->...v", features, kernel) + bias  # [..., V]
         return softmax_confidence(logits, measure)
     if measure == ExitMeasure.LEARNED:
         return jax.nn.sigmoid(apply(after, layer, method=EarlyExitLM.exit_classifier))
@@ -201,7 +222,7 @@ def _project_features(apply, config: ModelConfig, state: HaltState) -> jax.Array
 
     def project(layer):
         kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
-        return jnp.einsum("bnd,vd->bnv", state.features, kernel) + bias
+        return jnp.einsum("...d,vd->...v", state.features, kernel) + bias
 
     if config.unembedding != "per_exit":
         return project(0)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from ee_jax.bk_core import resolvent_diagonal
+from ee_jax.bk_core import causal_step, resolvent_diagonal
 from ee_jax.config import ModelConfig
 from ee_jax.moe import MoEFeedForward
 
@@ -46,6 +46,12 @@ class BKLayer(nn.Module):
             diag, off, off, z, causal=self.config.causal, method=self.config.bk_method
         )  # [B, H, N]
         return self.features_to_output(jnp.swapaxes(green, -1, -2))
+
+    def step(self, x: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One position of the causal core: x [B, D], state [B, H] (the previous
+        position's G per head, zero before the first) -> (G [B, H], new state)."""
+        coupling = jnp.float32(self.config.h0_offdiagonal) ** 2
+        return causal_step(state, self.potentials(x), coupling, head_z(self.config))
 
     def potentials(self, x: jax.Array) -> jax.Array:
         """Diagonal of T per head: H0's diagonal plus the learned potential; [..., H]."""
@@ -77,6 +83,22 @@ class BKBlock(nn.Module):
         if self.config.use_bk:
             update = update + self.bk_scale * self.bk(x)
         return h + self.dropout(update, deterministic=deterministic), balance_loss
+
+    def step(self, h: jax.Array, bk_state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The block at one position when decoding: h [B, D], bk_state [B, H]."""
+        x = self.norm(h)
+        update, _ = self.moe(x)
+        if self.config.use_bk:
+            green, bk_state = self.bk.step(x, bk_state)
+            update = update + self.bk_scale * self.bk.features_to_output(green)
+        return h + update, bk_state
+
+    def propagate(self, h: jax.Array, bk_state: jax.Array) -> jax.Array:
+        """A skipped block's BK state update for an exited token (norm, potentials
+        and the scalar recurrence; no MoE): later tokens still see it as context."""
+        if not self.config.use_bk:
+            return bk_state
+        return self.bk.step(self.norm(h), bk_state)[1]
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -167,6 +189,23 @@ class EarlyExitLM(nn.Module):
             return BKBlock(self.config, parent=None).apply({"params": params}, h, True)
         rngs = {"dropout": jax.random.fold_in(dropout_rng, layer)}
         return BKBlock(self.config, parent=None).apply({"params": params}, h, False, rngs=rngs)
+
+    def embed_position(self, tokens: jax.Array, position) -> jax.Array:
+        """[B] ids at one (traced) position -> [B, D]."""
+        check_tokens(tokens[:, None], self.config)
+        return self.token_embed(tokens) + self.position_embed[position]
+
+    def block_step(self, h: jax.Array, bk_state: jax.Array, layer):
+        """Block `layer` at one position: ([B, D], [B, H]) -> ([B, D], [B, H])."""
+        params = jax.tree.map(lambda p: p[layer], self.blocks)
+        block = BKBlock(self.config, parent=None)
+        return block.apply({"params": params}, h, bk_state, method=BKBlock.step)
+
+    def block_propagate(self, h: jax.Array, bk_state: jax.Array, layer) -> jax.Array:
+        """Block `layer`'s BK state update only: ([B, D], [B, H]) -> [B, H]."""
+        params = jax.tree.map(lambda p: p[layer], self.blocks)
+        block = BKBlock(self.config, parent=None)
+        return block.apply({"params": params}, h, bk_state, method=BKBlock.propagate)
 
     def exit_features(self, h: jax.Array, layer) -> jax.Array:
         """Exit `layer`'s LayerNorm of the hidden state; [..., D]."""
