@@ -12,18 +12,24 @@ exited_state="freeze": decoding a sequence reproduces
 """
 
 import functools
+import time
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
 
 from ee_jax.config import ModelConfig
 from ee_jax.early_exit import (
+    ExitInfo,
+    ExitStats,
     HaltState,
     _project_features,
     check_exit_options,
     halting_loop,
 )
+from ee_jax.flops import exit_flops
 from ee_jax.model import EarlyExitLM
 
 
@@ -42,8 +48,14 @@ class DecodeState:
         )
 
 
-def decode_step(model: EarlyExitLM, variables, state: DecodeState, tokens, threshold,
-                measure: str = "softmax_max"):
+def decode_step(
+    model: EarlyExitLM,
+    variables,
+    state: DecodeState,
+    tokens,
+    threshold,
+    measure: str = "softmax_max",
+):
     """Feeds one token per sequence; returns (logits [B, V], exit depth [B] int32,
     confidence [B], new state). Pure: jit with model and measure static."""
     apply = functools.partial(model.apply, variables)
@@ -54,12 +66,18 @@ def decode_step(model: EarlyExitLM, variables, state: DecodeState, tokens, thres
         after, layer_state = apply(hidden, bk_state[layer], layer, method=EarlyExitLM.block_step)
         return after, bk_state.at[layer].set(layer_state)
 
-    halt = halting_loop(apply, config, HaltState.make(hidden, state.bk_state), threshold,
-                        measure, "freeze", run_block)
+    halt = halting_loop(
+        apply,
+        config,
+        HaltState.make(hidden, state.bk_state),
+        threshold,
+        measure,
+        "freeze",
+        run_block,
+    )
 
     def propagate(layer, bk_state):  # layers every token skipped
-        layer_state = apply(halt.hidden, bk_state[layer], layer,
-                            method=EarlyExitLM.block_propagate)
+        layer_state = apply(halt.hidden, bk_state[layer], layer, method=EarlyExitLM.block_propagate)
         return bk_state.at[layer].set(layer_state)
 
     bk_state = jax.lax.fori_loop(halt.layer, config.n_layers, propagate, halt.block_state)
@@ -71,8 +89,9 @@ def decode_step(model: EarlyExitLM, variables, state: DecodeState, tokens, thres
 _jitted_step = jax.jit(decode_step, static_argnums=(0, 5))
 
 
-def decode_sequence(model: EarlyExitLM, variables, tokens, threshold=None, *,
-                    measure: str = "softmax_max"):
+def decode_sequence(
+    model: EarlyExitLM, variables, tokens, threshold=None, *, measure: str = "softmax_max"
+):
     """Decodes [B, N] tokens one position at a time (teacher forcing).
 
     Returns:
@@ -82,20 +101,32 @@ def decode_sequence(model: EarlyExitLM, variables, tokens, threshold=None, *,
     check_exit_options(threshold, measure, "freeze")
     batch, length = tokens.shape
     if length > model.config.n_seq:
-        raise ValueError(f"tokens have N = {length} positions, more than n_seq = "
-                         f"{model.config.n_seq}")
+        raise ValueError(
+            f"tokens have N = {length} positions, more than n_seq = {model.config.n_seq}"
+        )
     state = DecodeState.make(model.config, batch)
     logits, depths = [], []
     for position in range(length):
-        step_logits, depth, _, state = _jitted_step(model, variables, state, tokens[:, position],
-                                                    jnp.float32(threshold), measure)
+        step_logits, depth, _, state = _jitted_step(
+            model, variables, state, tokens[:, position], jnp.float32(threshold), measure
+        )
         logits.append(step_logits)
         depths.append(depth)
     return jnp.stack(logits, axis=1), jnp.stack(depths, axis=1)
 
 
-def generate(model: EarlyExitLM, variables, prompt, steps: int, rng, *, threshold=None,
-             measure: str = "softmax_max", temperature: float = 0.0, top_k: int | None = None):
+def generate(
+    model: EarlyExitLM,
+    variables,
+    prompt,
+    steps: int,
+    rng,
+    *,
+    threshold=None,
+    measure: str = "softmax_max",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+):
     """Continues each [B, P] prompt by `steps` tokens with early exit.
 
     temperature 0 is greedy; otherwise samples from softmax(logits / temperature),
@@ -109,16 +140,20 @@ def generate(model: EarlyExitLM, variables, prompt, steps: int, rng, *, threshol
     check_exit_options(threshold, measure, "freeze")
     batch, prompt_length = prompt.shape
     if prompt_length < 1 or prompt_length + steps - 1 > model.config.n_seq:
-        raise ValueError(f"prompt length {prompt_length} + steps {steps} - 1 must be in "
-                         f"[1, n_seq={model.config.n_seq}]")
+        raise ValueError(
+            f"prompt length {prompt_length} + steps {steps} - 1 must be in "
+            f"[1, n_seq={model.config.n_seq}]"
+        )
     if temperature < 0 or (top_k is not None and not 1 <= top_k <= model.config.vocab_size):
-        raise ValueError(f"temperature must be >= 0 and top_k in [1, vocab_size], got "
-                         f"{temperature}, {top_k}")
+        raise ValueError(
+            f"temperature must be >= 0 and top_k in [1, vocab_size], got {temperature}, {top_k}"
+        )
     state = DecodeState.make(model.config, batch)
     tokens, depths = [prompt[:, i] for i in range(prompt_length)], []
     for position in range(prompt_length + steps - 1):
-        logits, depth, _, state = _jitted_step(model, variables, state, tokens[position],
-                                               jnp.float32(threshold), measure)
+        logits, depth, _, state = _jitted_step(
+            model, variables, state, tokens[position], jnp.float32(threshold), measure
+        )
         depths.append(depth)
         if position + 1 >= prompt_length:
             tokens.append(_choose(logits, jax.random.fold_in(rng, position), temperature, top_k))
@@ -132,3 +167,71 @@ def _choose(logits, rng, temperature, top_k):
         cutoff = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
+
+
+def stream_evaluate(
+    model: EarlyExitLM,
+    variables,
+    stream,
+    threshold,
+    *,
+    measure: str = "softmax_max",
+    progress: bool = True,
+) -> dict:
+    """Scores every masked target of `stream` by decoding token by token.
+
+    Each window of `stream` (B independent rows, n_seq positions) is decoded from
+    a fresh state, as the parallel evaluation does, in one jitted scan over its
+    positions. Reports perplexity, exit statistics (with the FLOP-model speedup)
+    and the wall-clock seconds of the whole pass (compilation excluded: the first
+    window is run once before the clock starts).
+    """
+    check_exit_options(threshold, measure, "freeze")
+    config = model.config
+    per_depth, full = (jnp.float32(x) for x in exit_flops(config, measure, "freeze"))
+
+    @jax.jit
+    def window(variables, inputs, targets, mask, threshold):
+        def step(state, column):
+            tokens, target = column
+            logits, depth, _, state = decode_step(
+                model, variables, state, tokens, threshold, measure
+            )
+            nll = (
+                jax.nn.logsumexp(logits, -1)
+                - jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
+            )
+            return state, (nll, depth)
+
+        state = DecodeState.make(config, inputs.shape[0])
+        _, (nll, depth) = jax.lax.scan(step, state, (inputs.T, targets.T))  # [N, B] each
+        return jnp.sum(nll.T * mask), depth.T
+
+    threshold = jnp.float32(threshold)
+    first = stream.window(0)
+    jax.block_until_ready(window(variables, first.inputs, first.targets, first.mask, threshold))
+    stats, total = ExitStats.zeros(config.n_layers), 0.0
+    start = time.perf_counter()
+    for index in tqdm(range(len(stream)), desc="stream", disable=not progress):
+        batch = stream.window(index)
+        nll, depth = window(variables, batch.inputs, batch.targets, batch.mask, threshold)
+        total += float(nll)
+        info = ExitInfo(
+            exit_depth=depth,
+            confidence=jnp.zeros(depth.shape),
+            layers_run=jnp.max(depth),
+            flops_per_depth=per_depth,
+            full_depth_flops=full,
+        )
+        stats = stats.update(info, batch.mask)
+    seconds = time.perf_counter() - start
+    summary = stats.summary()
+    return {
+        "measure": measure,
+        "threshold": float(threshold),
+        "batch_size": first.inputs.shape[0],
+        "ppl": float(np.exp(total / summary["total_tokens"])),
+        "seconds": seconds,
+        "tokens_per_s": summary["total_tokens"] / seconds,
+        **summary,
+    }

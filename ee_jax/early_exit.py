@@ -126,14 +126,17 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
     def run_block(hidden, layer, block_state):
         return apply(hidden, layer, method=EarlyExitLM.block)[0], block_state
 
-    state = halting_loop(apply, model.config, HaltState.make(hidden), threshold, measure,
-                         exited_state, run_block)
-    return _project_features(apply, model.config, state), exit_info(model.config, state,
-                                                                     measure, exited_state)
+    state = halting_loop(
+        apply, model.config, HaltState.make(hidden), threshold, measure, exited_state, run_block
+    )
+    return _project_features(apply, model.config, state), exit_info(
+        model.config, state, measure, exited_state
+    )
 
 
-def halting_loop(apply, config: ModelConfig, state: HaltState, threshold, measure,
-                 exited_state, run_block) -> HaltState:
+def halting_loop(
+    apply, config: ModelConfig, state: HaltState, threshold, measure, exited_state, run_block
+) -> HaltState:
     """Runs blocks while some token has not exited; shared by sequences and decoding.
 
     Args:

@@ -6,7 +6,7 @@ import pytest
 from conftest import TOLERANCE
 
 from ee_jax.config import tiny
-from ee_jax.decode import decode_sequence, generate
+from ee_jax.decode import decode_sequence, generate, stream_evaluate
 from ee_jax.early_exit import early_exit_forward
 from ee_jax.model import EarlyExitLM
 
@@ -19,8 +19,9 @@ def setup():
     tokens = jax.random.randint(jax.random.key(3), (2, CONFIG.n_seq), 0, CONFIG.vocab_size)
     params = dict(model.init(jax.random.key(1), tokens)["params"])
     # Random exit classifiers (they start at zero: every token equally confident).
-    params["classifier_kernel"] = jax.random.normal(jax.random.key(2), (CONFIG.n_layers,
-                                                                        CONFIG.d_model))
+    params["classifier_kernel"] = jax.random.normal(
+        jax.random.key(2), (CONFIG.n_layers, CONFIG.d_model)
+    )
     return model, {"params": params}, tokens
 
 
@@ -32,8 +33,9 @@ def test_decoding_equals_the_parallel_loop_with_frozen_exits(setup, measure):
     threshold = float(np.quantile(np.asarray(info.confidence), 0.5))
     # When the sequence is decoded one token at a time and also run in parallel.
     logits, depths = decode_sequence(model, variables, tokens, threshold, measure=measure)
-    expected, expected_info = early_exit_forward(model, variables, tokens, threshold,
-                                                 measure=measure, exited_state="freeze")
+    expected, expected_info = early_exit_forward(
+        model, variables, tokens, threshold, measure=measure, exited_state="freeze"
+    )
     # Then exit depths are identical and logits agree.
     np.testing.assert_array_equal(depths, expected_info.exit_depth)
     np.testing.assert_allclose(logits, expected, atol=TOLERANCE["float32"])
@@ -55,8 +57,9 @@ def test_generate_greedy_continues_with_the_argmax(setup):
     # Greedy: each new token is the full model's argmax given what came before.
     logits = model.apply(variables, out[:, :-1])
     np.testing.assert_array_equal(out[:, 4:], np.argmax(np.asarray(logits)[:, 3:], -1))
-    sampled, _ = generate(model, variables, tokens[:, :4], 6, jax.random.key(0),
-                          temperature=1.0, top_k=5)
+    sampled, _ = generate(
+        model, variables, tokens[:, :4], 6, jax.random.key(0), temperature=1.0, top_k=5
+    )
     assert sampled.shape == (2, 10)
 
 
@@ -66,3 +69,19 @@ def test_generate_rejects_bad_arguments(setup):
         generate(model, variables, tokens, 5, jax.random.key(0))
     with pytest.raises(ValueError, match="threshold"):
         generate(model, variables, tokens[:, :2], 2, jax.random.key(0), threshold=2.0)
+
+
+def test_streaming_evaluation_matches_the_parallel_evaluation(setup):
+    from ee_jax.data import make_lm_stream
+    from ee_jax.evaluate import real_loop_row
+
+    model, variables, _ = setup
+    ids = np.random.default_rng(1).integers(0, CONFIG.vocab_size, 150)
+    stream = make_lm_stream(ids, 2, CONFIG.n_seq, eos_id=0)
+    for threshold in (1.0, 0.02):
+        streamed = stream_evaluate(model, variables, stream, threshold, progress=False)
+        parallel = real_loop_row(model, variables, stream, threshold, "softmax_max", progress=False)
+        assert streamed["total_tokens"] == parallel["total_tokens"] == len(ids)
+        assert streamed["ppl"] == pytest.approx(parallel["ppl"], rel=1e-5)
+        np.testing.assert_allclose(streamed["exit_distribution"], parallel["exit_distribution"])
+        assert streamed["flops_speedup"] == pytest.approx(parallel["flops_speedup"], rel=1e-5)

@@ -56,8 +56,9 @@ def test_sweep_equals_the_real_halting_loop_with_compute_policy(setup):
     stats, nll = ExitStats.zeros(CONFIG.n_layers), 0.0
     for index in range(len(stream)):
         batch = stream.window(index)
-        logits, info = early_exit_forward(model, params, batch.inputs, threshold,
-                                          exited_state="compute")
+        logits, info = early_exit_forward(
+            model, params, batch.inputs, threshold, exited_state="compute"
+        )
         log_probs = jax.nn.log_softmax(logits)
         target = np.take_along_axis(np.asarray(log_probs), batch.targets[..., None], -1)[..., 0]
         nll -= float(np.sum(target * batch.mask))
@@ -79,8 +80,9 @@ def test_oracle_and_calibration(setup):
     row = evaluate.depth_row(scores, oracle, CONFIG, "learned")
     assert row["top1_agreement"] == 1.0
     # Calibration returns the lowest threshold within tolerance.
-    threshold = evaluate.calibrate(scores, CONFIG, "softmax_max", THRESHOLDS,
-                                   max_ppl_change_pct=2.0)
+    threshold = evaluate.calibrate(
+        scores, CONFIG, "softmax_max", THRESHOLDS, max_ppl_change_pct=2.0
+    )
     rows = {r["threshold"]: r for r in evaluate.sweep(scores, CONFIG, "softmax_max", THRESHOLDS)}
     assert rows[threshold]["ppl_change_pct"] <= 2.0
     assert all(rows[t]["ppl_change_pct"] > 2.0 for t in THRESHOLDS if t < threshold)
@@ -89,11 +91,21 @@ def test_oracle_and_calibration(setup):
 def test_report_writes_tables_and_plots(setup, tmp_path):
     model, params, ids, stream, scores = setup
     results = evaluate.evaluate_checkpoint(
-        model, params, stream, stream, thresholds=[0.02, 1.0], measures=["softmax_max"],
-        timing_windows=2, progress=False)
+        model,
+        params,
+        stream,
+        stream,
+        thresholds=[0.02, 1.0],
+        measures=["softmax_max"],
+        timing_windows=2,
+        progress=False,
+    )
     path = report.write_report(results, tmp_path)
     text = path.read_text()
     assert "| softmax_max | 1.00 |" in text and "oracle" in text
-    for name in ("exit_distribution.png", "ppl_vs_layer_speedup.png",
-                 "ppl_vs_measured_speedup.png"):
+    for name in (
+        "exit_distribution.png",
+        "ppl_vs_layer_speedup.png",
+        "ppl_vs_measured_speedup.png",
+    ):
         assert (tmp_path / name).stat().st_size > 1000

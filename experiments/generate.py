@@ -1,0 +1,86 @@
+"""Generate WikiText-2-style text from a checkpoint, showing each token's exit depth.
+
+    python experiments/generate.py --workdir runs/cpu_bk --prompt "the game was" \
+        --steps 40 --temperature 0.8 --top_k 40
+"""
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import ee_jax
+from ee_jax.checkpoint import CheckpointError
+from ee_jax.config import ExitMeasure
+from ee_jax.data import DataError, load_wikitext2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workdir", required=True, help="training run folder")
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="WikiText-2 folder, for the vocabulary (default: $EE_JAX_DATA_DIR)",
+    )
+    parser.add_argument("--cache_dir", default=None, help="prepared-data cache folder")
+    parser.add_argument("--prompt", default="the", help="space-separated words of the prompt")
+    parser.add_argument("--steps", type=int, default=30, help="tokens to generate")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="exit threshold in [0, 1] (default: the model's)",
+    )
+    parser.add_argument(
+        "--measure",
+        default="softmax_max",
+        choices=[m.value for m in ExitMeasure],
+        help="confidence measure",
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None, help="sample from the top k tokens")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ee_jax.enable_compilation_cache()
+    from ee_jax import decode, train
+
+    try:
+        config, params, _ = train.restore_params(args.workdir)
+        vocab = load_wikitext2(args.data_dir, cache_dir=args.cache_dir).vocab
+        prompt = jnp.asarray(vocab.encode(args.prompt.split()))[None]
+        tokens, depths = decode.generate(
+            train.EarlyExitLM(config.model),
+            params,
+            prompt,
+            args.steps,
+            jax.random.key(args.seed),
+            threshold=args.threshold,
+            measure=args.measure,
+            temperature=args.temperature,
+            top_k=args.top_k,
+        )
+    except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    words = vocab.decode(list(tokens[0]))
+    # depths[i] is the exit depth of the prediction made after reading token i.
+    shown = [words[0]] + [
+        f"{word}[{int(depth)}]" for word, depth in zip(words[1:], depths[0], strict=True)
+    ]
+    print(" ".join(shown))
+    print(f"(word[d]: predicted at exit depth d of {config.model.n_layers})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

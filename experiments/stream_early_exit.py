@@ -1,0 +1,117 @@
+"""Streaming (token-by-token) early-exit evaluation on the WikiText-2 test set.
+
+    python experiments/stream_early_exit.py --workdir runs/cpu_bk \
+        --data_dir ../shared/data/wikitext-2
+
+For each batch size (B independent streams) it decodes the whole test split one
+token at a time at full depth (threshold 1.0) and with early exit at each
+(measure, threshold) pair, and reports perplexity, average exit layer, the
+measured wall-clock speedup over full-depth decoding at the same B, and the
+FLOP-model prediction. Thresholds default to the ones calibrated by
+eval_early_exit.py (WORKDIR/eval/results.json), else 0.9.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import ee_jax
+from ee_jax.checkpoint import CheckpointError
+from ee_jax.config import ExitMeasure
+from ee_jax.data import DataError, load_wikitext2, make_lm_stream
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workdir", required=True, help="training run folder")
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="WikiText-2 folder (default: $EE_JAX_DATA_DIR, else download)",
+    )
+    parser.add_argument("--cache_dir", default=None, help="prepared-data cache folder")
+    parser.add_argument(
+        "--batch_sizes",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="numbers of independent streams B",
+    )
+    parser.add_argument(
+        "--measures",
+        nargs="+",
+        default=["softmax_max", "learned"],
+        choices=[m.value for m in ExitMeasure],
+        help="confidence measures",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="one threshold for every measure (default: calibrated, else 0.9)",
+    )
+    parser.add_argument(
+        "--max_tokens",
+        type=int,
+        default=None,
+        help="score only the first tokens of test (default: all)",
+    )
+    return parser.parse_args(argv)
+
+
+def thresholds(args) -> dict:
+    if args.threshold is not None:
+        return {measure: args.threshold for measure in args.measures}
+    path = pathlib.Path(args.workdir) / "eval" / "results.json"
+    calibrated = json.loads(path.read_text())["calibration"] if path.exists() else {}
+    return {m: calibrated.get(m, {}).get("threshold", 0.9) for m in args.measures}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ee_jax.enable_compilation_cache()
+    from ee_jax import decode, train
+
+    try:
+        config, params, step = train.restore_params(args.workdir)
+        corpus = load_wikitext2(args.data_dir, cache_dir=args.cache_dir)
+    except (CheckpointError, DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = train.EarlyExitLM(config.model)
+    ids = corpus.test[: args.max_tokens]
+    rows = []
+    for batch_size in args.batch_sizes:
+        stream = make_lm_stream(ids, batch_size, config.model.n_seq, eos_id=corpus.vocab.eos_id)
+        full = decode.stream_evaluate(model, params, stream, 1.0)
+        rows.append({**full, "measured_speedup": 1.0})
+        for measure, threshold in thresholds(args).items():
+            row = decode.stream_evaluate(model, params, stream, threshold, measure=measure)
+            rows.append({**row, "measured_speedup": full["seconds"] / row["seconds"]})
+    out = pathlib.Path(args.workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stream_results.json").write_text(
+        json.dumps({"step": step, "command": " ".join(sys.argv), "rows": rows}, indent=2)
+    )
+    print(
+        "| B | measure | threshold | test ppl | avg exit layer | tokens/s | measured speedup "
+        "| FLOP-model speedup | measured / FLOP |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['batch_size']} | {row['measure']} | {row['threshold']:.2f} "
+            f"| {row['ppl']:.1f} | {row['avg_exit_layer']:.2f} | {row['tokens_per_s']:.0f} "
+            f"| {row['measured_speedup']:.2f}x | {row['flops_speedup']:.2f}x "
+            f"| {row['measured_speedup'] / row['flops_speedup']:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
