@@ -1,0 +1,48 @@
+"""Both notebooks execute headless (nbclient) in their tiny, offline mode."""
+
+import os
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+SHARED = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> str:
+    """The local WikiText-2 copy, else a small corpus with checksums off."""
+    folder = os.environ.get("EE_JAX_DATA_DIR") or (str(SHARED) if SHARED.is_dir() else None)
+    if folder:
+        return folder
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "valid", "test"):
+        (corpus / f"{split}.txt").write_text(" the cat sat on the mat \n a dog sat \n" * 200)
+    monkeypatch.setenv("EE_JAX_VERIFY_CHECKSUMS", "0")
+    return str(corpus)
+
+
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_wikitext2_early_exit.ipynb"])
+def test_notebook_runs(name, tmp_path, monkeypatch, data_dir):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    # Committed without outputs: the notebooks are for running, not for reading stale results.
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    monkeypatch.setenv("EE_JAX_NOTEBOOK_MODE", "tiny")
+    monkeypatch.setenv("EE_JAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("EE_JAX_DATA_DIR", data_dir)
+    NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    ).execute()
+    text = "".join(
+        str(output.get("text", "")) for cell in notebook.cells for output in cell.get("outputs", [])
+    )
+    assert "Traceback" not in text
+    if name.startswith("02"):
+        assert "identical: True" in text and "| softmax_max |" in text
