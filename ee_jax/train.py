@@ -93,6 +93,23 @@ def data_parallel(mesh: Mesh):
     return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
 
 
+def global_batch(batch: Batch, sharding: NamedSharding) -> Batch:
+    """The global batch as arrays sharded on the data axis.
+
+    Every process computes the same global batch (a function of the step) and
+    contributes its own contiguous block of rows, so the same code serves one
+    process and several hosts (after `jax.distributed.initialize()`).
+    """
+    rows = batch.inputs.shape[0] // jax.process_count()
+    start = jax.process_index() * rows
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, x[start : start + rows], x.shape
+        ),
+        batch,
+    )
+
+
 def make_mesh() -> Mesh:
     """A 1-D mesh over every device (on several hosts: after jax.distributed.initialize)."""
     return Mesh(np.array(jax.devices()), ("data",))
@@ -158,7 +175,7 @@ def train(
     )
     timed_steps, timer, compile_s = 0, time.perf_counter(), None
     for step in bar:
-        batch = jax.device_put(train_batch(stream, step), sharded)
+        batch = global_batch(train_batch(stream, step), sharded)
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
         if step == start:  # this process's first step includes compilation: timed alone
             jax.block_until_ready(state)

@@ -163,7 +163,7 @@ step = train.make_train_step(config)
 rng = jax.random.key(1)
 single = jax.jit(step)(state, batch, rng)
 replicated, sharded = train.data_parallel(train.make_mesh())
-parallel = jax.jit(step)(jax.device_put(state, replicated), jax.device_put(batch, sharded), rng)
+parallel = jax.jit(step)(jax.device_put(state, replicated), train.global_batch(batch, sharded), rng)
 assert len(parallel[0].params["params"]["token_embed"]["embedding"].sharding.device_set) == 4
 flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 for a, b in [(single[1]["loss"], parallel[1]["loss"]),
