@@ -147,3 +147,11 @@ def _plot_measured(results, path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _save(figure, axis, path, **labels):
+    axis.set(**labels)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

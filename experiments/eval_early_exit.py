@@ -16,29 +16,17 @@ import pathlib
 import sys
 
 import ee_jax
-from ee_jax.checkpoint import CheckpointError
+from ee_jax import cli
 from ee_jax.config import ExitMeasure
-from ee_jax.data import DataError, load_wikitext2, make_lm_stream
+from ee_jax.data import make_lm_stream
 
 DEFAULT_THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--workdir", required=True, help="training run folder (config + checkpoints)"
-    )
+    parser = cli.make_parser(__doc__)
+    cli.add_data_flags(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument(
-        "--data_dir",
-        default=None,
-        help="WikiText-2 folder (default: $EE_JAX_DATA_DIR, else download)",
-    )
-    parser.add_argument("--cache_dir", default=None, help="prepared-data cache folder")
     parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/eval)")
     parser.add_argument(
         "--thresholds",
@@ -78,17 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not all(0.0 <= t <= 1.0 for t in args.thresholds):
-        print(f"error: thresholds must be in [0, 1], got {args.thresholds}", file=sys.stderr)
-        return 2
+        return cli.report_error(ValueError(f"thresholds must be in [0, 1], got {args.thresholds}"))
     ee_jax.enable_compilation_cache()
     from ee_jax import evaluate, report, train
 
     try:
-        config, params, step = train.restore_params(args.workdir, args.step)
-        corpus = load_wikitext2(args.data_dir, cache_dir=args.cache_dir)
-    except (CheckpointError, DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        config, params, step, corpus = cli.load_run(args, args.step)
+    except cli.USER_ERRORS as error:
+        return cli.report_error(error)
     batch_size = args.batch_size or config.eval_batch_size
     streams = [
         make_lm_stream(

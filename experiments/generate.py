@@ -11,24 +11,13 @@ import jax
 import jax.numpy as jnp
 
 import ee_jax
-from ee_jax.checkpoint import CheckpointError
+from ee_jax import cli
 from ee_jax.config import ExitMeasure
-from ee_jax.data import DataError, load_wikitext2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--workdir", required=True, help="training run folder")
-    parser.add_argument(
-        "--data_dir",
-        default=None,
-        help="WikiText-2 folder, for the vocabulary (default: $EE_JAX_DATA_DIR)",
-    )
-    parser.add_argument("--cache_dir", default=None, help="prepared-data cache folder")
+    parser = cli.make_parser(__doc__)
+    cli.add_data_flags(parser)
     parser.add_argument("--prompt", default="the", help="space-separated words of the prompt")
     parser.add_argument("--steps", type=int, default=30, help="tokens to generate")
     parser.add_argument(
@@ -55,8 +44,8 @@ def main(argv=None) -> int:
     from ee_jax import decode, train
 
     try:
-        config, params, _ = train.restore_params(args.workdir)
-        vocab = load_wikitext2(args.data_dir, cache_dir=args.cache_dir).vocab
+        config, params, _, corpus = cli.load_run(args)
+        vocab = corpus.vocab
         prompt = jnp.asarray(vocab.encode(args.prompt.split()))[None]
         tokens, depths = decode.generate(
             train.EarlyExitLM(config.model),
@@ -69,9 +58,8 @@ def main(argv=None) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
         )
-    except (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except cli.USER_ERRORS as error:
+        return cli.report_error(error)
     words = vocab.decode(list(tokens[0]))
     # depths[i] is the exit depth of the prediction made after reading token i.
     shown = [words[0]] + [

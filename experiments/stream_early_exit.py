@@ -17,24 +17,14 @@ import pathlib
 import sys
 
 import ee_jax
-from ee_jax.checkpoint import CheckpointError
+from ee_jax import cli
 from ee_jax.config import ExitMeasure
-from ee_jax.data import DataError, load_wikitext2, make_lm_stream
+from ee_jax.data import make_lm_stream
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--workdir", required=True, help="training run folder")
-    parser.add_argument(
-        "--data_dir",
-        default=None,
-        help="WikiText-2 folder (default: $EE_JAX_DATA_DIR, else download)",
-    )
-    parser.add_argument("--cache_dir", default=None, help="prepared-data cache folder")
+    parser = cli.make_parser(__doc__)
+    cli.add_data_flags(parser)
     parser.add_argument(
         "--batch_sizes",
         type=int,
@@ -78,11 +68,9 @@ def main(argv=None) -> int:
     from ee_jax import decode, train
 
     try:
-        config, params, step = train.restore_params(args.workdir)
-        corpus = load_wikitext2(args.data_dir, cache_dir=args.cache_dir)
-    except (CheckpointError, DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        config, params, step, corpus = cli.load_run(args)
+    except cli.USER_ERRORS as error:
+        return cli.report_error(error)
     model = train.EarlyExitLM(config.model)
     ids = corpus.test[: args.max_tokens]
     rows = []

@@ -16,9 +16,9 @@ import pathlib
 import sys
 
 import ee_jax
-from ee_jax.checkpoint import CheckpointError
+from ee_jax import cli
 from ee_jax.config import ModelConfig, TrainConfig, field_help, train_preset
-from ee_jax.data import DataError, load_wikitext2, make_lm_stream
+from ee_jax.data import load_wikitext2, make_lm_stream
 
 SKIPPED = {"model", "vocab_size"}
 
@@ -54,24 +54,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    parser = cli.make_parser(__doc__)
     parser.add_argument(
         "--preset",
         default="cpu",
         choices=["tiny", "cpu", "gpu"],
         help="training preset (see ee_jax.config.train_preset)",
     )
-    parser.add_argument("--workdir", required=True, help="run folder (created; resumed if present)")
-    parser.add_argument(
-        "--data_dir",
-        default=None,
-        help="WikiText-2 folder (default: $EE_JAX_DATA_DIR, else download)",
-    )
-    parser.add_argument("--cache_dir", default=None, help="prepared-data cache folder")
+    cli.add_data_flags(parser)
     parser.add_argument(
         "--verify_checksums",
         type=parse_bool,
@@ -121,9 +111,8 @@ def main(argv=None) -> int:
             stop_at_step=args.stop_at_step,
             resume_step=args.resume_step,
         )
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (*cli.USER_ERRORS, FloatingPointError) as error:
+        return cli.report_error(error)
     valid = make_lm_stream(corpus.valid, config.eval_batch_size, config.model.n_seq, eos_id=eos)
     model = train.EarlyExitLM(config.model)
     result = evaluate.exit_perplexities(model, state.params, valid)
