@@ -214,3 +214,16 @@ def test_seed_preset_matches_the_original():
     assert (config.vocab_size, config.d_model, config.n_layers, config.n_seq) == (10000, 64, 4, 128)
     assert (config.num_experts, config.top_k) == (4, 1)
     assert isinstance(config, ModelConfig)
+
+
+@pytest.mark.parametrize("use_bk", [True, False])
+def test_only_the_bk_features_carry_context(tokens, use_bk):
+    # Given a change of token t, when the model runs with and without BK features,
+    # then later positions see it only through the BK core (the MoE is per token).
+    config = CONFIG.replace(use_bk=use_bk)
+    model, variables = init(config, tokens)
+    t = 4
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % config.vocab_size)
+    before, after = model.apply(variables, tokens), model.apply(variables, changed)
+    later = float(jnp.max(jnp.abs(before[:, t + 1 :] - after[:, t + 1 :])))
+    assert (later > 1e-3) if use_bk else (later == 0.0)
