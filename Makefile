@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# The main job.
+# The main job: train the cpu preset on WikiText-2 (resuming runs/cpu if it exists),
+# then evaluate early exit on the test set. Data: $(EE_JAX_DATA_DIR) or DATA_DIR=...
+DATA_DIR ?= $(EE_JAX_DATA_DIR)
+WORKDIR ?= runs/cpu
+DATA_FLAG = $(if $(DATA_DIR),--data_dir $(DATA_DIR),)
 run: $(STAMP)
-	$(VENV)/bin/python experiments/bench_bk_core.py
+	$(VENV)/bin/python experiments/train_wikitext2.py --preset cpu --workdir $(WORKDIR) $(DATA_FLAG)
+	$(VENV)/bin/python experiments/eval_early_exit.py --workdir $(WORKDIR) $(DATA_FLAG)
 
 # The whole test suite.
 test: $(STAMP)
