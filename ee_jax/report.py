@@ -98,15 +98,14 @@ def _plot_distribution(results, path):
         shares = [row["exit_distribution"][depth] for row in rows]
         axis.bar(labels, shares, bottom=bottom, label=f"exit {depth + 1}")
         bottom = [b + s for b, s in zip(bottom, shares, strict=True)]
-    axis.set(
+    _save(
+        figure,
+        axis,
+        path,
         xlabel=f"threshold ({rows[0]['measure']})",
         ylabel="fraction of test tokens",
         title="Exit distribution",
     )
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def _plot_tradeoff(results, path):
@@ -116,15 +115,14 @@ def _plot_tradeoff(results, path):
         axis.plot([r["layer_speedup"] for r in rows], [r["ppl"] for r in rows], "o-", label=measure)
     oracle = results["oracle"]
     axis.plot([oracle["layer_speedup"]], [oracle["ppl"]], "k*", markersize=12, label="oracle")
-    axis.set(
+    _save(
+        figure,
+        axis,
+        path,
         xlabel="layer speedup (L / average exit layer)",
         ylabel="test perplexity",
         title="Perplexity vs layer speedup",
     )
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def _plot_measured(results, path):
@@ -138,15 +136,14 @@ def _plot_measured(results, path):
         ]
         axis.plot(*zip(*sorted(points), strict=True), "o-", label=measure)
     axis.axvline(1.0, color="grey", linestyle=":")
-    axis.set(
+    _save(
+        figure,
+        axis,
+        path,
         xlabel="measured wall-clock speedup vs plain forward",
         ylabel="test perplexity",
         title="Perplexity vs measured speedup",
     )
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def _save(figure, axis, path, **labels):
