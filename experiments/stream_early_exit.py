@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     rows = []
     for batch_size in args.batch_sizes:
         stream = make_lm_stream(ids, batch_size, config.model.n_seq, eos_id=corpus.vocab.eos_id)
-        full = decode.stream_evaluate(model, params, stream, 1.0)
+        # Full depth: threshold 1.0 with the learned measure, whose per-layer check is
+        # a Dense(1); a softmax measure would pay a vocabulary projection per layer.
+        full = decode.stream_evaluate(model, params, stream, 1.0, measure="learned")
         rows.append({**full, "measured_speedup": 1.0})
         for measure, threshold in thresholds(args).items():
             row = decode.stream_evaluate(model, params, stream, threshold, measure=measure)
