@@ -2,6 +2,8 @@
 
 import dataclasses
 import enum
+import inspect
+import re
 from typing import Literal, get_args
 
 BKMethod = Literal["associative", "sequential"]
@@ -145,9 +147,6 @@ class TrainConfig:
 
 def field_help(cls) -> dict[str, str]:
     """The one-line comment of every field of a config dataclass (for --help)."""
-    import inspect
-    import re
-
     pattern = re.compile(r"^\s+(\w+): [^=]+(?:= [^#]+)?#\s*(.+)$")
     return {
         m.group(1): m.group(2)

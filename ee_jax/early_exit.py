@@ -209,8 +209,9 @@ def softmax_confidence(logits: jax.Array, measure: ExitMeasure) -> jax.Array:
     if measure == ExitMeasure.SOFTMAX_MAX:
         return jnp.exp(top - normaliser)
     is_top = logits == top[..., None]
-    second = jnp.where(jnp.sum(is_top, axis=-1) > 1, top,
-                       jnp.max(jnp.where(is_top, -jnp.inf, logits), axis=-1))
+    second = jnp.where(
+        jnp.sum(is_top, axis=-1) > 1, top, jnp.max(jnp.where(is_top, -jnp.inf, logits), axis=-1)
+    )
     return jnp.exp(top - normaliser) - jnp.exp(second - normaliser)
 
 

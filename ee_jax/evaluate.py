@@ -23,7 +23,12 @@ from tqdm.auto import tqdm
 
 from ee_jax.config import ExitMeasure
 from ee_jax.data import LMStream
-from ee_jax.early_exit import early_exit_forward, softmax_confidence, state_saturation
+from ee_jax.early_exit import (
+    ExitStats,
+    early_exit_forward,
+    softmax_confidence,
+    state_saturation,
+)
 from ee_jax.flops import exit_flops
 from ee_jax.losses import exit_nll
 from ee_jax.model import EarlyExitLM
@@ -214,7 +219,6 @@ def real_loop_row(
 ) -> dict:
     """Perplexity and exit statistics of the real halting loop (policy "freeze") over a
     whole split, every masked target once."""
-    from ee_jax.early_exit import ExitStats
 
     @jax.jit
     def nll_sum(logits, targets, mask):
