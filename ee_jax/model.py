@@ -58,7 +58,13 @@ class BKLayer(nn.Module):
         return self.config.h0_diagonal + self.potential(x)
 
     def features_to_output(self, green: jax.Array) -> jax.Array:
-        """[..., H] complex diagonal entries -> [..., D] via [Re G, Im G]."""
+        """[..., H] complex diagonal entries -> [..., D] via [Re, Im] of Im(z) * G.
+
+        For a real potential T is symmetric, so |G_ii| <= 1 / Im(z): scaling by
+        Im(z) puts every head in the unit disk whatever its z (unscaled, a head
+        with Im z = 0.05 reaches 20 and dominated the first gradients).
+        """
+        green = green * head_z(self.config).imag
         features = jnp.concatenate([green.real, green.imag], axis=-1)  # [..., 2H]
         return self.project(features)
 

@@ -1,8 +1,9 @@
-"""Markdown tables and PNG plots of an early-exit evaluation (`evaluate_checkpoint`)."""
+"""Markdown tables and PNG plots: early-exit evaluations and training metrics."""
 
 import pathlib
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -87,6 +88,49 @@ def write_report(results: dict, directory: str | pathlib.Path) -> pathlib.Path:
     _plot_tradeoff(results, directory / "ppl_vs_layer_speedup.png")
     _plot_measured(results, directory / "ppl_vs_measured_speedup.png")
     return path
+
+
+AVERAGED = ("loss", "exit_nll", "grad_norm", "tokens_per_s")
+
+
+def training_table(runs: dict[str, list[dict]], every: int) -> str:
+    """Training metrics (rows of metrics.jsonl) of each run, averaged per `every` steps.
+
+    Each logged row is one batch, so a row of the table averages the logged
+    rows of its window (loss, per-exit NLL -> perplexity, grad norm, tokens/s).
+    """
+    lines = [
+        "| run | steps | loss | train ppl per exit | grad norm | tokens/s | logged rows |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for name, rows in runs.items():
+        windows: dict[int, list[dict]] = {}
+        for row in rows:
+            windows.setdefault(-(-row["step"] // every), []).append(row)
+        for window, group in windows.items():
+            mean = {key: np.mean([r[key] for r in group], axis=0) for key in AVERAGED}
+            ppl = " / ".join(f"{p:.0f}" for p in np.exp(mean["exit_nll"]))
+            lines.append(
+                f"| {name} | {(window - 1) * every + 1}-{group[-1]['step']} | {mean['loss']:.3f} "
+                f"| {ppl} | {mean['grad_norm']:.2f} | {mean['tokens_per_s']:,.0f} | {len(group)} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_training(runs: dict[str, list[dict]], path: str | pathlib.Path) -> None:
+    """Final-exit train perplexity against step, one line per run (log scale)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, rows in runs.items():
+        axis.plot([r["step"] for r in rows], [np.exp(r["exit_nll"][-1]) for r in rows], label=name)
+    axis.set_yscale("log")
+    _save(
+        figure,
+        axis,
+        path,
+        xlabel="step",
+        ylabel="final-exit perplexity (train batch)",
+        title="Training",
+    )
 
 
 def _plot_distribution(results, path):

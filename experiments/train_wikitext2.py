@@ -81,6 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="resume from this checkpoint step instead of the latest",
     )
+    parser.add_argument(
+        "--report_test",
+        type=parse_bool,
+        default=False,
+        help="after training, also print every exit's test perplexity (test_exit_ppl.json)",
+    )
     add_config_flags(parser)
     return parser.parse_args(argv)
 
@@ -113,16 +119,22 @@ def main(argv=None) -> int:
         )
     except (*cli.USER_ERRORS, FloatingPointError) as error:
         return cli.report_error(error)
-    valid = make_lm_stream(corpus.valid, config.eval_batch_size, config.model.n_seq, eos_id=eos)
     model = train.EarlyExitLM(config.model)
-    result = evaluate.exit_perplexities(model, state.params, valid)
-    result["step"] = int(state.step)
-    path = pathlib.Path(args.workdir) / "valid_exit_ppl.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(
-        "validation perplexity per exit:",
-        ", ".join(f"exit {i + 1}: {p:.1f}" for i, p in enumerate(result["exit_ppl"])),
+    splits = (
+        {"valid": corpus.valid, "test": corpus.test}
+        if args.report_test
+        else {"valid": corpus.valid}
     )
+    for name, tokens in splits.items():
+        windows = make_lm_stream(tokens, config.eval_batch_size, config.model.n_seq, eos_id=eos)
+        result = evaluate.exit_perplexities(model, state.params, windows)
+        result["step"] = int(state.step)
+        path = pathlib.Path(args.workdir) / f"{name}_exit_ppl.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(
+            f"{name} perplexity per exit:",
+            ", ".join(f"exit {i + 1}: {p:.1f}" for i, p in enumerate(result["exit_ppl"])),
+        )
     return 0
 
 

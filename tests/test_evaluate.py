@@ -109,3 +109,29 @@ def test_report_writes_tables_and_plots(setup, tmp_path):
         "ppl_vs_measured_speedup.png",
     ):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_training_summary_averages_each_window_of_logged_rows(tmp_path):
+    # Given two runs' metrics rows logged every 25 steps.
+    def row(step, nll):
+        return {
+            "step": step,
+            "loss": nll,
+            "exit_nll": [nll + 1.0, nll],
+            "grad_norm": 1.0,
+            "tokens_per_s": 100.0,
+        }
+
+    runs = {
+        "a": [row(25, np.log(100.0)), row(50, np.log(400.0)), row(75, 0.0)],
+        "b": [row(25, 0.0)],
+    }
+    # When summarised every 50 steps.
+    lines = report.training_table(runs, every=50).splitlines()
+    # Then each window averages its rows' NLL (a geometric mean of perplexities),
+    # a partial last window is kept, and the curve is written.
+    assert lines[2].startswith("| a | 1-50 |") and "| 544 / 200 |" in lines[2]
+    assert lines[3].startswith("| a | 51-75 |") and lines[3].endswith("| 1 |")
+    assert lines[4].startswith("| b | 1-25 |") and len(lines) == 5
+    report.plot_training(runs, tmp_path / "training.png")
+    assert (tmp_path / "training.png").stat().st_size > 1000
