@@ -90,18 +90,18 @@ def write_report(results: dict, directory: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-AVERAGED = ("loss", "exit_nll", "grad_norm", "tokens_per_s")
+AVERAGED = ("loss", "exit_nll", "grad_norm")
 
 
 def training_table(runs: dict[str, list[dict]], every: int) -> str:
     """Training metrics (rows of metrics.jsonl) of each run, averaged per `every` steps.
 
     Each logged row is one batch, so a row of the table averages the logged
-    rows of its window (loss, per-exit NLL -> perplexity, grad norm, tokens/s).
+    rows of its window (loss, per-exit NLL -> perplexity, grad norm).
     """
     lines = [
-        "| run | steps | loss | train ppl per exit | grad norm | tokens/s | logged rows |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| run | steps | loss | train ppl per exit | grad norm | logged rows |",
+        "|---|---|---:|---|---:|---:|",
     ]
     for name, rows in runs.items():
         windows: dict[int, list[dict]] = {}
@@ -112,7 +112,7 @@ def training_table(runs: dict[str, list[dict]], every: int) -> str:
             ppl = " / ".join(f"{p:.0f}" for p in np.exp(mean["exit_nll"]))
             lines.append(
                 f"| {name} | {(window - 1) * every + 1}-{group[-1]['step']} | {mean['loss']:.3f} "
-                f"| {ppl} | {mean['grad_norm']:.2f} | {mean['tokens_per_s']:,.0f} | {len(group)} |"
+                f"| {ppl} | {mean['grad_norm']:.2f} | {len(group)} |"
             )
     return "\n".join(lines)
 

@@ -183,14 +183,10 @@ def train(
         else:
             timed_steps += 1
         if step == 0 or (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            metrics = jax.device_get(metrics)  # waits for the dispatched steps to finish
             seconds = time.perf_counter() - timer
             row = _log(
-                metrics_file,
-                step,
-                jax.device_get(metrics),
-                timed_steps * tokens_per_step,
-                seconds,
-                compile_s,
+                metrics_file, step, metrics, timed_steps * tokens_per_step, seconds, compile_s
             )
             if row["tokens_per_s"]:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -1,6 +1,6 @@
 """Early-exit evaluation of a trained checkpoint on the WikiText-2 test set.
 
-    python experiments/eval_early_exit.py --workdir runs/cpu_bk \
+    python experiments/eval_early_exit.py --workdir runs/cpu \
         --data_dir ../shared/data/wikitext-2
 
 Scores every test token once per exit, sweeps the thresholds of each confidence

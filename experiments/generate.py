@@ -1,6 +1,6 @@
 """Generate WikiText-2-style text from a checkpoint, showing each token's exit depth.
 
-    python experiments/generate.py --workdir runs/cpu_bk --prompt "the game was" \
+    python experiments/generate.py --workdir runs/cpu --prompt "the game was" \
         --steps 40 --temperature 0.8 --top_k 40
 """
 

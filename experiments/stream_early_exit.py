@@ -1,6 +1,6 @@
 """Streaming (token-by-token) early-exit evaluation on the WikiText-2 test set.
 
-    python experiments/stream_early_exit.py --workdir runs/cpu_bk \
+    python experiments/stream_early_exit.py --workdir runs/cpu \
         --data_dir ../shared/data/wikitext-2
 
 For each batch size (B independent streams) it decodes the whole test split one
