@@ -24,7 +24,8 @@ def main(argv=None) -> int:
         path = pathlib.Path(workdir) / "metrics.jsonl"
         if not path.is_file():
             return cli.report_error(FileNotFoundError(f"{path} does not exist"))
-        runs[pathlib.Path(workdir).name] = [json.loads(line) for line in path.open()]
+        lines = path.read_text().splitlines()
+        runs[pathlib.Path(workdir).name] = [json.loads(line) for line in lines]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = report.training_table(runs, args.every)

@@ -120,12 +120,8 @@ def main(argv=None) -> int:
     except (*cli.USER_ERRORS, FloatingPointError) as error:
         return cli.report_error(error)
     model = train.EarlyExitLM(config.model)
-    splits = (
-        {"valid": corpus.valid, "test": corpus.test}
-        if args.report_test
-        else {"valid": corpus.valid}
-    )
-    for name, tokens in splits.items():
+    for name in ("valid", "test") if args.report_test else ("valid",):
+        tokens = getattr(corpus, name)
         windows = make_lm_stream(tokens, config.eval_batch_size, config.model.n_seq, eos_id=eos)
         result = evaluate.exit_perplexities(model, state.params, windows)
         result["step"] = int(state.step)
