@@ -4,26 +4,35 @@ Data flow: a source folder holding ``train.txt``, ``valid.txt`` and ``test.txt``
 (or the official ``wiki.{train,valid,test}.tokens``) is checked (names, sha256)
 -> the ``WikiText2`` TFDS builder writes it as ArrayRecord, one example per line
 in file order -> each line becomes ``line.split() + ["<eos>"]`` -> a
-``Vocabulary`` built from train in first-occurrence order -> 1-D int32 id arrays,
-cached as ``.npy`` next to the prepared TFDS data -> ``LMStream`` windows.
+``Vocabulary`` built from train, ids in descending train frequency (ties in
+first-occurrence order), so that an adaptive softmax's clusters are contiguous
+id ranges -> 1-D int32 id arrays, cached as ``.npy`` next to the prepared TFDS
+data -> ``LMStream`` windows. One process prepares a cache folder while the
+others wait on a file lock.
 
 The data is Merity et al., "Pointer Sentinel Mixture Models" (2016,
 arXiv:1609.07843), licensed CC BY-SA 3.0. It is never shipped with the project:
-it is read from a folder (argument or ``EE_JAX_DATA_DIR``) or downloaded.
+it is read from a folder (argument or ``EE_JAX_DATA_DIR``) or downloaded from
+the mirrors in ``MIRRORS``, every file checked against its sha256.
 
 Shape legend: T tokens of a split, B batch rows, S positions per row of a stream,
 N positions per window.
 """
 
+import collections
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import http.client
+import io
 import os
-import socket
-import urllib.parse
+import urllib.error
+import urllib.request
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -32,7 +41,6 @@ SPLITS: tuple[str, ...] = ("train", "valid", "test")
 EOS = "<eos>"
 ENV_VAR = "EE_JAX_DATA_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/ee_jax/tfds")
-DOWNLOAD_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
 # Accepted file names per split, in order of preference. The PyTorch example's
 # train/valid/test.txt are byte-identical to the archive's wiki.*.tokens (same
 # sha1 as recorded by gluon-nlp), so one checksum table serves both names.
@@ -141,15 +149,160 @@ def find_source(source_dir: str | os.PathLike, *, verify_checksums: bool = True)
     return SourceFiles(folder=folder, paths=paths, fingerprint=fingerprint)
 
 
-def _check_reachable(url: str) -> None:
-    """Fails fast offline: the TFDS downloader retries for minutes before giving up."""
-    host = urllib.parse.urlparse(url).hostname
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as error:
-        raise _source_error(
-            None, f"Cannot download {url}: {host} is unreachable ({error})."
-        ) from error
+# ----------------------------------------------------------------------------
+# Download.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Mirror:
+    """A place that serves the wikitext-2-v1 files."""
+
+    name: str  # shown in messages
+    urls: tuple[str, ...]  # the archive ("zip"), or one file per split in SPLITS order ("parquet")
+    format: Literal["zip", "parquet"]  # the official archive, or Hugging Face parquet shards
+
+    def __post_init__(self):
+        if self.format not in ("zip", "parquet"):
+            raise ValueError(f"Mirror format must be 'zip' or 'parquet', got {self.format!r}.")
+        expected = 1 if self.format == "zip" else len(SPLITS)
+        if len(self.urls) != expected:
+            raise ValueError(f"A {self.format} mirror has {expected} url(s), got {len(self.urls)}.")
+
+
+_HF_PARQUET = (
+    "https://huggingface.co/datasets/Salesforce/wikitext/resolve/main/"
+    "wikitext-2-v1/{}-00000-of-00001.parquet"
+)
+# Tried in order. The original Salesforce S3 bucket has answered 403 since 2024;
+# it stays last in case it comes back. The parquet shards are not the original
+# files, but the original bytes are rebuilt from them (see _unpack_parquet) and
+# checked against SHA256 like every other source.
+MIRRORS: tuple[Mirror, ...] = (
+    Mirror(
+        name="the dataset author's mirror, wikitext.smerity.com",
+        urls=("https://wikitext.smerity.com/wikitext-2-v1.zip",),
+        format="zip",
+    ),
+    Mirror(
+        name="the Hugging Face Hub copy, Salesforce/wikitext",
+        urls=tuple(_HF_PARQUET.format(name) for name in ("train", "validation", "test")),
+        format="parquet",
+    ),
+    Mirror(
+        name="the original Salesforce S3 bucket",
+        urls=("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",),
+        format="zip",
+    ),
+)
+# Some hosts answer 403 to Python's default "Python-urllib/3.x" agent.
+USER_AGENT = "Mozilla/5.0 (compatible; ee_jax WikiText-2 download)"
+DOWNLOAD_TIMEOUT_S = 60
+# What one failing mirror may raise; anything else is a bug and propagates.
+_MIRROR_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    ImportError,
+    zipfile.BadZipFile,
+    http.client.HTTPException,
+)
+
+
+def _fetch(opener: urllib.request.OpenerDirector, url: str) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    with opener.open(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        return response.read()
+
+
+def _unpack_zip(payloads: Sequence[bytes]) -> dict[str, bytes]:
+    """Reads ``wikitext-2/wiki.{split}.tokens`` from the official archive."""
+    with zipfile.ZipFile(io.BytesIO(payloads[0])) as archive:
+        return {split: archive.read(f"wikitext-2/wiki.{split}.tokens") for split in SPLITS}
+
+
+def _unpack_parquet(payloads: Sequence[bytes]) -> dict[str, bytes]:
+    """Rebuilds the original files from the Hugging Face parquet shards.
+
+    Their builder stored one row per line, the line with its newline, except that
+    a blank line became "" (wikitext-2-v1's blank lines are all " \\n").
+    """
+    import pyarrow.parquet  # a dependency of tensorflow-datasets; only needed here
+
+    files = {}
+    for split, payload in zip(SPLITS, payloads, strict=True):
+        rows = pyarrow.parquet.read_table(io.BytesIO(payload), columns=["text"])
+        lines = rows.column("text").to_pylist()
+        files[split] = "".join(line or " \n" for line in lines).encode("utf-8")
+    return files
+
+
+def _fetch_mirror(
+    mirror: Mirror, opener: urllib.request.OpenerDirector, checksums: Mapping[str, str]
+) -> dict[str, bytes]:
+    """Returns the split files of one mirror, or raises one of _MIRROR_ERRORS."""
+    payloads = [_fetch(opener, url) for url in mirror.urls]
+    unpack = _unpack_zip if mirror.format == "zip" else _unpack_parquet
+    files = unpack(payloads)
+    for split, content in files.items():
+        digest = hashlib.sha256(content).hexdigest()
+        if digest != checksums[split]:
+            raise ValueError(f"{split} has sha256 {digest}, expected {checksums[split]}")
+    return files
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return f"unreachable ({error.reason})"
+    return f"{type(error).__name__}: {error}"
+
+
+def download_wikitext2(
+    folder: str | os.PathLike,
+    *,
+    mirrors: Sequence[Mirror] | None = None,
+    opener: urllib.request.OpenerDirector | None = None,
+    checksums: Mapping[str, str] | None = None,
+) -> SourceFiles:
+    """Downloads wikitext-2-v1 into `folder` as ``{split}.txt``, trying mirrors in turn.
+
+    Args:
+      folder: where the three files go (created if needed).
+      mirrors: sources to try in order (default ``MIRRORS``).
+      opener: what fetches a ``urllib.request.Request`` (``.open(request,
+        timeout=...)``); default ``urllib.request.build_opener()``.
+      checksums: split -> sha256 every file must have (default ``SHA256``).
+
+    Returns:
+      The checked files, from the first mirror whose three files all match.
+
+    Raises:
+      DataError: every mirror failed; the message lists each one with its reason
+        and says how to point ``--data_dir`` / ``EE_JAX_DATA_DIR`` at a folder.
+    """
+    mirrors = MIRRORS if mirrors is None else mirrors
+    opener = opener or urllib.request.build_opener()
+    checksums = SHA256 if checksums is None else checksums
+    failures = []
+    for mirror in mirrors:
+        try:
+            files = _fetch_mirror(mirror, opener, checksums)
+        except _MIRROR_ERRORS as error:
+            failures.append(f"    {mirror.name}: {_describe(error)}\n      {' '.join(mirror.urls)}")
+            continue
+        folder = Path(folder).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, content in files.items():
+            with _atomic_file(folder / f"{split}.txt") as file:
+                file.write(content)
+        return find_source(folder, verify_checksums=False)  # checked above
+    raise _source_error(
+        None,
+        "Could not download wikitext-2-v1; tried, in order:\n" + "\n".join(failures) + "\n"
+        "  Fetch wikitext-2-v1.zip by hand (the first URL above), unzip it and pass its\n"
+        "  wikitext-2 folder to the scripts with --data_dir /path/to/wikitext-2.",
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -171,10 +324,13 @@ class WikiText2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     name = "wikitext2"
-    # The id cache lives in the versioned folder: bump VERSION when the examples
-    # or the tokenization change.
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "One example per line of wikitext-2-v1, in file order."}
+    # The id cache lives in the versioned folder: bump VERSION when the examples,
+    # the tokenization or the id order change.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "One example per line of wikitext-2-v1, in file order.",
+        "1.1.0": "Same examples; cached ids in descending train frequency (were first-occurrence).",
+    }
     # TFDS looks for a checksums.tsv next to the builder's code; there is none.
     # Saying so also avoids TFDS 4.9.10 importing `importlib_resources` (not one
     # of its dependencies) for a builder defined inside a package.
@@ -184,8 +340,8 @@ class WikiText2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Creates the builder.
 
         Args:
-          source: checked local files (``find_source``); None downloads the
-            official archive when the data is not prepared yet.
+          source: checked local files (``find_source``); None downloads them
+            (``download_wikitext2``) when the data is not prepared yet.
           **kwargs: ``tfds.core.GeneratorBasedBuilder`` arguments (``data_dir``...);
             ``file_format`` defaults to ArrayRecord, the format readable without
             TensorFlow.
@@ -210,12 +366,7 @@ class WikiText2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(path) for split, path in source.paths.items()}
 
     def _download(self, dl_manager: tfds.download.DownloadManager) -> SourceFiles:
-        _check_reachable(DOWNLOAD_URL)
-        try:
-            extracted = dl_manager.download_and_extract(DOWNLOAD_URL)
-        except OSError as error:
-            raise _source_error(None, f"Downloading {DOWNLOAD_URL} failed: {error}") from error
-        return find_source(Path(os.fspath(extracted)) / "wikitext-2")
+        return download_wikitext2(Path(os.fspath(dl_manager.download_dir)) / "wikitext-2-v1")
 
     def _generate_examples(self, path: Path):
         with path.open(encoding="utf-8") as file:
@@ -256,8 +407,14 @@ class Vocabulary:
 
     @classmethod
     def from_tokens(cls, tokens: Iterable[str]) -> "Vocabulary":
-        """Builds the vocabulary of `tokens` in first-occurrence order."""
-        return cls(tuple(dict.fromkeys(tokens)))
+        """Builds the vocabulary of `tokens`, ids in descending count, ties by first occurrence.
+
+        Frequent words get small ids, so an adaptive softmax's clusters are
+        contiguous id ranges (``token_frequencies`` gives their share of tokens).
+        """
+        counts = collections.Counter(tokens)  # keys in first-occurrence order
+        # sorted is stable: equal counts keep first-occurrence order.
+        return cls(tuple(sorted(counts, key=counts.__getitem__, reverse=True)))
 
     def __len__(self) -> int:
         return len(self.words)
@@ -286,6 +443,20 @@ class Vocabulary:
         if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
             raise ValueError(f"Ids must lie in [0, {len(self)}), got {ids.min()}..{ids.max()}.")
         return [self.words[i] for i in ids.tolist()]
+
+
+def token_frequencies(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Fraction of the tokens of `ids` [T] that are each id: [V] float64, summing to 1.
+
+    With ids in frequency order, ``token_frequencies(ids, V)[a:b].sum()`` is the
+    share of tokens an adaptive-softmax cluster over ids [a, b) receives.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"ids must be a non-empty 1-D array, got shape {ids.shape}.")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"Ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}.")
+    return np.bincount(ids, minlength=vocab_size) / ids.size  # [V]
 
 
 # ----------------------------------------------------------------------------
@@ -324,21 +495,46 @@ def load_wikitext2(
       the vocabulary 33,278 words for the standard files.
 
     Raises:
-      DataError: missing or wrong source data (before anything is prepared), or
-        valid/test words outside the train vocabulary.
+      DataError: missing or wrong source data (before anything is prepared), a
+        failed download (naming every mirror tried), or valid/test words outside
+        the train vocabulary.
+
+    Several processes may call this at once on the same fresh cache: one
+    prepares while the others wait on ``wikitext2-<fingerprint>.lock``, then
+    they read what it wrote.
     """
     folder = resolve_source_dir(source_dir)
     source = None if folder is None else find_source(folder, verify_checksums=verify_checksums)
     fingerprint = STANDARD_FINGERPRINT if source is None else source.fingerprint
     cache_root = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    builder = WikiText2(source=source, data_dir=os.fspath(cache_root / f"wikitext2-{fingerprint}"))
-    ids_dir = Path(os.fspath(builder.data_dir))
-    if (ids_dir / "vocab.txt").is_file():
-        return _load_cached(ids_dir)
-    builder.download_and_prepare()
-    corpus = _encode_corpus({split: read_lines(builder, split) for split in SPLITS})
-    _save_cached(corpus, ids_dir)
+    # TFDS renames its incomplete folder into place: a second process preparing
+    # the same folder fails on that rename, hence one preparer at a time.
+    with _exclusive_lock(cache_root / f"wikitext2-{fingerprint}.lock"):
+        data_dir = cache_root / f"wikitext2-{fingerprint}"
+        builder = WikiText2(source=source, data_dir=os.fspath(data_dir))
+        ids_dir = Path(os.fspath(builder.data_dir))
+        corpus = _load_cached(ids_dir)
+        if corpus is None:
+            builder.download_and_prepare()
+            corpus = _encode_corpus({split: read_lines(builder, split) for split in SPLITS})
+            _save_cached(corpus, ids_dir)
     return corpus
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on `path` (created if needed) for the block.
+
+    The kernel releases it when the process dies, so a crashed preparer never
+    leaves the cache locked. Linux and macOS; on NFS it depends on the server.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def _encode_corpus(lines: Mapping[str, list[str]]) -> Corpus:
@@ -372,10 +568,19 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     os.replace(temporary, path)
 
 
-def _load_cached(ids_dir: Path) -> Corpus:
+def _load_cached(ids_dir: Path) -> Corpus | None:
+    """Returns the cached corpus, or None when there is none or it is stale."""
+    if not (ids_dir / "vocab.txt").is_file():
+        return None
     # Bytes, not read_text: universal newlines must not touch the words.
     words = (ids_dir / "vocab.txt").read_bytes().decode("utf-8").split("\n")
     ids = {split: np.load(ids_dir / f"{split}.ids.npy") for split in SPLITS}
+    # Ids written in another order (say first-occurrence, before VERSION 1.1.0)
+    # must not be reused. Train counts non-increasing in id is enough: ids that
+    # pass it in first-occurrence order are the frequency order exactly.
+    counts = np.bincount(ids["train"], minlength=len(words))  # [V]
+    if counts.size != len(words) or np.any(np.diff(counts) > 0):
+        return None
     return Corpus(vocab=Vocabulary(tuple(words)), **ids)
 
 

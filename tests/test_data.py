@@ -1,4 +1,5 @@
-"""Tests for ee_jax.data: WikiText-2 counts, vocabulary, evaluation windows, errors.
+"""Tests for ee_jax.data: WikiText-2 counts, vocabulary, evaluation windows, errors,
+download fallback (offline, a fake opener), concurrent first loads.
 
 The reference corpus is the real WikiText-2 when ``$EE_JAX_DATA_DIR`` is set or
 ``../shared/data/wikitext-2`` exists next to the repository, and otherwise a
@@ -6,10 +7,21 @@ small corpus written here with hand-counted sizes. It is prepared once per
 session in a temporary cache.
 """
 
+import collections
 import dataclasses
+import hashlib
+import io
+import itertools
+import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +44,11 @@ SMALL_CORPUS = {
     "test": "\nthe = down\n",  # 1 + 4
 }
 SMALL_COUNTS = {"train": 16, "valid": 6, "test": 5}
-SMALL_VOCAB = ("the", "cat", "sat", "on", "Senjō", "<eos>", "=", "Heading", "dog", "down")
+# Descending train count (<eos> 4; the, sat, = 2; the rest 1), ties in first-occurrence order.
+SMALL_VOCAB = ("<eos>", "the", "sat", "=", "cat", "on", "Senjō", "Heading", "dog", "down")
+# Measured earlier on WikiText-2 (JAX_NOTES): the 2,000 most frequent train
+# words cover 79.7% of valid + test tokens.
+WIKITEXT2_TOP_2000_COVERAGE = 79.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +99,15 @@ def read_directly(folder: Path) -> dict:
     return tokens
 
 
+def frequency_order(tokens: list) -> list:
+    """Words by descending count, ties by first occurrence: sorted on an explicit key."""
+    counts = collections.Counter(tokens)
+    first = {}
+    for position, word in enumerate(tokens):
+        first.setdefault(word, position)
+    return sorted(counts, key=lambda word: (-counts[word], first[word]))
+
+
 # ----------------------------------------------------------------------------
 # Counts, order, cache.
 
@@ -100,18 +125,82 @@ def test_small_corpus_counts_vocab_order_and_eos(tmp_path):
     folder = write_corpus(tmp_path / "src", SMALL_CORPUS)
     corpus = data.load_wikitext2(folder, cache_dir=tmp_path / "cache", verify_checksums=False)
     assert {split: getattr(corpus, split).size for split in data.SPLITS} == SMALL_COUNTS
-    assert corpus.vocab.words == SMALL_VOCAB  # first-occurrence order in train
+    assert corpus.vocab.words == SMALL_VOCAB  # frequency order in train
     assert corpus.vocab.decode(corpus.test) == ["<eos>", "the", "=", "down", "<eos>"]
 
 
 def test_ids_match_a_direct_reading_of_the_files(corpus, reference):
     tokens = read_directly(reference.source_dir)
-    words = list(dict.fromkeys(tokens["train"]))
+    words = frequency_order(tokens["train"])
     index = {word: i for i, word in enumerate(words)}
     assert corpus.vocab.words == tuple(words)
     for split in data.SPLITS:
         expected = np.array([index[word] for word in tokens[split]], np.int32)
         np.testing.assert_array_equal(getattr(corpus, split), expected)
+
+
+def test_ids_are_in_descending_train_frequency_ties_in_first_occurrence(corpus, reference):
+    # Given counts and first positions from a direct reading of train.txt,
+    tokens = read_directly(reference.source_dir)["train"]
+    counts = collections.Counter(tokens)
+    first = {}
+    for position, word in enumerate(tokens):
+        first.setdefault(word, position)
+    # Then the counts of ids 0, 1, ... never increase, and equal counts keep
+    # first-occurrence order.
+    id_counts = [counts[word] for word in corpus.vocab.words]
+    assert sum(id_counts) == reference.counts["train"]
+    assert all(a >= b for a, b in itertools.pairwise(id_counts))
+    for word, next_word in itertools.pairwise(corpus.vocab.words):
+        if counts[word] == counts[next_word]:
+            assert first[word] < first[next_word], (word, next_word)
+    np.testing.assert_array_equal(np.bincount(corpus.train), id_counts)
+
+
+def test_top_2000_ids_cover_the_measured_share_of_valid_and_test(corpus, reference):
+    if not reference.verify_checksums:
+        pytest.skip("needs the real WikiText-2")
+    held_out = np.concatenate([corpus.valid, corpus.test])
+    frequencies = data.token_frequencies(held_out, len(corpus.vocab))
+    assert round(100 * frequencies[:2000].sum(), 1) == WIKITEXT2_TOP_2000_COVERAGE
+
+
+def test_from_tokens_breaks_count_ties_by_first_occurrence():
+    # Given c, b, a twice each (first seen in that order) and d once,
+    vocab = data.Vocabulary.from_tokens(["c", "b", "d", "a", "b", "a", "c"])
+    # Then the tied words keep first-occurrence order, before the rarer d.
+    assert vocab.words == ("c", "b", "a", "d")
+    assert data.Vocabulary.from_tokens(["x", "y", "z"]).words == ("x", "y", "z")
+    assert data.Vocabulary.from_tokens(["x", "y", "y", "z", "z", "z"]).words == ("z", "y", "x")
+
+
+def test_token_frequencies():
+    frequencies = data.token_frequencies(np.array([2, 0, 2, 2]), 4)
+    assert frequencies.dtype == np.float64
+    np.testing.assert_array_equal(frequencies, [0.25, 0.0, 0.75, 0.0])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        data.token_frequencies(np.array([0, 4]), 4)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        data.token_frequencies(np.array([], np.int32), 4)
+
+
+def test_a_cache_in_first_occurrence_order_is_rebuilt(tmp_path):
+    # Given a cache whose ids were written in the old first-occurrence order,
+    folder = write_corpus(tmp_path / "src", SMALL_CORPUS)
+    corpus = data.load_wikitext2(folder, cache_dir=tmp_path / "cache", verify_checksums=False)
+    (ids_dir,) = {path.parent for path in (tmp_path / "cache").rglob("vocab.txt")}
+    assert ids_dir.name == str(data.WikiText2.VERSION) != "1.0.0"
+    tokens = read_directly(folder)
+    old_words = list(dict.fromkeys(tokens["train"]))
+    old_index = {word: i for i, word in enumerate(old_words)}
+    for split in data.SPLITS:
+        np.save(ids_dir / f"{split}.ids.npy", [old_index[w] for w in tokens[split]])
+    (ids_dir / "vocab.txt").write_bytes("\n".join(old_words).encode("utf-8"))
+    # When loaded again, Then the stale ids are not reused.
+    again = data.load_wikitext2(folder, cache_dir=tmp_path / "cache", verify_checksums=False)
+    assert again.vocab.words == corpus.vocab.words == SMALL_VOCAB
+    for split in data.SPLITS:
+        np.testing.assert_array_equal(getattr(again, split), getattr(corpus, split))
 
 
 def test_second_load_reads_the_cache_without_tfds(corpus, reference, cache_dir, monkeypatch):
@@ -301,7 +390,216 @@ def test_error_offline_without_source(tmp_path, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.delenv(data.ENV_VAR, raising=False)
-    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setattr(socket, "getaddrinfo", offline)  # the real opener, no network
     with pytest.raises(data.DataError, match=f"{data.ENV_VAR} is unset") as excinfo:
         data.load_wikitext2(cache_dir=tmp_path / "cache")
-    assert "train.txt" in str(excinfo.value)
+    message = str(excinfo.value)
+    assert "train.txt" in message and "--data_dir" in message
+    assert all(mirror.name in message for mirror in data.MIRRORS)
+    assert message.count("no network") == len(data.MIRRORS)
+
+
+# ----------------------------------------------------------------------------
+# Download fallback, offline: a fake opener serves archives built here.
+
+# The wikitext-2-v1 layout: blank lines are " \n", words start with a space.
+DOWNLOAD_CORPUS = {
+    "train": " \n = Heading = \n \n the cat sat \n the dog sat \n",
+    "valid": " \n the cat \n",
+    "test": " the dog \n \n",
+}
+DOWNLOAD_SHA256 = {
+    split: hashlib.sha256(text.encode()).hexdigest() for split, text in DOWNLOAD_CORPUS.items()
+}
+ZIP_MIRROR = data.Mirror(name="zip mirror", urls=("https://zip.test/wt2.zip",), format="zip")
+ZIP_MIRROR_2 = data.Mirror(name="zip mirror 2", urls=("https://zip2.test/wt2.zip",), format="zip")
+PARQUET_MIRROR = data.Mirror(
+    name="parquet mirror",
+    urls=tuple(f"https://hub.test/{split}.parquet" for split in ("train", "validation", "test")),
+    format="parquet",
+)
+
+
+def make_zip(texts: dict) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for split, text in texts.items():
+            archive.writestr(f"wikitext-2/wiki.{split}.tokens", text.encode("utf-8"))
+    return buffer.getvalue()
+
+
+def make_parquet(text: str) -> bytes:
+    """One row per line as the Hugging Face builder wrote it: blank lines become ""."""
+    parquet = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    rows = [line if line.strip() else "" for line in text.splitlines(keepends=True)]
+    buffer = io.BytesIO()
+    parquet.write_table(pyarrow.table({"text": rows}), buffer)
+    return buffer.getvalue()
+
+
+class FakeOpener:
+    """Stands in for urllib's opener: url -> bytes, or an exception to raise."""
+
+    def __init__(self, responses: dict):
+        self.responses = responses
+        self.requests = []  # (url, User-Agent) in the order asked
+
+    def open(self, request: urllib.request.Request, timeout: float | None = None):
+        self.requests.append((request.full_url, request.get_header("User-agent")))
+        response = self.responses.get(request.full_url, urllib.error.URLError("unknown host"))
+        if isinstance(response, Exception):
+            raise response
+        return io.BytesIO(response)
+
+
+def http_error(url: str, code: int, reason: str) -> urllib.error.HTTPError:
+    return urllib.error.HTTPError(url, code, reason, None, None)
+
+
+def test_download_falls_back_to_the_next_mirror(tmp_path):
+    # Given a mirror answering 403 and a parquet mirror serving the files,
+    zip_url = ZIP_MIRROR.urls[0]
+    parquet = dict(
+        zip(PARQUET_MIRROR.urls, map(make_parquet, DOWNLOAD_CORPUS.values()), strict=True)
+    )
+    opener = FakeOpener({zip_url: http_error(zip_url, 403, "Forbidden"), **parquet})
+    # When downloading,
+    source = data.download_wikitext2(
+        tmp_path / "dl",
+        mirrors=(ZIP_MIRROR, PARQUET_MIRROR),
+        opener=opener,
+        checksums=DOWNLOAD_SHA256,
+    )
+    # Then both were tried in order, not with Python's default agent, and the
+    # original bytes were rebuilt from the parquet rows.
+    assert [url for url, _ in opener.requests] == [zip_url, *PARQUET_MIRROR.urls]
+    assert all(not agent.startswith("Python-urllib") for _, agent in opener.requests)
+    for split, text in DOWNLOAD_CORPUS.items():
+        assert source.paths[split] == tmp_path / "dl" / f"{split}.txt"
+        assert source.paths[split].read_bytes() == text.encode()
+
+
+def test_download_skips_a_mirror_whose_checksum_differs(tmp_path):
+    altered = make_zip({**DOWNLOAD_CORPUS, "test": " the cat \n"})
+    opener = FakeOpener(
+        {ZIP_MIRROR.urls[0]: altered, ZIP_MIRROR_2.urls[0]: make_zip(DOWNLOAD_CORPUS)}
+    )
+    source = data.download_wikitext2(
+        tmp_path / "dl",
+        mirrors=(ZIP_MIRROR, ZIP_MIRROR_2),
+        opener=opener,
+        checksums=DOWNLOAD_SHA256,
+    )
+    assert len(opener.requests) == 2
+    assert source.paths["test"].read_bytes() == DOWNLOAD_CORPUS["test"].encode()
+
+
+def test_download_error_lists_every_mirror_tried(tmp_path):
+    # Given three mirrors failing three ways (403, unreachable, not a zip),
+    bad_zip = data.Mirror(name="bad zip", urls=("https://bad.test/wt2.zip",), format="zip")
+    opener = FakeOpener(
+        {
+            ZIP_MIRROR.urls[0]: http_error(ZIP_MIRROR.urls[0], 403, "Forbidden"),
+            bad_zip.urls[0]: b"<html>not a zip</html>",
+        }
+    )
+    with pytest.raises(data.DataError) as excinfo:
+        data.download_wikitext2(
+            tmp_path / "dl",
+            mirrors=(ZIP_MIRROR, PARQUET_MIRROR, bad_zip),
+            opener=opener,
+            checksums=DOWNLOAD_SHA256,
+        )
+    # Then one error names each mirror, url and reason, and how to pass a folder.
+    message = str(excinfo.value)
+    for mirror in (ZIP_MIRROR, PARQUET_MIRROR, bad_zip):
+        assert mirror.name in message and mirror.urls[0] in message
+    assert "HTTP 403 Forbidden" in message and "unknown host" in message
+    assert "BadZipFile" in message
+    assert "--data_dir" in message and data.ENV_VAR in message
+    assert not (tmp_path / "dl").exists()
+
+
+def test_load_without_source_downloads_then_reuses_the_cache(tmp_path, monkeypatch):
+    # Given no folder, and the small corpus standing in for wikitext-2-v1,
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "SHA256", DOWNLOAD_SHA256)
+    fingerprint = data._fingerprint(DOWNLOAD_SHA256[split] for split in data.SPLITS)
+    monkeypatch.setattr(data, "STANDARD_FINGERPRINT", fingerprint)
+    monkeypatch.setattr(data, "MIRRORS", (ZIP_MIRROR,))
+    opener = FakeOpener({ZIP_MIRROR.urls[0]: make_zip(DOWNLOAD_CORPUS)})
+    monkeypatch.setattr(urllib.request, "build_opener", lambda: opener)
+    # When loaded twice, Then it downloads once and reads the files it checked.
+    corpus = data.load_wikitext2(cache_dir=tmp_path / "cache")
+    again = data.load_wikitext2(cache_dir=tmp_path / "cache")
+    assert len(opener.requests) == 1
+    assert corpus.vocab.decode(corpus.test) == ["the", "dog", "<eos>", "<eos>"]
+    np.testing.assert_array_equal(again.train, corpus.train)
+
+
+def test_default_mirrors_start_with_the_original_files():
+    assert [mirror.format for mirror in data.MIRRORS][:2] == ["zip", "parquet"]
+    assert all(url.startswith("https://") for m in data.MIRRORS for url in m.urls)
+    with pytest.raises(ValueError, match="3 url"):
+        data.Mirror(name="x", urls=("https://a.test/x",), format="parquet")
+
+
+# ----------------------------------------------------------------------------
+# Concurrent first loads.
+
+LOAD_SCRIPT = """
+import json, pathlib, sys, time
+from ee_jax import data
+source, cache, ready, go, out = sys.argv[1:]
+pathlib.Path(ready).touch()
+while not pathlib.Path(go).exists():
+    time.sleep(0.005)
+corpus = data.load_wikitext2(source, cache_dir=cache, verify_checksums=False)
+result = {split: getattr(corpus, split).tolist() for split in data.SPLITS}
+pathlib.Path(out).write_text(json.dumps({"words": corpus.vocab.words, **result}))
+"""
+
+
+def test_concurrent_first_loads_all_succeed_with_identical_data(tmp_path):
+    # Given three processes started on one fresh cache, released together,
+    folder = write_corpus(tmp_path / "src", SMALL_CORPUS)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    go = tmp_path / "go"
+    processes = []
+    for index in range(3):
+        args = [
+            folder,
+            tmp_path / "cache",
+            tmp_path / f"ready{index}",
+            go,
+            tmp_path / f"out{index}",
+        ]
+        command = [sys.executable, "-c", LOAD_SCRIPT, *map(str, args)]
+        processes.append(
+            subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    try:
+        deadline = time.monotonic() + 120  # imports are slow on a loaded machine
+        while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+            assert all(p.poll() is None for p in processes), "a process died while starting"
+            assert time.monotonic() < deadline, "processes did not start"
+            time.sleep(0.01)
+        go.touch()
+        logs = [process.communicate(timeout=300)[0].decode() for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    # Then every one returns, with the same ids and vocabulary.
+    assert [process.returncode for process in processes] == [0, 0, 0], "\n".join(logs)
+    results = [json.loads((tmp_path / f"out{i}").read_text()) for i in range(3)]
+    assert results[0] == results[1] == results[2]
+    assert tuple(results[0]["words"]) == SMALL_VOCAB
+    assert {split: len(results[0][split]) for split in data.SPLITS} == SMALL_COUNTS
