@@ -9,6 +9,7 @@ from typing import Literal, get_args
 BKMethod = Literal["associative", "sequential"]
 Unembedding = Literal["per_exit", "shared", "tied"]
 ExitWeighting = Literal["uniform", "linear", "final"]
+Output = Literal["full", "adaptive"]
 
 
 class ExitMeasure(enum.StrEnum):
@@ -41,6 +42,11 @@ class ModelConfig:
     bk_method: BKMethod = "associative"  # scan used by the BK core (same values)
     unembedding: Unembedding = "shared"  # per-exit matrices, one shared, or tied to the input
     use_bk: bool = True  # False drops the BK features (the ablation without sequence mixing)
+    output: Output = (
+        "full"  # exit output layer: full softmax, or adaptive softmax (ee_jax.adaptive)
+    )
+    adaptive_cutoffs: tuple[int, ...] = (2000, 10000)  # first id of each tail cluster (adaptive)
+    adaptive_div: float = 4.0  # tail cluster k projects D to D // div**k dimensions (adaptive)
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "n_layers", "n_seq", "num_experts", "bk_heads")
@@ -63,11 +69,57 @@ class ModelConfig:
                 f"z_imag must be two positive numbers (first head, last head): Im z > 0 keeps "
                 f"every pivot of the BK core non-zero; got {self.z_imag!r}"
             )
-        for name, allowed in (("bk_method", BKMethod), ("unembedding", Unembedding)):
+        for name, allowed in (
+            ("bk_method", BKMethod),
+            ("unembedding", Unembedding),
+            ("output", Output),
+        ):
             if getattr(self, name) not in get_args(allowed):
                 raise ValueError(
                     f"{name} must be one of {get_args(allowed)}, got {getattr(self, name)!r}"
                 )
+        if self.output == "adaptive":
+            self._check_adaptive()
+
+    def _check_adaptive(self):
+        cutoffs = self.adaptive_cutoffs
+        if (
+            not cutoffs
+            or any(not isinstance(c, int) or isinstance(c, bool) for c in cutoffs)
+            or any(b <= a for a, b in zip(cutoffs, cutoffs[1:], strict=False))
+            or not 0 < cutoffs[0]
+            or not cutoffs[-1] < self.vocab_size
+        ):
+            raise ValueError(
+                f"adaptive_cutoffs must be strictly increasing integers inside (0, "
+                f"vocab_size={self.vocab_size}), got {cutoffs!r}"
+            )
+        if not self.adaptive_div > 0:
+            raise ValueError(f"adaptive_div must be > 0, got {self.adaptive_div}")
+        smallest = self.tail_dims[-1]
+        if smallest < 1:
+            raise ValueError(
+                f"adaptive_div={self.adaptive_div} leaves tail cluster {len(cutoffs)} with "
+                f"d_model // div**{len(cutoffs)} = {smallest} dimensions; it must be >= 1"
+            )
+
+    @property
+    def tail_dims(self) -> tuple[int, ...]:
+        """Projection width d_k = D // div**k of each adaptive tail cluster k = 1..K."""
+        if self.output != "adaptive":
+            return ()
+        return tuple(
+            int(self.d_model // self.adaptive_div**k)
+            for k in range(1, len(self.adaptive_cutoffs) + 1)
+        )
+
+    @property
+    def cluster_bounds(self) -> tuple[int, ...]:
+        """(c_1, ..., c_K, V): the head holds ids [0, c_1), tail k ids [c_k, c_{k+1}).
+        A full output is one cluster, (V,)."""
+        if self.output != "adaptive":
+            return (self.vocab_size,)
+        return (*self.adaptive_cutoffs, self.vocab_size)
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
@@ -142,6 +194,8 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         model = dict(values["model"])
         model["z_imag"] = tuple(model["z_imag"])
+        if "adaptive_cutoffs" in model:
+            model["adaptive_cutoffs"] = tuple(model["adaptive_cutoffs"])
         return cls(**{**values, "model": ModelConfig(**model)})
 
 
@@ -214,6 +268,7 @@ TRAIN_PRESETS = {
             z_imag=(0.05, 1.0),
             dropout=0.0,
             bk_method="sequential",  # faster than the associative scan on CPU (README)
+            output="adaptive",
         ),
         batch_size=16,
         steps=2000,
@@ -232,6 +287,7 @@ TRAIN_PRESETS = {
             bk_heads=32,
             z_imag=(0.02, 1.0),
             dropout=0.2,
+            output="adaptive",
         ),
         batch_size=64,
         steps=12000,

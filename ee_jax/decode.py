@@ -20,16 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ee_jax import adaptive
 from ee_jax.config import ModelConfig
 from ee_jax.early_exit import (
     ExitInfo,
     ExitStats,
     HaltState,
-    _project_features,
     check_exit_options,
+    exit_outputs,
     halting_loop,
 )
-from ee_jax.flops import exit_flops
+from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.model import EarlyExitLM
 
 
@@ -55,9 +56,15 @@ def decode_step(
     tokens,
     threshold,
     measure: str = "softmax_max",
+    output_fn=adaptive.logits,
 ):
-    """Feeds one token per sequence; returns (logits [B, V], exit depth [B] int32,
-    confidence [B], new state). Pure: jit with model and measure static."""
+    """Feeds one token per sequence; returns (output [B, ...], exit depth [B] int32,
+    confidence [B], new state). Pure: jit with model, measure and output_fn static.
+
+    output_fn(output layer, exit features [B, D]) -> [B, ...] is what each token's
+    exit head computes: by default its logits [B, V] (`adaptive.logits`); a
+    target's NLL needs only the head and that target's cluster.
+    """
     apply = functools.partial(model.apply, variables)
     config = model.config
     hidden = apply(tokens, state.position, method=EarlyExitLM.embed_position)  # [B, D]
@@ -81,9 +88,9 @@ def decode_step(
         return bk_state.at[layer].set(layer_state)
 
     bk_state = jax.lax.fori_loop(halt.layer, config.n_layers, propagate, halt.block_state)
-    logits = _project_features(apply, config, halt)
+    output = exit_outputs(apply, config, halt, output_fn)
     new_state = DecodeState(position=state.position + 1, bk_state=bk_state)
-    return logits, halt.exit_depth, halt.confidence, new_state
+    return output, halt.exit_depth, halt.confidence, new_state
 
 
 _jitted_step = jax.jit(decode_step, static_argnums=(0, 5))
@@ -182,24 +189,29 @@ def stream_evaluate(
 
     Each window of `stream` (B independent rows, n_seq positions) is decoded from
     a fresh state, as the parallel evaluation does, in one jitted scan over its
-    positions. Reports perplexity, exit statistics (with the FLOP-model speedup)
-    and the wall-clock seconds of the whole pass (compilation excluded: the first
-    window is run once before the clock starts).
+    positions; each exit head scores only the target (for an adaptive output: the
+    head and the target's cluster). Reports perplexity, exit statistics (with the
+    FLOP-model speedup, tails counted at the stream's cluster shares) and the
+    wall-clock seconds of the whole pass (compilation excluded: the first window
+    is run once before the clock starts).
     """
     check_exit_options(threshold, measure, "freeze")
     config = model.config
-    per_depth, full = (jnp.float32(x) for x in exit_flops(config, measure, "freeze"))
+    tail_use = tail_use_of(config, stream.targets, stream.mask)
+    per_depth, full = (jnp.float32(x) for x in exit_flops(config, measure, "freeze", tail_use))
 
     @jax.jit
     def window(variables, inputs, targets, mask, threshold):
         def step(state, column):
             tokens, target = column
-            logits, depth, _, state = decode_step(
-                model, variables, state, tokens, threshold, measure
-            )
-            nll = (
-                jax.nn.logsumexp(logits, -1)
-                - jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
+            nll, depth, _, state = decode_step(
+                model,
+                variables,
+                state,
+                tokens,
+                threshold,
+                measure,
+                lambda layer, x: adaptive.target_nll(layer, x, target),
             )
             return state, (nll, depth)
 

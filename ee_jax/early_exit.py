@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ee_jax import adaptive
 from ee_jax.config import ExitMeasure, ModelConfig
 from ee_jax.flops import exit_flops
 from ee_jax.model import EarlyExitLM, check_tokens
@@ -129,9 +130,8 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
     state = halting_loop(
         apply, model.config, HaltState.make(hidden), threshold, measure, exited_state, run_block
     )
-    return _project_features(apply, model.config, state), exit_info(
-        model.config, state, measure, exited_state
-    )
+    logits = exit_outputs(apply, model.config, state, adaptive.logits)
+    return logits, exit_info(model.config, state, measure, exited_state)
 
 
 def halting_loop(
@@ -154,7 +154,7 @@ def halting_loop(
         layer = state.layer
         after, block_state = run_block(state.hidden, layer, state.block_state)
         features = apply(after, layer, method=EarlyExitLM.exit_features)
-        confidence = _confidence(apply, measure, state.hidden, after, features, layer)
+        confidence = _confidence(apply, measure, state.hidden, after, features, layer, threshold)
         exits = ((confidence >= threshold) & can_exit_early) | (layer == config.n_layers - 1)
         newly = exits & ~state.exited
         if exited_state == "freeze":
@@ -186,12 +186,18 @@ def exit_info(config: ModelConfig, state: HaltState, measure, exited_state) -> E
 _jitted_early_exit = jax.jit(early_exit_loop, static_argnums=(0, 4, 5))
 
 
-def _confidence(apply, measure, before, after, features, layer) -> jax.Array:
-    """The measure for every token after block `layer`; [B, N]."""
+def _confidence(apply, measure, before, after, features, layer, threshold) -> jax.Array:
+    """The measure for every token after block `layer`; [...] (token shape).
+
+    Softmax measures are decided exactly from the exit's head, evaluating tail
+    clusters only where they can change "confidence >= threshold"
+    (`adaptive.exit_confidence`).
+    """
     if measure in SOFTMAX_MEASURES:
-        kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
-        logits = jnp.einsum("...d,vd->...v", features, kernel) + bias  # [..., V]
-        return softmax_confidence(logits, measure)
+        output = apply(layer, method=EarlyExitLM.output_layer)
+        flat = features.reshape(-1, features.shape[-1])  # [T, D]
+        confidence = adaptive.exit_confidence(output, flat, measure, threshold)
+        return confidence.reshape(features.shape[:-1])
     if measure == ExitMeasure.LEARNED:
         return jax.nn.sigmoid(apply(after, layer, method=EarlyExitLM.exit_classifier))
     return state_saturation(before, after)
@@ -222,30 +228,37 @@ def state_saturation(before: jax.Array, after: jax.Array) -> jax.Array:
     )
 
 
-def _project_features(apply, config: ModelConfig, state: HaltState) -> jax.Array:
-    """Logits [B, N, V] from each token's stored exit features: one projection per
-    exit head that some token used (a single one unless heads are per exit).
-    Carrying features [B, N, D] instead of logits through the loop avoids a
-    [B, N, V] select per layer; the projection at the end is the one a token's
-    exit head computes anyway."""
+def exit_outputs(apply, config: ModelConfig, state: HaltState, fn) -> jax.Array:
+    """fn(output layer, features [T, D]) -> [T, ...] of every token at its exit head.
 
-    def project(layer):
-        kernel, bias = apply(layer, method=EarlyExitLM.unembedding)
-        return jnp.einsum("...d,vd->...v", state.features, kernel) + bias
+    Run from each token's stored exit features: once per exit head that some token
+    used (a single head unless heads are per exit). Carrying features [..., D]
+    through the loop instead of logits avoids a [..., V] select per layer; the
+    output computed at the end is the one a token's exit head computes anyway.
+
+    Returns: [*token shape, ...].
+    """
+    tokens = state.exit_depth.shape
+    features = state.features.reshape(-1, state.features.shape[-1])  # [T, D]
+
+    def run(layer):
+        output = fn(apply(layer, method=EarlyExitLM.output_layer), features)  # [T, ...]
+        return output.reshape(*tokens, *output.shape[1:])
 
     if config.unembedding != "per_exit":
-        return project(0)
+        return run(0)
 
-    def add_head(layer, logits):
-        chosen = state.exit_depth == layer + 1  # [B, N]
+    def add_head(layer, outputs):
+        chosen = state.exit_depth == layer + 1  # [...]
+        expand = lambda c: c.reshape(*c.shape, *[1] * (outputs.ndim - c.ndim))  # noqa: E731
         return jax.lax.cond(
             jnp.any(chosen),
-            lambda: jnp.where(chosen[..., None], project(layer), logits),
-            lambda: logits,
+            lambda: jnp.where(expand(chosen), run(layer), outputs),
+            lambda: outputs,
         )
 
-    empty = jnp.zeros((*state.exit_depth.shape, config.vocab_size), jnp.float32)
-    return jax.lax.fori_loop(0, config.n_layers, add_head, empty)
+    empty = jax.eval_shape(run, 0)
+    return jax.lax.fori_loop(0, config.n_layers, add_head, jnp.zeros(empty.shape, empty.dtype))
 
 
 @flax.struct.dataclass

@@ -21,15 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ee_jax import adaptive
 from ee_jax.config import ExitMeasure
 from ee_jax.data import LMStream
-from ee_jax.early_exit import (
-    ExitStats,
-    early_exit_forward,
-    softmax_confidence,
-    state_saturation,
-)
-from ee_jax.flops import exit_flops
+from ee_jax.early_exit import ExitStats, early_exit_forward, state_saturation
+from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.losses import exit_nll
 from ee_jax.model import EarlyExitLM
 
@@ -66,6 +62,7 @@ class ExitScores:
     nll: np.ndarray  # [L, T] float64: NLL of the target at each exit
     argmax: np.ndarray  # [L, T] int32: each exit's top-1 prediction
     confidence: dict  # measure value -> [L, T] float32
+    tail_use: np.ndarray  # [K] float64: share of the targets in each adaptive tail cluster
 
     @property
     def tokens(self) -> int:
@@ -73,28 +70,38 @@ class ExitScores:
 
 
 def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progress: bool = True):
-    """One full-depth pass over `stream`; returns `ExitScores` of its masked targets."""
+    """One full-depth pass over `stream`; returns `ExitScores` of its masked targets.
+
+    Every number is that of the exit's full distribution, computed exactly from the
+    head and only the tail clusters that can matter (`adaptive.top_two`,
+    `adaptive.target_nll`): no [B, N, V] array is made for an adaptive output.
+    """
     n_layers = model.config.n_layers
-    measures = [m.value for m in ExitMeasure]
 
     @jax.jit
     def window_scores(params, inputs, targets):
         apply = lambda *args, **kwargs: model.apply(params, *args, **kwargs)  # noqa: E731
         before = apply(inputs, method=EarlyExitLM.embed)  # [B, N, D]
         states, _ = apply(inputs, method=EarlyExitLM.hidden_states)  # [L, B, N, D]
-        rows = {name: [] for name in ("nll", "argmax", *measures)}
+        rows = {name: [] for name in ("nll", "argmax", *(m.value for m in ExitMeasure))}
         for layer in range(n_layers):
-            logits = apply(states[layer], layer, method=EarlyExitLM.exit_head)  # [B, N, V]
-            target = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-            rows["nll"].append(jax.nn.logsumexp(logits, -1) - target)
-            rows["argmax"].append(jnp.argmax(logits, -1).astype(jnp.int32))
-            for measure in (ExitMeasure.SOFTMAX_MAX, ExitMeasure.SOFTMAX_MARGIN):
-                rows[measure.value].append(softmax_confidence(logits, measure))
+            output = apply(layer, method=EarlyExitLM.output_layer)
+            x = apply(states[layer], layer, method=EarlyExitLM.exit_features)
+            x = x.reshape(-1, x.shape[-1])  # [T, D]
+            first, second, argmax = adaptive.top_two(output, x)
+            rows["nll"].append(adaptive.target_nll(output, x, targets.reshape(-1)))
+            rows["argmax"].append(argmax)
+            rows[ExitMeasure.SOFTMAX_MAX.value].append(jnp.exp(first))
+            rows[ExitMeasure.SOFTMAX_MARGIN.value].append(jnp.exp(first) - jnp.exp(second))
             classifier = apply(states[layer], layer, method=EarlyExitLM.exit_classifier)
-            rows[ExitMeasure.LEARNED.value].append(jax.nn.sigmoid(classifier))
-            rows[ExitMeasure.STATE_SATURATION.value].append(state_saturation(before, states[layer]))
+            rows[ExitMeasure.LEARNED.value].append(jax.nn.sigmoid(classifier).reshape(-1))
+            saturation = state_saturation(before, states[layer]).reshape(-1)
+            rows[ExitMeasure.STATE_SATURATION.value].append(saturation)
             before = states[layer]
-        return {name: jnp.stack(values) for name, values in rows.items()}  # each [L, B, N]
+        return {
+            name: jnp.stack(values).reshape(n_layers, *inputs.shape)
+            for name, values in rows.items()
+        }
 
     parts = []
     for index in tqdm(range(len(stream)), desc="score exits", disable=not progress):
@@ -105,7 +112,8 @@ def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progres
     return ExitScores(
         nll=joined["nll"].astype(np.float64),
         argmax=joined["argmax"],
-        confidence={measure: joined[measure] for measure in measures},
+        confidence={m.value: joined[m.value] for m in ExitMeasure},
+        tail_use=tail_use_of(model.config, stream.targets, stream.mask),
     )
 
 
@@ -133,7 +141,7 @@ def depth_row(scores: ExitScores, depths: np.ndarray, config, measure: str) -> d
     nll = scores.nll[depths, columns]
     full_nll = scores.nll[-1].mean()
     counts = np.bincount(depths, minlength=n_layers)
-    per_depth, full = exit_flops(config, measure, "compute")
+    per_depth, full = exit_flops(config, measure, "compute", scores.tail_use)
     average = float(np.mean(depths + 1))
     return {
         "ppl": float(np.exp(nll.mean())),

@@ -1,9 +1,8 @@
 """Training losses: every exit's cross-entropy without materialising [B, N, V].
 
-The vocabulary projection dominates the model's cost (D = 64, V = 33,278), and
-materialising all logits and then a log-softmax is about 3x slower on CPU than
-scoring tokens a chunk at a time, with each chunk's logits recomputed in the
-backward pass (`jax.checkpoint`) instead of stored.
+Each exit is scored by `adaptive.training_nll_and_argmax`: the head a chunk of
+tokens at a time (recomputed in the backward pass), and for an adaptive output
+each tail cluster only on the tokens whose target lies in it.
 """
 
 from typing import get_args
@@ -13,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ee_jax.config import ExitWeighting
+from ee_jax import adaptive
+from ee_jax.config import ExitWeighting, ModelConfig
 from ee_jax.model import EarlyExitLM
-
-CHUNK_TOKENS = 64  # tokens scored at once: their logits (64 x V floats) stay in cache
 
 
 def exit_weights(n_layers: int, scheme: ExitWeighting) -> np.ndarray:
@@ -35,55 +33,49 @@ def exit_weights(n_layers: int, scheme: ExitWeighting) -> np.ndarray:
     return raw / raw.sum()
 
 
-def chunked_cross_entropy(
-    features: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array,
-    targets: jax.Array,
-    chunk: int = CHUNK_TOKENS,
-) -> tuple[jax.Array, jax.Array]:
-    """Negative log-likelihood and argmax of logits = features @ kernel^T + bias.
+def tail_capacities(config: ModelConfig, targets: np.ndarray, mask: np.ndarray) -> tuple:
+    """The most scored targets any batch of `targets` has in each tail cluster.
+
+    A static gather size for `lm_loss` computed on the host from the data (a batch
+    with more is still scored exactly, by evaluating that cluster on all tokens).
 
     Args:
-      features: [T, D]; kernel: [V, D]; bias: [V]; targets: [T] ids.
+      targets: [S, B, N] or [S, T] target ids of S batches; mask: same shape, bool.
 
     Returns:
-      (nll [T] float32, argmax [T] int32), computed `chunk` tokens at a time.
+      One int >= 1 per tail cluster (empty for a full output).
     """
-    total, width = features.shape
-    padded = -(-total // chunk) * chunk
-    features = jnp.pad(features, ((0, padded - total), (0, 0))).reshape(-1, chunk, width)
-    targets = jnp.pad(targets, (0, padded - total)).reshape(-1, chunk)
-
-    @jax.checkpoint
-    def score(inputs):
-        x, y = inputs  # [C, D], [C]
-        logits = jnp.einsum("cd,vd->cv", x, kernel) + bias  # [C, V]
-        target_logit = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]  # [C]
-        argmax = jnp.argmax(jax.lax.stop_gradient(logits), axis=1).astype(jnp.int32)
-        return jax.nn.logsumexp(logits, axis=1) - target_logit, argmax
-
-    nll, argmax = jax.lax.map(score, (features, targets))  # [T/C, C] each
-    return nll.reshape(-1)[:total], argmax.reshape(-1)[:total]
+    bounds = config.cluster_bounds
+    targets = np.asarray(targets).reshape(len(targets), -1)
+    scored = np.asarray(mask, bool).reshape(len(targets), -1)
+    return tuple(
+        max(1, int((((targets >= low) & (targets < high)) & scored).sum(axis=1).max()))
+        for low, high in zip(bounds[:-1], bounds[1:], strict=True)
+    )
 
 
-def exit_nll(model: EarlyExitLM, params, states: jax.Array, targets: jax.Array, layers):
+def exit_nll(
+    model: EarlyExitLM, params, states: jax.Array, targets: jax.Array, layers, capacities=None
+):
     """Per-token NLL and argmax of the exits in `layers` from hidden states.
 
     Args:
       states: [K, T, D] hidden states of T tokens after each scored block;
-      targets: [T]; layers: the K 0-based exits they belong to (static).
+      targets: [T]; layers: the K 0-based exits they belong to (static);
+      capacities: static tail-cluster gather sizes (`tail_capacities`), or None.
 
     Returns:
-      (nll [K, T], argmax [K, T]).
+      (nll [K, T], argmax [K, T]) of each exit's full (exact) distribution.
     """
     scored = []
     # A Python loop (L is small): a lax.map here made the backward pass replay the
     # checkpointed chunk scans once more per exit.
     for h, layer in zip(states, layers, strict=True):
         features = model.apply(params, h, layer, method=EarlyExitLM.exit_features)
-        kernel, bias = model.apply(params, layer, method=EarlyExitLM.unembedding)
-        scored.append(chunked_cross_entropy(features, kernel, bias, targets))
+        output = model.apply(params, layer, method=EarlyExitLM.output_layer)
+        scored.append(
+            adaptive.training_nll_and_argmax(output, features, targets, tail_capacities=capacities)
+        )
     return jnp.stack([nll for nll, _ in scored]), jnp.stack([argmax for _, argmax in scored])
 
 
@@ -99,6 +91,7 @@ def lm_loss(
     dropout_rng: jax.Array | None = None,
     exit_token_fraction: float = 1.0,
     sample_rng: jax.Array | None = None,
+    tail_capacities: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, dict]:
     """The joint training loss and its parts.
 
@@ -118,6 +111,9 @@ def lm_loss(
     Args:
       params: {"params": ...}; tokens, targets: [B, N] ids; mask: [B, N] (1 = scored).
       weights: [L] static exit weights (see `exit_weights`).
+      tail_capacities: static gather size per tail cluster for the final exit's
+        targets (`tail_capacities` of the training data); the exits scored on a
+        subset scale them by exit_token_fraction. Default: a quarter of the tokens.
 
     Returns:
       (loss [], metrics: "exit_nll" [L] (nan for unscored exits), "balance_loss" [],
@@ -130,7 +126,9 @@ def lm_loss(
     )
     states = states.reshape(n_layers, total, -1)  # [L, T, D]
     targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)  # [T]
-    final_nll, final_argmax = exit_nll(model, params, states[-1:], targets, [n_layers - 1])
+    final_nll, final_argmax = exit_nll(
+        model, params, states[-1:], targets, [n_layers - 1], tail_capacities
+    )
     sample = jnp.arange(total)
     if exit_token_fraction < 1.0:
         count = max(1, int(round(exit_token_fraction * total)))
@@ -140,8 +138,11 @@ def lm_loss(
     per_exit = jnp.full(n_layers, jnp.nan).at[-1].set(_masked_mean(final_nll[0], mask))
     classifier_loss = jnp.zeros(())
     if len(early):
+        capacities = tail_capacities
+        if capacities is not None and exit_token_fraction < 1.0:
+            capacities = tuple(min(c, len(sample)) for c in capacities)
         nll, argmax = exit_nll(
-            model, params, states[early][:, sample], targets[sample], early.tolist()
+            model, params, states[early][:, sample], targets[sample], early.tolist(), capacities
         )
         early_loss = jax.vmap(_masked_mean, (0, None))(nll, mask[sample])  # [K]
         loss = loss + jnp.dot(jnp.asarray(weights)[early], early_loss)

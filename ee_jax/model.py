@@ -4,7 +4,12 @@ Shape legend: B batch, N positions, D width, V vocabulary, L layers, H BK heads.
 
     tokens [B, N] -> embed -> h_0 [B, N, D]
     h_l = h_{l-1} + dropout(MoE(LN(h_{l-1})) + s_l * BK(LN(h_{l-1})))   l = 1..L
-    exit l: logits_l = LN_l(h_l) @ U_l^T + b_l                           [B, N, V]
+    exit l: p_l(w) = output_l(LN_l(h_l))                                 [B, N, V]
+
+The output layer (`ee_jax.adaptive`) is a full softmax, logits = x @ U^T + b, or
+an adaptive softmax (head plus tail clusters), per exit, shared, or tied to the
+input embedding (for the adaptive softmax: adaptive input, Baevski & Auli 2019,
+arXiv 1809.10853, sharing the tail embeddings and projections).
 
 The L blocks' parameters are stacked on a leading layer axis (params["blocks"]),
 so the training path scans over them and the halting loop picks block l with
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from ee_jax import adaptive
 from ee_jax.bk_core import causal_step, resolvent_diagonal
 from ee_jax.config import ModelConfig
 from ee_jax.moe import MoEFeedForward
@@ -144,8 +150,8 @@ class EarlyExitLM(nn.Module):
 
     def setup(self):
         config = self.config
-        d, v, n_layers = config.d_model, config.vocab_size, config.n_layers
-        self.token_embed = nn.Embed(v, d, embedding_init=nn.initializers.normal(0.02))
+        d, n_layers = config.d_model, config.n_layers
+        self._setup_embedding_and_output()
         self.position_embed = self.param(
             "position_embed", nn.initializers.normal(0.02), (config.n_seq, d)
         )
@@ -153,12 +159,6 @@ class EarlyExitLM(nn.Module):
         self.blocks = self.param("blocks", self._init_blocks)
         self.exit_norm_scale = self.param("exit_norm_scale", nn.initializers.ones, (n_layers, d))
         self.exit_norm_bias = self.param("exit_norm_bias", nn.initializers.zeros, (n_layers, d))
-        heads = n_layers if config.unembedding == "per_exit" else 1
-        if config.unembedding != "tied":
-            self.unembed_kernel = self.param(
-                "unembed_kernel", nn.initializers.normal(d**-0.5), (heads, v, d)
-            )
-        self.unembed_bias = self.param("unembed_bias", nn.initializers.zeros, (heads, v))
         # Learned exit classifiers: LN + Dense(1) per exit on the hidden state.
         self.classifier_norm_scale = self.param(
             "classifier_norm_scale", nn.initializers.ones, (n_layers, d)
@@ -171,6 +171,49 @@ class EarlyExitLM(nn.Module):
         )
         self.classifier_bias = self.param("classifier_bias", nn.initializers.zeros, (n_layers,))
 
+    def _setup_embedding_and_output(self):
+        """Token embedding and output parameters; output ones have a leading axis of
+        L heads ("per_exit") or 1. Kernels are [out, in]."""
+        config = self.config
+        d, bounds = config.d_model, config.cluster_bounds
+        heads = config.n_layers if config.unembedding == "per_exit" else 1
+        tied = config.unembedding == "tied"
+        normal = nn.initializers.normal
+        # With "tied" adaptive output the input embedding covers only the head words;
+        # tail words are embedded through their cluster's (shared) projection.
+        embedded = bounds[0] if tied else config.vocab_size
+        self.token_embed = nn.Embed(embedded, d, embedding_init=normal(0.02))
+        head_size = bounds[0] + len(bounds) - 1
+        if config.output == "full" and not tied:
+            self.unembed_kernel = self.param(
+                "unembed_kernel", normal(d**-0.5), (heads, bounds[0], d)
+            )
+        if config.output == "adaptive" and not tied:
+            self.head_kernel = self.param("head_kernel", normal(d**-0.5), (heads, head_size, d))
+        if config.output == "adaptive" and tied:
+            self.cluster_kernel = self.param(
+                "cluster_kernel", normal(0.02), (heads, head_size - bounds[0], d)
+            )
+        bias_name = "unembed_bias" if config.output == "full" else "head_bias"
+        self.head_bias = self.param(bias_name, nn.initializers.zeros, (heads, head_size))
+        projections, kernels, biases = [], [], []
+        for k, width in enumerate(config.tail_dims):
+            size = bounds[k + 1] - bounds[k]
+            if tied:  # adaptive input: the projection serves both directions
+                projections.append(
+                    self.param(f"tail{k + 1}_projection", normal(width**-0.5), (width, d))
+                )
+                kernels.append(self.param(f"tail{k + 1}_embedding", normal(0.02), (size, width)))
+            else:
+                projections.append(
+                    self.param(f"tail{k + 1}_projection", normal(d**-0.5), (heads, width, d))
+                )
+                kernels.append(
+                    self.param(f"tail{k + 1}_kernel", normal(width**-0.5), (heads, size, width))
+                )
+            biases.append(self.param(f"tail{k + 1}_bias", nn.initializers.zeros, (heads, size)))
+        self.tail_projections, self.tail_kernels, self.tail_biases = projections, kernels, biases
+
     def _init_blocks(self, rng: jax.Array):
         block = BKBlock(self.config, parent=None)
         dummy = jnp.zeros((1, 1, self.config.d_model))
@@ -182,7 +225,7 @@ class EarlyExitLM(nn.Module):
     def embed(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """[B, N] ids -> [B, N, D] (token + position embeddings)."""
         check_tokens(tokens, self.config)
-        h = self.token_embed(tokens) + self.position_embed[: tokens.shape[1]]
+        h = self.embed_tokens(tokens) + self.position_embed[: tokens.shape[1]]
         return self.embed_dropout(h, deterministic=deterministic)
 
     def block(self, h: jax.Array, layer, dropout_rng: jax.Array | None = None):
@@ -199,7 +242,23 @@ class EarlyExitLM(nn.Module):
     def embed_position(self, tokens: jax.Array, position) -> jax.Array:
         """[B] ids at one (traced) position -> [B, D]."""
         check_tokens(tokens[:, None], self.config)
-        return self.token_embed(tokens) + self.position_embed[position]
+        return self.embed_tokens(tokens) + self.position_embed[position]
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """[...] ids -> [..., D] token embeddings (adaptive input for "tied" adaptive)."""
+        bounds = self.config.cluster_bounds
+        if len(bounds) == 1 or self.config.unembedding != "tied":
+            return self.token_embed(tokens)
+        in_head = tokens < bounds[0]
+        h = self.token_embed(jnp.where(in_head, tokens, 0)) * in_head[..., None]
+        for k, (projection, embedding) in enumerate(
+            zip(self.tail_projections, self.tail_kernels, strict=True)
+        ):
+            in_cluster = (tokens >= bounds[k]) & (tokens < bounds[k + 1])
+            local = jnp.where(in_cluster, tokens - bounds[k], 0)
+            tail = embedding[local] @ projection  # [..., d_k] @ [d_k, D] -> [..., D]
+            h = h + tail * in_cluster[..., None]
+        return h
 
     def block_step(self, h: jax.Array, bk_state: jax.Array, layer):
         """Block `layer` at one position: ([B, D], [B, H]) -> ([B, D], [B, H])."""
@@ -217,17 +276,35 @@ class EarlyExitLM(nn.Module):
         """Exit `layer`'s LayerNorm of the hidden state; [..., D]."""
         return layer_norm(h, self.exit_norm_scale[layer], self.exit_norm_bias[layer])
 
-    def unembedding(self, layer) -> tuple[jax.Array, jax.Array]:
-        """Exit `layer`'s output matrix [V, D] and bias [V]."""
-        index = layer if self.config.unembedding == "per_exit" else 0
-        if self.config.unembedding == "tied":
-            return self.token_embed.embedding, self.unembed_bias[index]
-        return self.unembed_kernel[index], self.unembed_bias[index]
+    def output_layer(self, layer) -> adaptive.OutputLayer:
+        """Exit `layer`'s output weights (0-based, may be traced)."""
+        config = self.config
+        index = layer if config.unembedding == "per_exit" else 0
+        tied = config.unembedding == "tied"
+        if config.output == "full":
+            kernel = self.token_embed.embedding if tied else self.unembed_kernel[index]
+        elif tied:
+            kernel = jnp.concatenate([self.token_embed.embedding, self.cluster_kernel[index]])
+        else:
+            kernel = self.head_kernel[index]
+        pick = (lambda p: p) if tied else (lambda p: p[index])  # noqa: E731
+        return adaptive.OutputLayer(
+            head_kernel=kernel,
+            head_bias=self.head_bias[index],
+            tail_projections=tuple(pick(p) for p in self.tail_projections),
+            tail_kernels=tuple(pick(k) for k in self.tail_kernels),
+            tail_biases=tuple(b[index] for b in self.tail_biases),
+            bounds=config.cluster_bounds,
+        )
 
     def exit_head(self, h: jax.Array, layer) -> jax.Array:
-        """Exit `layer`'s logits for hidden states [..., D] -> [..., V]."""
-        kernel, bias = self.unembedding(layer)
-        return jnp.einsum("...d,vd->...v", self.exit_features(h, layer), kernel) + bias
+        """Exit `layer`'s logits for hidden states [..., D] -> [..., V] (for an adaptive
+        output: its normalised log-probabilities, see `adaptive.logits`)."""
+        return adaptive.logits(self.output_layer(layer), self.exit_features(h, layer))
+
+    def exit_log_probs(self, h: jax.Array, layer) -> jax.Array:
+        """Exact, normalised log-probabilities of every word at exit `layer`; [..., V]."""
+        return adaptive.log_probs(self.output_layer(layer), self.exit_features(h, layer))
 
     def exit_classifier(self, h: jax.Array, layer) -> jax.Array:
         """Learned exit classifier logit [...] (input gradient stopped: it does not

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ee_jax.checkpoint import Checkpointer
 from ee_jax.config import TrainConfig
 from ee_jax.data import Batch, LMStream, train_batch
-from ee_jax.losses import exit_weights, lm_loss
+from ee_jax.losses import exit_weights, lm_loss, tail_capacities
 from ee_jax.model import EarlyExitLM
 
 
@@ -52,8 +52,11 @@ def init_state(config: TrainConfig) -> TrainState:
     )
 
 
-def make_train_step(config: TrainConfig):
-    """Returns train_step(state, batch, rng) -> (state, metrics), not yet jitted."""
+def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = None):
+    """Returns train_step(state, batch, rng) -> (state, metrics), not yet jitted.
+
+    capacities: static gather size per adaptive tail cluster (`stream_capacities`).
+    """
     model = EarlyExitLM(config.model)
     optimizer = make_optimizer(config)
     weights = exit_weights(config.model.n_layers, config.exit_weighting)
@@ -71,6 +74,7 @@ def make_train_step(config: TrainConfig):
             dropout_rng=dropout_rng,
             exit_token_fraction=config.exit_token_fraction,
             sample_rng=sample_rng,
+            tail_capacities=capacities,
         )
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
@@ -86,6 +90,13 @@ def make_train_step(config: TrainConfig):
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
+
+
+def stream_capacities(config: TrainConfig, stream: LMStream) -> tuple[int, ...]:
+    """The most targets any window of `stream` has in each adaptive tail cluster."""
+    rows, n_seq = stream.targets.shape[0], stream.n_seq
+    per_window = lambda a: a.reshape(rows, len(stream), n_seq).swapaxes(0, 1)  # noqa: E731
+    return tail_capacities(config.model, per_window(stream.targets), per_window(stream.mask))
 
 
 def data_parallel(mesh: Mesh):
@@ -160,7 +171,9 @@ def train(
     start = int(state.step)
     metrics_file = _truncate_metrics(workdir / "metrics.jsonl", start)
     step_fn = jax.jit(
-        make_train_step(config), donate_argnums=0, out_shardings=(replicated, replicated)
+        make_train_step(config, stream_capacities(config, stream)),
+        donate_argnums=0,
+        out_shardings=(replicated, replicated),
     )
     base_rng = jax.random.key(config.seed + 1)
     end = min(config.steps, stop_at_step or config.steps)

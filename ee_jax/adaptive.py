@@ -1,0 +1,390 @@
+"""The exits' output layer: full or adaptive softmax, scored without full logits.
+
+Adaptive softmax (Grave et al. 2017, "Efficient softmax approximation for GPUs",
+arXiv 1609.04309). Ids are in descending train frequency (`data.Vocabulary`),
+so the clusters are id ranges given by `ModelConfig.cluster_bounds`
+(c_1, ..., c_K, V): the head holds the c_1 most frequent words plus one logit
+per tail cluster; tail k holds ids [c_k, c_{k+1}) and reads the features through
+a projection to d_k = D // div**k dimensions:
+
+    log p(w) = log softmax(head)[w]                                     w < c_1
+    log p(w) = log softmax(head)[c_1 + k - 1] + log softmax(tail_k)[w - c_k]
+                                                                    c_k <= w < c_{k+1}
+
+This is an exact, normalised distribution over all V words, not an
+approximation of another one. A "full" output is the same structure with no
+tail (the head is the whole vocabulary), so every function here serves both.
+
+Cheap exact decisions. A tail word's probability is at most its cluster's
+probability P_k = softmax(head)[c_1 + k - 1], so a tail cluster only has to be
+evaluated for the tokens where it can change the answer: where the target lies
+in it (loss), where P_k exceeds the best head word (argmax), the second best
+head word (top-2), or where P_k can reach the threshold (halting). Those tokens
+are gathered into a static capacity (`on_selected`); when more are selected,
+every token is computed instead, so no answer is ever approximated.
+"""
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ee_jax.config import ExitMeasure
+
+CHUNK_ELEMENTS = 64 * 33_278  # head logits scored at once in the loss: [C, head] floats
+DEFAULT_CAPACITY = 0.25  # fraction of the tokens a selective tail evaluation gathers
+
+
+@flax.struct.dataclass
+class OutputLayer:
+    """One exit's output weights (`EarlyExitLM.output_layer`). K tail clusters."""
+
+    head_kernel: jax.Array  # [c_1 + K, D]: head words, then one row per tail cluster
+    head_bias: jax.Array  # [c_1 + K]
+    tail_projections: tuple  # K arrays [d_k, D]: features -> tail k's space (x @ P^T)
+    tail_kernels: tuple  # K arrays [n_k, d_k], n_k = c_{k+1} - c_k
+    tail_biases: tuple  # K arrays [n_k]
+    bounds: tuple[int, ...] = flax.struct.field(pytree_node=False)  # (c_1, ..., c_K, V)
+
+    @property
+    def head_words(self) -> int:
+        return self.bounds[0]
+
+    @property
+    def n_tails(self) -> int:
+        return len(self.bounds) - 1
+
+
+def head_logits(layer: OutputLayer, x: jax.Array) -> jax.Array:
+    """Head logits (words, then clusters) of features [..., D]; [..., c_1 + K]."""
+    return jnp.einsum("...d,vd->...v", x, layer.head_kernel) + layer.head_bias
+
+
+def tail_log_probs(layer: OutputLayer, k: int, x: jax.Array) -> jax.Array:
+    """log softmax of tail cluster k (0-based) given features [..., D]; [..., n_k]."""
+    projected = jnp.einsum("...d,pd->...p", x, layer.tail_projections[k])  # [..., d_k]
+    logits = jnp.einsum("...p,vp->...v", projected, layer.tail_kernels[k])
+    return jax.nn.log_softmax(logits + layer.tail_biases[k], axis=-1)  # [..., n_k]
+
+
+def log_probs(layer: OutputLayer, x: jax.Array) -> jax.Array:
+    """Exact, normalised log-probabilities of every word; [..., D] -> [..., V]."""
+    head = jax.nn.log_softmax(head_logits(layer, x), axis=-1)  # [..., c_1 + K]
+    words = layer.head_words
+    parts = [head[..., :words]]
+    for k in range(layer.n_tails):
+        parts.append(head[..., words + k, None] + tail_log_probs(layer, k, x))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def logits(layer: OutputLayer, x: jax.Array) -> jax.Array:
+    """Scores whose softmax is the exit's distribution; [..., V]. Raw logits for a
+    full output (no extra normalisation pass), log-probabilities for an adaptive one."""
+    if layer.n_tails == 0:
+        return head_logits(layer, x)
+    return log_probs(layer, x)
+
+
+def cluster_of(layer: OutputLayer, ids: jax.Array) -> jax.Array:
+    """0 for head words, k for ids in tail cluster k (1-based); same shape as ids."""
+    return jnp.searchsorted(jnp.asarray(layer.bounds[:-1]), ids, side="right").astype(jnp.int32)
+
+
+def capacity_for(tokens: int, capacity: int | float | None) -> int:
+    """Static gather size: an int is used as is, a float is a fraction of `tokens`."""
+    capacity = DEFAULT_CAPACITY if capacity is None else capacity
+    if isinstance(capacity, float):
+        capacity = math.ceil(capacity * tokens)
+    return max(1, min(int(capacity), tokens))
+
+
+def on_selected(fn, inputs, selected: jax.Array, capacity: int, empty):
+    """fn's per-token outputs where `selected`, `empty`'s values elsewhere.
+
+    Args:
+      fn: per-token function of a pytree of [C, ...] arrays -> pytree of [C, ...].
+      inputs: pytree of [T, ...] arrays; selected: [T] bool.
+      capacity: static number of tokens gathered when at most that many are
+        selected; with more, fn runs on all T tokens (exact either way).
+      empty: pytree like fn's output for T tokens, kept where not selected.
+
+    Differentiable (lax.switch picks one branch; gathers and scatters transpose).
+    """
+    total = selected.shape[0]
+    count = jnp.sum(selected)
+
+    def nothing():
+        return empty
+
+    def gathered():
+        index = jnp.nonzero(selected, size=capacity, fill_value=0)[0]  # [C]
+        index = jnp.where(jnp.arange(capacity) < count, index, total)  # out of range: dropped
+        outputs = fn(jax.tree.map(lambda x: x[jnp.minimum(index, total - 1)], inputs))
+        return jax.tree.map(lambda e, o: e.at[index].set(o, mode="drop"), empty, outputs)
+
+    def everything():
+        outputs = fn(inputs)
+        return jax.tree.map(
+            lambda e, o: jnp.where(selected.reshape(-1, *[1] * (o.ndim - 1)), o, e),
+            empty,
+            outputs,
+        )
+
+    if capacity >= total:
+        branch = jnp.where(count == 0, 0, 1)
+        return jax.lax.switch(branch, [nothing, everything])
+    branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
+    return jax.lax.switch(branch, [nothing, gathered, everything])
+
+
+# ---------------------------------------------------------------- top-2 pieces
+
+
+def _top_two(values: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(largest, second largest counting ties, index of the first largest) over the
+    last axis of [T, n]; the second is -inf when n = 1."""
+    first = jnp.argmax(values, axis=-1)  # [T]
+    largest = jnp.take_along_axis(values, first[:, None], axis=-1)[:, 0]
+    others = jnp.where(jnp.arange(values.shape[-1]) == first[:, None], -jnp.inf, values)
+    return largest, jnp.max(others, axis=-1), first.astype(jnp.int32)
+
+
+def _merge_top_two(best, candidate):
+    """Top-2 of two (first, second, id) sets whose ids in `candidate` are all larger
+    (a later cluster), so a tie keeps the earlier, lower id (as argmax does)."""
+    first, second, index = best
+    other_first, other_second, other_index = candidate
+    wins = other_first > first
+    return (
+        jnp.where(wins, other_first, first),
+        jnp.where(wins, jnp.maximum(first, other_second), jnp.maximum(second, other_first)),
+        jnp.where(wins, other_index, index),
+    )
+
+
+def _tail_top_two(layer: OutputLayer, k: int):
+    """Per-token fn for `on_selected`: (x [C, D], cluster log-prob [C]) -> top-2
+    log-probabilities of cluster k's words and the first one's vocabulary id."""
+
+    def fn(inputs):
+        x, cluster_log_prob = inputs
+        first, second, index = _top_two(tail_log_probs(layer, k, x))
+        return (
+            cluster_log_prob + first,
+            cluster_log_prob + second,
+            index + layer.bounds[k],
+        )
+
+    return fn
+
+
+def _unset(total: int):
+    """The `empty` of a top-2 set: no word seen."""
+    return (
+        jnp.full(total, -jnp.inf),
+        jnp.full(total, -jnp.inf),
+        jnp.zeros(total, jnp.int32),
+    )
+
+
+def _add_tails(layer, x, cluster_log_probs, best, need_fn, capacity):
+    """Merges into `best` the top-2 of every tail cluster k, evaluated only for the
+    tokens where need_fn(log P_k [T], best) is true; cluster_log_probs [T, K]."""
+    total = x.shape[0]
+    for k in range(layer.n_tails):
+        cluster_log_prob = cluster_log_probs[:, k]  # [T]
+        need = need_fn(cluster_log_prob, best)
+        candidate = on_selected(
+            _tail_top_two(layer, k), (x, cluster_log_prob), need, capacity, _unset(total)
+        )
+        best = _merge_top_two(best, candidate)
+    return best
+
+
+def _head(layer: OutputLayer, x: jax.Array):
+    """(cluster log-probabilities log P_k [T, K], top-2 of the head words)."""
+    head = jax.nn.log_softmax(head_logits(layer, x), axis=-1)  # [T, c_1 + K]
+    return head[:, layer.head_words :], _top_two(head[:, : layer.head_words])
+
+
+# ---------------------------------------------------------------- exact queries
+
+
+def top_two(layer: OutputLayer, x: jax.Array, capacity: int | float | None = None):
+    """Exact top-2 log-probabilities and argmax of the full distribution.
+
+    A tail cluster is evaluated only for tokens whose cluster probability exceeds
+    the second best head word (no word of another cluster can enter the top 2).
+
+    Args:
+      x: [T, D] exit features. capacity: see `on_selected` (default a quarter of T).
+
+    Returns:
+      (log p of the most likely word [T], log p of the second, counting ties [T],
+      argmax id [T] int32, the lowest id among ties).
+    """
+    head, best = _head(layer, x)
+    capacity = capacity_for(x.shape[0], capacity)
+    return _add_tails(layer, x, head, best, lambda p, b: p > b[1], capacity)
+
+
+def exact_argmax(layer: OutputLayer, x: jax.Array, capacity: int | float | None = None):
+    """The full distribution's argmax [T] int32 (lowest id among ties) and its log p [T];
+    a tail cluster is evaluated only where its probability exceeds the best head word."""
+    head, best = _head(layer, x)
+    capacity = capacity_for(x.shape[0], capacity)
+    first, _, index = _add_tails(layer, x, head, best, lambda p, b: p > b[0], capacity)
+    return index, first
+
+
+def exit_confidence(
+    layer: OutputLayer,
+    x: jax.Array,
+    measure: ExitMeasure,
+    threshold: jax.Array,
+    capacity: int | float | None = None,
+) -> jax.Array:
+    """softmax_max or softmax_margin for the halting decision "confidence >= threshold".
+
+    The decision equals that of the full distribution for every threshold in
+    [0, 1], while a tail cluster is evaluated only for tokens where it can change
+    it: for the max, where the head words stay below the threshold and the
+    cluster probability P_k reaches it; for the margin (top-1 minus top-2
+    probability), where the head's bounds leave the decision open (upper bound
+    max(p_1, max_k P_k) >= t and lower bound p_1 - max(p_2, max_k P_k) < t) and
+    P_k exceeds the second head word. Below t = 0.5 several clusters can matter.
+
+    Args:
+      x: [T, D] exit features; threshold: [] float32 (may be traced).
+
+    Returns:
+      [T] float32: the exact measure wherever a tail was evaluated (always, for a
+      full output); elsewhere the head's value, which is on the same side of the
+      threshold as the exact one.
+    """
+    head, best = _head(layer, x)
+    capacity = capacity_for(x.shape[0], capacity)
+    clusters = jnp.exp(head)  # [T, K] cluster probabilities P_k
+    if measure == ExitMeasure.SOFTMAX_MAX:
+        undecided = jnp.exp(best[0]) < threshold
+
+        def need(cluster_log_prob, _):
+            return undecided & (jnp.exp(cluster_log_prob) >= threshold)
+
+        first, _, _ = _add_tails(layer, x, head, best, need, capacity)
+        return jnp.exp(first)
+    top, second = jnp.exp(best[0]), jnp.exp(best[1])
+    largest_cluster = jnp.max(clusters, axis=-1, initial=0.0)  # [T]
+    upper = jnp.maximum(top, largest_cluster)
+    lower = top - jnp.maximum(second, largest_cluster)
+    undecided = (upper >= threshold) & (lower < threshold) & (threshold > 0)
+
+    def need(cluster_log_prob, _):
+        return undecided & (jnp.exp(cluster_log_prob) > second)
+
+    first, second, _ = _add_tails(layer, x, head, best, need, capacity)
+    return jnp.exp(first) - jnp.exp(second)
+
+
+def target_nll(
+    layer: OutputLayer, x: jax.Array, targets: jax.Array, capacity: int | float | None = None
+) -> jax.Array:
+    """-log p(target) [T] from the head and, per token, only the target's cluster.
+
+    Args:
+      x: [T, D] exit features; targets: [T] ids in [0, V).
+    """
+    head = jax.nn.log_softmax(head_logits(layer, x), axis=-1)  # [T, c_1 + K]
+    cluster = cluster_of(layer, targets)
+    head_target = jnp.where(cluster == 0, targets, layer.head_words + cluster - 1)
+    nll = -jnp.take_along_axis(head, head_target[:, None], axis=-1)[:, 0]
+    return nll + _tail_nll(layer, x, targets, cluster, capacity_for(x.shape[0], capacity))
+
+
+def _tail_nll(layer, x, targets, cluster, capacities) -> jax.Array:
+    """-log softmax(tail_k)[target] for each token whose target is in a tail, else 0.
+
+    capacities: one static gather size for every cluster, or one per cluster.
+    """
+    total = x.shape[0]
+    if isinstance(capacities, int):
+        capacities = (capacities,) * layer.n_tails
+    nll = jnp.zeros(total)
+    for k in range(layer.n_tails):
+        size = layer.bounds[k + 1] - layer.bounds[k]
+        local = jnp.clip(targets - layer.bounds[k], 0, size - 1)
+
+        def fn(inputs, k=k):
+            features, index = inputs
+            log_p = tail_log_probs(layer, k, features)  # [C, n_k]
+            return -jnp.take_along_axis(log_p, index[:, None], axis=-1)[:, 0]
+
+        selected = cluster == k + 1
+        nll = nll + on_selected(fn, (x, local), selected, capacities[k], jnp.zeros(total))
+    return nll
+
+
+# ---------------------------------------------------------------- training loss
+
+
+def training_nll_and_argmax(
+    layer: OutputLayer,
+    x: jax.Array,
+    targets: jax.Array,
+    *,
+    tail_capacities: tuple[int, ...] | None = None,
+    argmax_capacity: int | float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """-log p(target) [T] (differentiable) and the exact argmax [T] int32.
+
+    The head is scored a chunk of tokens at a time, each chunk's logits
+    recomputed in the backward pass (`jax.checkpoint`) instead of stored: for a
+    full output over V = 33,278 that is what keeps the step in cache. Each tail
+    cluster is evaluated only on the tokens whose target lies in it (gathered
+    into `tail_capacities[k]`, exact beyond it) and, without gradient, on the
+    tokens where it can hold the argmax.
+
+    Args:
+      x: [T, D] exit features; targets: [T] ids in [0, V).
+      tail_capacities: static gather size per tail cluster (e.g. the most targets
+        a training batch has in it, `tail_capacities_of`); default a quarter of T.
+    """
+    total = x.shape[0]
+    if tail_capacities is None:
+        tail_capacities = (capacity_for(total, None),) * layer.n_tails
+    cluster = cluster_of(layer, targets)
+    head_target = jnp.where(cluster == 0, targets, layer.head_words + cluster - 1)
+    nll, best, cluster_log_probs = _chunked_head(layer, x, head_target)
+    nll = nll + _tail_nll(layer, x, targets, cluster, tuple(tail_capacities))
+    frozen = jax.lax.stop_gradient((layer, x))
+    capacity = capacity_for(total, argmax_capacity)
+    _, _, argmax = _add_tails(
+        frozen[0], frozen[1], cluster_log_probs, best, lambda p, b: p > b[0], capacity
+    )
+    return nll, argmax
+
+
+def _chunked_head(layer: OutputLayer, x: jax.Array, head_target: jax.Array):
+    """Head NLL [T], and without gradient the top-2 of the head words and the
+    cluster log-probabilities [T, K], scored a chunk of tokens at a time."""
+    total, width = x.shape
+    size = layer.head_kernel.shape[0]
+    chunk = min(total, max(64, CHUNK_ELEMENTS // size))
+    padded = -(-total // chunk) * chunk
+    x_chunks = jnp.pad(x, ((0, padded - total), (0, 0))).reshape(-1, chunk, width)
+    y_chunks = jnp.pad(head_target, (0, padded - total)).reshape(-1, chunk)
+    words = layer.head_words
+
+    @jax.checkpoint
+    def score(inputs):
+        features, target = inputs  # [C, D], [C]
+        logits = head_logits(layer, features)  # [C, c_1 + K]
+        normaliser = jax.nn.logsumexp(logits, axis=-1)
+        nll = normaliser - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+        log_p = jax.lax.stop_gradient(logits - normaliser[:, None])
+        return nll, _top_two(log_p[:, :words]), log_p[:, words:]
+
+    nll, best, clusters = jax.lax.map(score, (x_chunks, y_chunks))
+    unchunk = lambda a: a.reshape(padded, *a.shape[2:])[:total]  # noqa: E731
+    return unchunk(nll), jax.tree.map(unchunk, best), unchunk(clusters)
