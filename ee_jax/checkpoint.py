@@ -1,13 +1,19 @@
-"""orbax checkpoints of the training state, with clear errors for damaged steps."""
+"""Checkpoints of a training run: orbax steps, and the vocabulary and settings
+they were made with, with clear errors when they cannot be used."""
 
 import os
 import pathlib
+import sys
+from collections.abc import Sequence
 
 import orbax.checkpoint as ocp
 
+VOCAB_FILE = "vocab.txt"  # the run's words, one per line (utf-8): line i is id i
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be restored (missing, damaged or from another model)."""
+    """A checkpoint cannot be restored (missing, damaged, from another model,
+    vocabulary or configuration) or saved."""
 
 
 class Checkpointer:
@@ -31,7 +37,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
-        self.manager.save(step, args=ocp.args.StandardSave(state))
+        """Starts saving `state` as `step`.
+
+        Raises:
+          CheckpointError: orbax declined the save (it refuses steps at or below
+            its latest one), so the step would silently keep other weights.
+        """
+        if not self.manager.save(step, args=ocp.args.StandardSave(state)):
+            raise CheckpointError(
+                f"checkpoint step {step} was not saved in {self.directory}: orbax only saves "
+                f"steps after its latest ({self.latest_step()}); existing steps: {self.steps()}"
+            )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -61,5 +77,86 @@ class Checkpointer:
                 f"--resume_step STEP, or delete the damaged folder."
             ) from error
 
+    def set_aside_after(self, step: int, folder: pathlib.Path) -> list[int]:
+        """Moves the steps after `step` into `folder` (orbax would never save them
+        again: it only saves after its latest step); says so on stderr.
+
+        Returns:
+          The steps moved.
+        """
+        self.wait()
+        later = [s for s in self.steps() if s > step]
+        for later_step in later:
+            target = folder / str(later_step)
+            suffix = 1
+            while target.exists():
+                target, suffix = folder / f"{later_step}.{suffix}", suffix + 1
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(later_step), target)
+        if later:
+            self.manager.reload()
+            print(
+                f"resuming from step {step}: moved the later checkpoints {later} to {folder} "
+                f"(delete them when no longer needed)",
+                file=sys.stderr,
+            )
+        return later
+
     def close(self) -> None:
         self.manager.close()
+
+
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
+    """Writes `data` to a temporary file and renames it to `path` (never half a file)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def save_vocab(workdir: pathlib.Path, words: Sequence[str]) -> None:
+    """Records the run's vocabulary as `workdir/vocab.txt` (bytes: universal
+    newlines must not touch the words, as in data._save_cached)."""
+    write_atomic(workdir / VOCAB_FILE, "\n".join(words).encode("utf-8"))
+
+
+def check_vocab(workdir: pathlib.Path, words: Sequence[str]) -> None:
+    """Checks that the run in `workdir` was trained with exactly `words` (in order).
+
+    Raises:
+      CheckpointError: the run has no recorded vocabulary (trained before it was
+        recorded) or another one; its word ids would silently mean other words.
+    """
+    path = workdir / VOCAB_FILE
+    words = tuple(words)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{workdir} has no {VOCAB_FILE}: it was trained before runs recorded their "
+            f"vocabulary, so its word ids cannot be checked against this corpus's "
+            f"{len(words)} words (whose order has since changed). Retrain it."
+        )
+    recorded = tuple(path.read_bytes().decode("utf-8").split("\n"))
+    if recorded != words:
+        first = next(
+            (i for i, pair in enumerate(zip(recorded, words, strict=False)) if len(set(pair)) > 1),
+            min(len(recorded), len(words)),
+        )
+        shown = [ws[first] if first < len(ws) else "<none>" for ws in (recorded, words)]
+        raise CheckpointError(
+            f"{workdir} was trained with a different vocabulary (order) than this corpus: "
+            f"{len(recorded)} vs {len(words)} words, first difference at id {first} "
+            f"({shown[0]!r} vs {shown[1]!r}); its word ids would mean other words. "
+            f"Retrain it with this corpus (or load the corpus it was trained on)."
+        )
+
+
+def config_changes(recorded: dict, current: dict, prefix: str = "") -> dict[str, list]:
+    """{"field" or "model.field": [recorded, current]} of the fields that differ
+    between two `TrainConfig.to_dict()`-style dicts (as read back from JSON)."""
+    changes = {}
+    for name in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(name), current.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes.update(config_changes(old, new, f"{prefix}{name}."))
+        elif old != new:
+            changes[f"{prefix}{name}"] = [old, new]
+    return changes

@@ -1,14 +1,23 @@
 """Pieces shared by the experiment scripts: common flags and one-line user errors."""
 
 import argparse
+import json
+import math
+import pathlib
+import shlex
 import sys
 
+import numpy as np
+
+from ee_jax import train
 from ee_jax.checkpoint import CheckpointError
 from ee_jax.data import DataError, load_wikitext2
 
-# Errors a user can cause (bad data folder, damaged checkpoint, bad flag value):
-# reported as one message, without a traceback.
-USER_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, KeyError)
+# ee_jax's own errors a user can cause (bad data folder, damaged or mismatched
+# checkpoint, bad training flags): reported as one message, without a traceback.
+# Anything else (a ValueError inside training, say) is a bug and shows its traceback;
+# scripts catch a plain ValueError only around the one call that validates a flag.
+USER_ERRORS = (CheckpointError, DataError, train.TrainSetupError)
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:
@@ -39,10 +48,46 @@ def report_error(error: Exception) -> int:
     return 2
 
 
-def load_run(args: argparse.Namespace, step: int | None = None):
-    """(TrainConfig, {"params": ...}, step, Corpus) of --workdir and the data flags."""
-    from ee_jax import train
+def resume_command(script: str, argv: list[str]) -> str:
+    """The command that resumes an interrupted run: this one without --resume_step
+    (which would go back to that step and set aside the progress since)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--resume_step="):
+            skip = False
+        elif arg == "--resume_step":
+            skip = True
+        else:
+            kept.append(arg)
+    return shlex.join(["python", script, *kept])
 
-    config, params, step = train.restore_params(args.workdir, step)
+
+def strict_json(value):
+    """`value` with every non-finite float as None (strict JSON has no NaN/Infinity)."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return strict_json(value.tolist())
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: str | pathlib.Path, value, **kwargs) -> None:
+    """Writes `value` as strict JSON (non-finite numbers as null), indented."""
+    text = json.dumps(strict_json(value), indent=2, allow_nan=False, **kwargs)
+    pathlib.Path(path).write_text(text)
+
+
+def load_run(args: argparse.Namespace, step: int | None = None):
+    """(TrainConfig, {"params": ...}, step, Corpus) of --workdir and the data flags.
+
+    The run must have been trained with the corpus's vocabulary (CheckpointError).
+    """
     corpus = load_wikitext2(args.data_dir, cache_dir=args.cache_dir)
+    config, params, step = train.restore_params(args.workdir, step, vocab=corpus.vocab)
     return config, params, step, corpus

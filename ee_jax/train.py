@@ -1,14 +1,19 @@
 """Joint training of every exit with optax, orbax checkpoints and data parallelism.
 
-The work directory holds `config.json`, `metrics.jsonl` (one JSON row per logged
-step) and `checkpoints/`. A run resumes from its latest checkpoint: the batch of
-step s is a pure function of s (`data.train_batch`) and so is the dropout key
-(`fold_in(key, s)`), so an interrupted run continues exactly where it stopped.
+The work directory holds `config.json`, `vocab.txt` (the words of the ids),
+`metrics.jsonl` (one strict-JSON row per logged step) and `checkpoints/`. A run
+resumes from its latest checkpoint: the batch of step s is a pure function of s
+(`data.train_batch`) and so is the dropout key (`fold_in(key, s)`), so an
+interrupted run continues exactly where it stopped.
 """
 
+import contextlib
 import json
 import pathlib
+import signal
+import threading
 import time
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -18,9 +23,17 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from ee_jax.checkpoint import Checkpointer
+from ee_jax.checkpoint import (
+    VOCAB_FILE,
+    Checkpointer,
+    CheckpointError,
+    check_vocab,
+    config_changes,
+    save_vocab,
+    write_atomic,
+)
 from ee_jax.config import TrainConfig
-from ee_jax.data import Batch, LMStream, train_batch
+from ee_jax.data import Batch, LMStream, Vocabulary, train_batch
 from ee_jax.losses import exit_weights, lm_loss, tail_capacities
 from ee_jax.model import EarlyExitLM
 
@@ -126,143 +139,346 @@ def make_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), ("data",))
 
 
+# Fields that change only the bookkeeping, never the weights trained: a resumed run
+# may change them without allow_config_change (the change is still logged).
+BOOKKEEPING_FIELDS = frozenset(
+    {"log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"}
+)
+
+
+class TrainSetupError(ValueError):
+    """Training cannot run as asked (a bad stop step, a batch the devices cannot split)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved at `step`."""
+
+    def __init__(self, signal_number: int, step: int, workdir: pathlib.Path):
+        self.signal_number, self.step, self.workdir = signal_number, step, workdir
+        super().__init__(
+            f"{signal.Signals(signal_number).name} received: training stopped at step {step} "
+            f"and saved it in {workdir / 'checkpoints' / str(step)}"
+        )
+
+
 def train(
     config: TrainConfig,
     stream: LMStream,
     workdir: str | pathlib.Path,
     *,
+    vocab: Vocabulary | Sequence[str] | None = None,
     stop_at_step: int | None = None,
     resume_step: int | None = None,
+    allow_config_change: bool = False,
     progress: bool = True,
 ) -> TrainState:
     """Trains (or resumes training) until `config.steps` (or `stop_at_step`).
 
+    SIGINT (Ctrl-C) and SIGTERM stop training after the current step, save it
+    and raise TrainingInterrupted; a second signal acts as usual.
+
     Args:
       config: the training configuration.
       stream: training windows (`data.make_lm_stream` with config.batch_size).
-      workdir: gets config.json, metrics.jsonl and checkpoints/.
-      stop_at_step: stop (with a checkpoint) at this step without changing the
-        schedule, e.g. to split a run over several sessions.
-      resume_step: resume from this checkpoint instead of the latest one.
+      workdir: gets config.json, vocab.txt, metrics.jsonl and checkpoints/.
+      vocab: the corpus vocabulary the stream's ids come from; recorded as
+        vocab.txt (loaders check it) and checked against it when resuming.
+      stop_at_step: stop (with a checkpoint) at this step in [1, steps] without
+        changing the schedule, e.g. to split a run over several sessions.
+      resume_step: resume from this checkpoint instead of the latest one; the
+        later checkpoints are moved to workdir/superseded/.
+      allow_config_change: resume although `config` differs from the run's
+        config.json in fields that change training (listed in the next metrics
+        row's "config_changes"); otherwise that raises CheckpointError.
+      progress: show a progress bar.
 
     Returns:
       The final train state.
 
     Raises:
       FloatingPointError: the loss became non-finite (says at which step).
-      CheckpointError: the checkpoint to resume from is damaged.
+      CheckpointError: the checkpoint to resume from is damaged, was made with
+        another vocabulary or other settings, or a save did not happen.
+      TrainSetupError: stop_at_step or the batch size cannot be used.
+      TrainingInterrupted: a signal stopped training (after saving).
     """
     workdir = pathlib.Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    end = _end_step(config, stop_at_step)
     mesh = make_mesh()
     replicated, sharded = data_parallel(mesh)
     if config.batch_size % mesh.size:
-        raise ValueError(
+        raise TrainSetupError(
             f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices"
         )
-    # Resume order: a fresh state gives the structure; the checkpoint (latest or
-    # resume_step) replaces it; its step selects the data window and dropout key.
-    state = init_state(config)
-    if checkpointer.latest_step() is not None or resume_step is not None:
-        state = checkpointer.restore(state, resume_step)
-    state = jax.device_put(state, replicated)
-    start = int(state.step)
-    metrics_file = _truncate_metrics(workdir / "metrics.jsonl", start)
-    step_fn = jax.jit(
-        make_train_step(config, stream_capacities(config, stream)),
-        donate_argnums=0,
-        out_shardings=(replicated, replicated),
-    )
-    base_rng = jax.random.key(config.seed + 1)
-    end = min(config.steps, stop_at_step or config.steps)
-    tokens_per_step = config.batch_size * config.model.n_seq
-    bar = tqdm(
-        range(start, end),
-        initial=start,
-        total=config.steps,
-        disable=not progress,
-        desc="train",
-        unit="step",
-    )
-    timed_steps, timer, compile_s = 0, time.perf_counter(), None
-    for step in bar:
-        batch = global_batch(train_batch(stream, step), sharded)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
-        if step == start:  # this process's first step includes compilation: timed alone
-            jax.block_until_ready(state)
-            compile_s = time.perf_counter() - timer
-        else:
-            timed_steps += 1
-        if step == 0 or (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            metrics = jax.device_get(metrics)  # waits for the dispatched steps to finish
-            seconds = time.perf_counter() - timer
-            row = _log(
-                metrics_file, step, metrics, timed_steps * tokens_per_step, seconds, compile_s
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    try:
+        state, changes = _resume(
+            config, workdir, checkpointer, vocab, resume_step, allow_config_change
+        )
+        start = int(state.step)
+        if start > end:
+            raise TrainSetupError(
+                f"the checkpoint resumed from is at step {start}, after the last step asked "
+                f"for ({end}: steps={config.steps}, stop_at_step={stop_at_step})"
             )
-            if row["tokens_per_s"]:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            timed_steps, timer, compile_s = 0, time.perf_counter(), None
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
-            checkpointer.save(step + 1, state)
-    checkpointer.wait()
-    checkpointer.close()
+        state = jax.device_put(state, replicated)
+        metrics_file, pending = _truncate_metrics(workdir / "metrics.jsonl", start)
+        pending = pending if start else []  # a fresh run inherits no changes
+        if changes:
+            pending.append({"from_step": start, "fields": changes})
+        step_fn = jax.jit(
+            make_train_step(config, stream_capacities(config, stream)),
+            donate_argnums=0,
+            out_shardings=(replicated, replicated),
+        )
+        base_rng = jax.random.key(config.seed + 1)
+        tokens_per_step = config.batch_size * config.model.n_seq
+        bar = tqdm(
+            range(start, end),
+            initial=start,
+            total=config.steps,
+            disable=not progress,
+            desc="train",
+            unit="step",
+        )
+        timed_steps, timer, compile_s = 0, time.perf_counter(), None
+        with bar, _stop_signals() as stop:
+            for step in bar:
+                batch = global_batch(train_batch(stream, step), sharded)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                if step == start:  # this process's first step includes compilation: timed alone
+                    jax.block_until_ready(state)
+                    compile_s = time.perf_counter() - timer
+                else:
+                    timed_steps += 1
+                # A config change is logged at once, so a signal cannot lose it.
+                log = step == 0 or (step + 1) % config.log_every == 0 or step + 1 == config.steps
+                if log or pending:
+                    metrics = jax.device_get(metrics)  # waits for the dispatched steps to finish
+                    seconds = time.perf_counter() - timer
+                    row = _log(
+                        metrics_file,
+                        step,
+                        metrics,
+                        timed_steps * tokens_per_step,
+                        seconds,
+                        compile_s,
+                        config_changes=pending,
+                    )
+                    if row["tokens_per_s"]:
+                        bar.set_postfix(
+                            loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}"
+                        )
+                    timed_steps, timer, compile_s, pending = 0, time.perf_counter(), None, []
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == end or stop:
+                    checkpointer.save(step + 1, state)
+                if stop:
+                    checkpointer.wait()
+                    raise TrainingInterrupted(stop[0], step + 1, workdir)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
     return state
 
 
-def _truncate_metrics(path: pathlib.Path, start: int) -> pathlib.Path:
+def _end_step(config: TrainConfig, stop_at_step: int | None) -> int:
+    if stop_at_step is None:
+        return config.steps
+    if (
+        not isinstance(stop_at_step, int | np.integer)
+        or isinstance(stop_at_step, bool)
+        or not 1 <= stop_at_step <= config.steps
+    ):
+        raise TrainSetupError(
+            f"stop_at_step must be a step in [1, steps={config.steps}], got {stop_at_step!r}"
+        )
+    return int(stop_at_step)
+
+
+def _resume(config, workdir, checkpointer, vocab, resume_step, allow_config_change):
+    """(state, config changes) to start from, after checking the work directory.
+
+    Resume order: a fresh state gives the structure; the checkpoint (latest or
+    resume_step) replaces it; its step selects the data window and dropout key.
+    The checks (vocabulary, settings) come before anything in workdir changes.
+    """
+    state, changes = init_state(config), {}
+    words = None if vocab is None else vocab_words(vocab)
+    if checkpointer.latest_step() is not None or resume_step is not None:
+        if words is not None:
+            check_vocab(workdir, words)
+        changes = _check_config(workdir, config, allow_config_change)
+        state = checkpointer.restore(state, resume_step)
+        # orbax saves only after its latest step: later steps would never be replaced.
+        checkpointer.set_aside_after(int(state.step), workdir / "superseded")
+    if words is not None:
+        save_vocab(workdir, words)
+    elif checkpointer.latest_step() is None:
+        (workdir / VOCAB_FILE).unlink(missing_ok=True)  # a fresh run's ids are unrecorded
+    write_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+    return state, changes
+
+
+def _check_config(workdir: pathlib.Path, config: TrainConfig, allow_change: bool) -> dict:
+    """The fields of `config` that differ from the run's config.json, {name: [old, new]}.
+
+    Raises:
+      CheckpointError: some differ in more than bookkeeping and not `allow_change`.
+    """
+    path = workdir / "config.json"
+    current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as read back
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as error:
+        raise CheckpointError(f"{path} cannot be read: {error}") from error
+    changes = config_changes(recorded, current)
+    if set(changes) - BOOKKEEPING_FIELDS and not allow_change:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+        raise CheckpointError(
+            f"the checkpoints in {workdir} were made with other settings than these "
+            f"({'no config.json' if not recorded else listed}). Resume with the recorded "
+            f"settings (config.json), train in a new work directory, or continue with the "
+            f"new ones with --allow_config_change true (allow_config_change=True)."
+        )
+    return changes
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """Yields a list that gets the signal number when SIGINT or SIGTERM arrives.
+
+    The first signal only asks the loop to stop (after saving); the previous
+    handlers come back at once, so a second signal acts as usual. Handlers can
+    only be set in the main thread: elsewhere the list stays empty.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def restore():
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+    def request_stop(number, frame):
+        received.append(number)
+        restore()
+
+    for number in signals:
+        signal.signal(number, request_stop)
+    try:
+        yield received
+    finally:
+        restore()
+
+
+def _truncate_metrics(path: pathlib.Path, start: int) -> tuple[pathlib.Path, list[dict]]:
     """Drops rows of steps after `start` (logged by a killed run after its last
     checkpoint; a row's step counts the updates it reflects),
-    so a resumed run's metrics file equals an uninterrupted run's."""
+    so a resumed run's metrics file equals an uninterrupted run's.
+
+    Returns:
+      The path and the config changes recorded in the dropped rows (they still
+      apply: config.json already holds the new settings), to log again.
+    """
+    carried = []
     if path.exists():
-        rows = [
-            line
-            for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= start
-        ]
-        path.write_text("".join(row + "\n" for row in rows))
-    return path
+        kept = []
+        for line in path.read_text().splitlines():
+            if not line:
+                continue
+            row = json.loads(line)
+            if row["step"] <= start:
+                kept.append(line)
+            else:
+                carried.extend(row.get("config_changes", []))
+        path.write_text("".join(row + "\n" for row in kept))
+    return path, carried
 
 
-def _log(path, step, metrics, tokens, seconds, compile_s=None) -> dict:
+def _finite(values) -> list[float | None]:
+    """Floats as a list, None where not finite (strict JSON has no NaN or Infinity)."""
+    values = np.asarray(values, np.float64).ravel()
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def _log(path, step, metrics, tokens, seconds, compile_s=None, *, config_changes=None) -> dict:
     """Appends one metrics row; raises FloatingPointError on a non-finite loss.
 
     tokens_per_s covers the steps since the last row, without a compile step;
     compile_s is the first step of this process (compilation included), if any.
+    Non-finite values (an exit no position scored) are written as null;
+    config_changes (if any) lists the settings changed on resuming.
     """
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"non-finite training loss {loss} at step {step + 1}")
     exit_nll = np.asarray(metrics["exit_nll"], np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        exit_ppl = np.exp(exit_nll)
     row = {
         "step": step + 1,
         "loss": loss,
-        "exit_nll": exit_nll.tolist(),
-        "exit_ppl": np.exp(exit_nll).tolist(),
-        "balance_loss": float(metrics["balance_loss"]),
-        "classifier_loss": float(metrics["classifier_loss"]),
-        "grad_norm": float(metrics["grad_norm"]),
-        "param_norm": float(metrics["param_norm"]),
+        "exit_nll": _finite(exit_nll),
+        "exit_ppl": _finite(exit_ppl),
+        **{
+            name: _finite(metrics[name])[0]
+            for name in ("balance_loss", "classifier_loss", "grad_norm", "param_norm")
+        },
         "tokens_per_s": tokens / seconds if tokens else None,
         "compile_s": compile_s,
     }
+    if config_changes:
+        row["config_changes"] = config_changes
     with open(path, "a") as file:
-        file.write(json.dumps(row) + "\n")
+        file.write(json.dumps(row, allow_nan=False) + "\n")
     return row
 
 
+def vocab_words(vocab: Vocabulary | Sequence[str]) -> tuple[str, ...]:
+    return tuple(vocab.words if isinstance(vocab, Vocabulary) else vocab)
+
+
 def config_from_workdir(workdir: str | pathlib.Path) -> TrainConfig:
+    """The TrainConfig of a work directory; CheckpointError if missing or unreadable."""
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a training work directory?")
-    return TrainConfig.from_dict(json.loads(path.read_text()))
+        raise CheckpointError(f"{path} not found: is {workdir} a training work directory?")
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{path} is not a readable TrainConfig: {error}") from error
 
 
-def restore_params(workdir: str | pathlib.Path, step: int | None = None):
-    """(TrainConfig, {"params": ...}, step) of a work directory's checkpoint."""
+def restore_params(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    vocab: Vocabulary | Sequence[str] | None = None,
+):
+    """(TrainConfig, {"params": ...}, step) of a work directory's checkpoint.
+
+    Args:
+      workdir: the training run folder.
+      step: the checkpoint step (default: the latest).
+      vocab: the vocabulary the caller maps words with (the corpus's). Pass it
+        whenever ids are turned into words or back: the run's recorded
+        vocabulary must then be the same, in the same order.
+
+    Raises:
+      CheckpointError: missing or damaged run, or (with `vocab`) one trained
+        with another vocabulary or before vocabularies were recorded.
+    """
+    workdir = pathlib.Path(workdir).expanduser().resolve()
     config = config_from_workdir(workdir)
-    checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints")
-    state = checkpointer.restore(init_state(config), step)
-    checkpointer.close()
+    if vocab is not None:
+        check_vocab(workdir, vocab_words(vocab))
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    try:
+        state = checkpointer.restore(init_state(config), step)
+    finally:
+        checkpointer.close()
     return config, state.params, int(state.step)

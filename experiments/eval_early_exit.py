@@ -11,7 +11,6 @@ forward, and writes results.json, results.md and PNG plots into --out
 """
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
     results.update(step=step, config=config.to_dict(), command=" ".join(sys.argv))
     out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    cli.write_json(out / "results.json", results, default=str)
     print(report.write_report(results, out).read_text())
     return 0
 

@@ -85,8 +85,8 @@ def main(argv=None) -> int:
             rows.append({**row, "measured_speedup": full["seconds"] / row["seconds"]})
     out = pathlib.Path(args.workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stream_results.json").write_text(
-        json.dumps({"step": step, "command": " ".join(sys.argv), "rows": rows}, indent=2)
+    cli.write_json(
+        out / "stream_results.json", {"step": step, "command": " ".join(sys.argv), "rows": rows}
     )
     print(
         "| B | measure | threshold | test ppl | avg exit layer | tokens/s | measured speedup "

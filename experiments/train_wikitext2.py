@@ -3,7 +3,9 @@
     python experiments/train_wikitext2.py --preset cpu --workdir runs/cpu \
         --data_dir ../shared/data/wikitext-2
 
-Re-running the same command resumes from the latest checkpoint in --workdir.
+Re-running the same command resumes from the latest checkpoint in --workdir
+(with other settings only with --allow_config_change true). Ctrl-C or SIGTERM
+saves the current step and prints the command that resumes it.
 Every TrainConfig and ModelConfig field can be overridden by name
 (e.g. --steps 2000 --d_model 256 --use_bk false). After training it prints the
 validation perplexity of every exit.
@@ -11,7 +13,6 @@ validation perplexity of every exit.
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 
@@ -73,13 +74,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stop_at_step",
         type=int,
         default=None,
-        help="stop at this step (checkpointed) without changing the schedule",
+        help="stop at this step, in [1, steps], (checkpointed) without changing the schedule",
     )
     parser.add_argument(
         "--resume_step",
         type=int,
         default=None,
-        help="resume from this checkpoint step instead of the latest",
+        help="resume from this checkpoint step instead of the latest (later steps are "
+        "moved to WORKDIR/superseded)",
+    )
+    parser.add_argument(
+        "--allow_config_change",
+        type=parse_bool,
+        default=False,
+        help="resume although the settings differ from WORKDIR/config.json in fields "
+        "that change training (the changes are logged in metrics.jsonl)",
     )
     parser.add_argument(
         "--report_test",
@@ -107,16 +116,28 @@ def main(argv=None) -> int:
         corpus = load_wikitext2(
             args.data_dir, cache_dir=args.cache_dir, verify_checksums=args.verify_checksums
         )
+    except cli.USER_ERRORS as error:
+        return cli.report_error(error)
+    try:
         config = build_config(args, len(corpus.vocab))
-        eos = corpus.vocab.eos_id
-        stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=eos)
+    except ValueError as error:  # a field out of range: the configs' own checks
+        return cli.report_error(error)
+    eos = corpus.vocab.eos_id
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=eos)
+    try:
         state = train.train(
             config,
             stream,
             args.workdir,
+            vocab=corpus.vocab,
             stop_at_step=args.stop_at_step,
             resume_step=args.resume_step,
+            allow_config_change=args.allow_config_change,
         )
+    except train.TrainingInterrupted as stopped:
+        command = cli.resume_command(sys.argv[0], sys.argv[1:] if argv is None else argv)
+        print(f"{stopped}\nresume with: {command}", file=sys.stderr)
+        return 128 + stopped.signal_number
     except (*cli.USER_ERRORS, FloatingPointError) as error:
         return cli.report_error(error)
     model = train.EarlyExitLM(config.model)
@@ -126,7 +147,7 @@ def main(argv=None) -> int:
         result = evaluate.exit_perplexities(model, state.params, windows)
         result["step"] = int(state.step)
         path = pathlib.Path(args.workdir) / f"{name}_exit_ppl.json"
-        path.write_text(json.dumps(result, indent=2))
+        cli.write_json(path, result)
         print(
             f"{name} perplexity per exit:",
             ", ".join(f"exit {i + 1}: {p:.1f}" for i, p in enumerate(result["exit_ppl"])),

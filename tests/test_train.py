@@ -1,8 +1,11 @@
 """Training: loss decreases, exact resume after a kill, data parallelism, errors."""
 
+import argparse
+import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ee_jax import cli
 from ee_jax import train as train_lib
 from ee_jax.checkpoint import CheckpointError
 from ee_jax.config import train_preset
-from ee_jax.data import load_wikitext2, make_lm_stream
+from ee_jax.data import Corpus, Vocabulary, load_wikitext2, make_lm_stream
 from ee_jax.evaluate import exit_perplexities
 from ee_jax.model import EarlyExitLM
 
@@ -78,7 +82,7 @@ def test_training_lowers_every_exit_loss(corpus, tmp_path):
     assert rows[-1]["step"] == 300 and all(np.isfinite(row["loss"]) for row in rows)
 
 
-def run_cli(workdir, corpus_dir, *extra, background=False):
+def run_cli(workdir, corpus_dir, *extra, background=False, stderr=subprocess.DEVNULL):
     command = [
         sys.executable,
         str(SCRIPT),
@@ -96,9 +100,7 @@ def run_cli(workdir, corpus_dir, *extra, background=False):
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if background:
-        return subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -107,28 +109,71 @@ def comparable_rows(workdir):
     return [{k: row[k] for k in ("step", "loss", "exit_nll", "grad_norm")} for row in rows]
 
 
-def test_resume_after_kill_equals_uninterrupted_run(corpus_dir, tmp_path):
-    flags = ("--steps", "400", "--checkpoint_every", "20", "--log_every", "20")
-    # Given an uninterrupted run.
-    straight = tmp_path / "straight"
-    assert run_cli(straight, corpus_dir, *flags).returncode == 0
+KILL_FLAGS = ("--steps", "400", "--checkpoint_every", "20", "--log_every", "20")
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus_dir, tmp_path_factory):
+    """An uninterrupted CLI run with KILL_FLAGS, for the interrupted runs to equal."""
+    straight = tmp_path_factory.mktemp("straight") / "run"
+    result = run_cli(straight, corpus_dir, *KILL_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return straight
+
+
+def start_and_wait_for_checkpoint(workdir, corpus_dir, **popen):
+    process = run_cli(workdir, corpus_dir, *KILL_FLAGS, background=True, **popen)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "20").is_dir() and time.time() < deadline:
+        time.sleep(0.02)
+    return process
+
+
+def assert_same_run(workdir, straight):
+    _, params_straight, _ = train_lib.restore_params(straight)
+    _, params, step = train_lib.restore_params(workdir)
+    assert step == 400
+    jax.tree.map(np.testing.assert_array_equal, params_straight, params)
+    assert comparable_rows(workdir) == comparable_rows(straight)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(corpus_dir, straight_run, tmp_path):
+    # Given an uninterrupted run (straight_run).
     # When a second run is killed (SIGKILL) after its first checkpoint, then resumed.
     killed = tmp_path / "killed"
-    process = run_cli(killed, corpus_dir, *flags, background=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "20").is_dir() and time.time() < deadline:
-        time.sleep(0.02)
+    process = start_and_wait_for_checkpoint(killed, corpus_dir)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     resumed_from = train_lib.Checkpointer(killed / "checkpoints").latest_step()
     assert resumed_from is not None and resumed_from < 400
-    assert run_cli(killed, corpus_dir, *flags).returncode == 0
+    assert run_cli(killed, corpus_dir, *KILL_FLAGS).returncode == 0
     # Then parameters and logged metrics are identical to the uninterrupted run's.
-    _, params_straight, _ = train_lib.restore_params(straight)
-    _, params_killed, step = train_lib.restore_params(killed)
-    assert step == 400
-    jax.tree.map(np.testing.assert_array_equal, params_straight, params_killed)
-    assert comparable_rows(killed) == comparable_rows(straight)
+    assert_same_run(killed, straight_run)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_saves_the_current_step_and_says_how_to_resume(
+    signal_number, corpus_dir, straight_run, tmp_path
+):
+    # Given a run interrupted (Ctrl-C or SIGTERM) after its first checkpoint.
+    workdir = tmp_path / "interrupted"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = start_and_wait_for_checkpoint(workdir, corpus_dir, stderr=stderr)
+        time.sleep(0.3)  # somewhere between two checkpoints
+        process.send_signal(signal_number)
+        code = process.wait(timeout=300)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    # Then it exits non-zero without a traceback, with the saved step and the resume command.
+    assert code == 128 + signal_number, stderr[-3000:]
+    assert "Traceback" not in stderr
+    step = int(re.search(r"stopped at step (\d+)", stderr).group(1))
+    assert 20 < step < 400
+    assert train_lib.Checkpointer(workdir / "checkpoints").latest_step() == step
+    command = re.search(r"resume with: (.*)", stderr).group(1)
+    assert "train_wikitext2.py" in command and str(workdir) in command
+    # And resuming gives exactly the uninterrupted run.
+    assert run_cli(workdir, corpus_dir, *KILL_FLAGS).returncode == 0
+    assert_same_run(workdir, straight_run)
 
 
 def test_damaged_latest_checkpoint_is_reported_and_previous_step_resumes(corpus, tmp_path):
@@ -144,9 +189,23 @@ def test_damaged_latest_checkpoint_is_reported_and_previous_step_resumes(corpus,
     # When training resumes, it names the damaged step and the way out.
     with pytest.raises(CheckpointError, match=r"step 20 .*damaged.*--resume_step"):
         train_lib.train(config, stream, tmp_path, progress=False)
-    # Then resuming from step 10 works and finishes the run.
+    # Then resuming from step 10 works and finishes the run, and the damaged step 20,
+    # set aside, is replaced by the resumed run's (orbax saves only after its latest).
     state = train_lib.train(config, stream, tmp_path, resume_step=10, progress=False)
     assert int(state.step) == 30
+    assert (tmp_path / "superseded" / "20").is_dir()
+    _, params, step = train_lib.restore_params(tmp_path, 20)
+    assert step == 20
+
+
+def test_a_save_orbax_declines_raises(tmp_path):
+    # Given a checkpoint at step 20, when step 10 is saved, it raises instead of skipping.
+    checkpointer = train_lib.Checkpointer(tmp_path / "checkpoints")
+    checkpointer.save(20, {"x": np.zeros(2)})
+    checkpointer.wait()
+    with pytest.raises(CheckpointError, match=r"step 10 was not saved"):
+        checkpointer.save(10, {"x": np.ones(2)})
+    checkpointer.close()
 
 
 DATA_PARALLEL_SCRIPT = """
@@ -232,3 +291,131 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     metrics = {"loss": jnp.float32(jnp.nan), "exit_nll": jnp.zeros(3)}
     with pytest.raises(FloatingPointError, match="step 7"):
         train_lib._log(tmp_path / "m.jsonl", 6, metrics, 100, 1.0)
+
+
+def permuted(corpus):
+    words = list(corpus.vocab.words)
+    words[1], words[2] = words[2], words[1]
+    return Vocabulary(tuple(words))
+
+
+def test_vocabulary_is_recorded_and_every_loader_checks_it(corpus, tmp_path, monkeypatch):
+    # Given a run trained with the corpus's vocabulary.
+    config = tiny_config(corpus, steps=4, warmup_steps=1, checkpoint_every=2, log_every=2)
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    train_lib.train(config, stream, tmp_path, vocab=corpus.vocab, stop_at_step=2, progress=False)
+    recorded = (tmp_path / "vocab.txt").read_bytes().decode("utf-8").split("\n")
+    assert tuple(recorded) == corpus.vocab.words
+    assert train_lib.restore_params(tmp_path, vocab=corpus.vocab)[2] == 2
+    # When it is loaded or resumed with the same words in another order, each refuses.
+    other = permuted(corpus)
+    mismatch = r"trained with a different vocabulary \(order\).*id 1.*Retrain"
+    with pytest.raises(CheckpointError, match=mismatch):
+        train_lib.restore_params(tmp_path, vocab=other)
+    with pytest.raises(CheckpointError, match=mismatch):
+        train_lib.train(config, stream, tmp_path, vocab=other, progress=False)
+    monkeypatch.setattr(cli, "load_wikitext2", lambda *a, **k: Corpus(other, *([None] * 3)))
+    args = argparse.Namespace(workdir=str(tmp_path), data_dir=None, cache_dir=None)
+    with pytest.raises(CheckpointError, match=mismatch):
+        cli.load_run(args)
+    # And a run from before vocabularies were recorded refuses too, naming the folder.
+    (tmp_path / "vocab.txt").unlink()
+    old = rf"{tmp_path} has no vocab.txt.*Retrain"
+    with pytest.raises(CheckpointError, match=old):
+        train_lib.restore_params(tmp_path, vocab=corpus.vocab)
+    with pytest.raises(CheckpointError, match=old):
+        train_lib.train(config, stream, tmp_path, vocab=corpus.vocab, progress=False)
+
+
+def test_resuming_with_other_settings_is_refused_unless_allowed(corpus, tmp_path):
+    # Given a run stopped at step 2 of 4.
+    config = tiny_config(corpus, steps=4, warmup_steps=1, checkpoint_every=2, log_every=1)
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    train_lib.train(config, stream, tmp_path, stop_at_step=2, progress=False)
+    recorded = (tmp_path / "config.json").read_text()
+    # When it resumes with another learning rate and depth of warm-up, it refuses,
+    # listing both fields, and leaves config.json alone.
+    changed = config.replace(learning_rate=0.5, warmup_steps=2)
+    with pytest.raises(CheckpointError, match=r"learning_rate: 0\.01 -> 0\.5; warmup_steps"):
+        train_lib.train(changed, stream, tmp_path, progress=False)
+    assert (tmp_path / "config.json").read_text() == recorded
+    # Then with allow_config_change it continues and the metrics record the change.
+    state = train_lib.train(changed, stream, tmp_path, allow_config_change=True, progress=False)
+    assert int(state.step) == 4
+    assert train_lib.config_from_workdir(tmp_path) == changed
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    [change] = [change for row in rows for change in row.get("config_changes", [])]
+    assert change == {
+        "from_step": 2,
+        "fields": {"learning_rate": [0.01, 0.5], "warmup_steps": [config.warmup_steps, 2]},
+    }
+
+
+def test_bookkeeping_settings_may_change_on_resume(corpus, tmp_path):
+    config = tiny_config(corpus, steps=4, warmup_steps=1, checkpoint_every=2, log_every=1)
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    train_lib.train(config, stream, tmp_path, stop_at_step=2, progress=False)
+    state = train_lib.train(config.replace(log_every=2), stream, tmp_path, progress=False)
+    assert int(state.step) == 4
+
+
+def strict_loads(line: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not strict JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_write_null_for_unscored_exits(tmp_path):
+    metrics = {
+        "loss": np.float32(2.0),
+        "exit_nll": np.array([np.nan, 1.0, np.inf], np.float32),
+        "balance_loss": np.float32(np.nan),
+        "classifier_loss": np.float32(0.5),
+        "grad_norm": np.float32(1.0),
+        "param_norm": np.float32(3.0),
+    }
+    train_lib._log(tmp_path / "m.jsonl", 6, metrics, 100, 1.0)
+    row = strict_loads((tmp_path / "m.jsonl").read_text())
+    assert row["exit_nll"] == [None, 1.0, None] and row["balance_loss"] is None
+    assert row["exit_ppl"][0] is None and row["exit_ppl"][1] == pytest.approx(np.e)
+
+
+def test_script_json_outputs_are_strict(tmp_path):
+    cli.write_json(tmp_path / "r.json", {"ppl": [np.float32(np.nan), np.inf, 2.0], "n": 3})
+    assert strict_loads((tmp_path / "r.json").read_text()) == {"ppl": [None, None, 2.0], "n": 3}
+
+
+@pytest.mark.parametrize("stop_at_step", [0, -1, 5, 2.5])
+def test_stop_at_step_outside_the_run_is_refused(stop_at_step, corpus, tmp_path):
+    config = tiny_config(corpus, steps=4, warmup_steps=1)
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    with pytest.raises(train_lib.TrainSetupError, match=r"stop_at_step must be a step in \[1, "):
+        train_lib.train(config, stream, tmp_path, stop_at_step=stop_at_step, progress=False)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_reports_user_errors_and_shows_bugs(corpus_dir, tmp_path, monkeypatch, capsys):
+    script = load_script("train_wikitext2")
+    argv = ["--preset", "tiny", "--workdir", str(tmp_path / "run"), "--data_dir", str(corpus_dir)]
+    argv += ["--cache_dir", str(tmp_path / "cache"), "--verify_checksums", "false"]
+    # A user error (here --stop_at_step 0) is one line and exit status 2.
+    assert script.main([*argv, "--stop_at_step", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: stop_at_step must be a step in [1, steps=200], got 0\n" in err
+    assert "Traceback" not in err
+
+    # A ValueError from inside training is a bug: it propagates with its traceback.
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside training")
+
+    monkeypatch.setattr(train_lib, "train", broken)
+    with pytest.raises(ValueError, match="a bug inside training"):
+        script.main(argv)
