@@ -33,7 +33,6 @@ import jax.numpy as jnp
 from ee_jax.config import ExitMeasure
 
 CHUNK_ELEMENTS = 64 * 33_278  # head logits scored at once in the loss: [C, head] floats
-DEFAULT_CAPACITY = 0.25  # fraction of the tokens a selective tail evaluation gathers
 
 
 @flax.struct.dataclass
@@ -91,37 +90,48 @@ def cluster_of(layer: OutputLayer, ids: jax.Array) -> jax.Array:
     return jnp.searchsorted(jnp.asarray(layer.bounds[:-1]), ids, side="right").astype(jnp.int32)
 
 
-def capacity_for(tokens: int, capacity: int | float | None) -> int:
-    """Static gather size: an int is used as is, a float is a fraction of `tokens`."""
-    capacity = DEFAULT_CAPACITY if capacity is None else capacity
-    if isinstance(capacity, float):
-        capacity = math.ceil(capacity * tokens)
-    return max(1, min(int(capacity), tokens))
+def gather_sizes(tokens: int, capacity=None) -> tuple[int, ...]:
+    """Static gather sizes below `tokens`, ascending (see `on_selected`).
+
+    capacity: None for the default ladder T/64, T/16, T/4 (a few selected tokens
+    cost a few tokens' work); an int, a fraction of T as a float, or a tuple of them.
+    """
+    if capacity is None:
+        capacity = tuple(math.ceil(tokens / 4**j) for j in (3, 2, 1))
+    if not isinstance(capacity, tuple):
+        capacity = (capacity,)
+    sizes = {math.ceil(c * tokens) if isinstance(c, float) else int(c) for c in capacity}
+    return tuple(sorted(size for size in sizes if 1 <= size < tokens))
 
 
-def on_selected(fn, inputs, selected: jax.Array, capacity: int, empty):
+def on_selected(fn, inputs, selected: jax.Array, capacity, empty):
     """fn's per-token outputs where `selected`, `empty`'s values elsewhere.
+
+    The selected tokens are gathered into the smallest static size of
+    `gather_sizes(T, capacity)` that holds them; with more, fn runs on all T
+    tokens. Exact either way; one `lax.switch` branch runs. fn is rematerialised
+    in the backward pass (`jax.checkpoint`): otherwise every branch would carry
+    the all-tokens branch's [T, n] residuals, allocated and zeroed on every call.
 
     Args:
       fn: per-token function of a pytree of [C, ...] arrays -> pytree of [C, ...].
       inputs: pytree of [T, ...] arrays; selected: [T] bool.
-      capacity: static number of tokens gathered when at most that many are
-        selected; with more, fn runs on all T tokens (exact either way).
+      capacity: see `gather_sizes`.
       empty: pytree like fn's output for T tokens, kept where not selected.
-
-    Differentiable (lax.switch picks one branch; gathers and scatters transpose).
     """
     total = selected.shape[0]
     count = jnp.sum(selected)
+    sizes = gather_sizes(total, capacity)
+    fn = jax.checkpoint(fn)
 
-    def nothing():
-        return empty
+    def gathered(size):
+        def branch():
+            index = jnp.nonzero(selected, size=size, fill_value=0)[0]  # [C]
+            rows = jax.tree.map(lambda x: x[index], inputs)
+            index = jnp.where(jnp.arange(size) < count, index, total)  # padding: dropped
+            return jax.tree.map(lambda e, o: e.at[index].set(o, mode="drop"), empty, fn(rows))
 
-    def gathered():
-        index = jnp.nonzero(selected, size=capacity, fill_value=0)[0]  # [C]
-        index = jnp.where(jnp.arange(capacity) < count, index, total)  # out of range: dropped
-        outputs = fn(jax.tree.map(lambda x: x[jnp.minimum(index, total - 1)], inputs))
-        return jax.tree.map(lambda e, o: e.at[index].set(o, mode="drop"), empty, outputs)
+        return branch
 
     def everything():
         outputs = fn(inputs)
@@ -131,11 +141,9 @@ def on_selected(fn, inputs, selected: jax.Array, capacity: int, empty):
             outputs,
         )
 
-    if capacity >= total:
-        branch = jnp.where(count == 0, 0, 1)
-        return jax.lax.switch(branch, [nothing, everything])
-    branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
-    return jax.lax.switch(branch, [nothing, gathered, everything])
+    branches = [lambda: empty, *map(gathered, sizes), everything]
+    index = jnp.where(count == 0, 0, 1 + jnp.sum(jnp.asarray(sizes, jnp.int32) < count))
+    return jax.lax.switch(index, branches)
 
 
 # ---------------------------------------------------------------- top-2 pieces
@@ -211,29 +219,27 @@ def _head(layer: OutputLayer, x: jax.Array):
 # ---------------------------------------------------------------- exact queries
 
 
-def top_two(layer: OutputLayer, x: jax.Array, capacity: int | float | None = None):
+def top_two(layer: OutputLayer, x: jax.Array, capacity=None):
     """Exact top-2 log-probabilities and argmax of the full distribution.
 
     A tail cluster is evaluated only for tokens whose cluster probability exceeds
     the second best head word (no word of another cluster can enter the top 2).
 
     Args:
-      x: [T, D] exit features. capacity: see `on_selected` (default a quarter of T).
+      x: [T, D] exit features. capacity: see `gather_sizes`.
 
     Returns:
       (log p of the most likely word [T], log p of the second, counting ties [T],
       argmax id [T] int32, the lowest id among ties).
     """
     head, best = _head(layer, x)
-    capacity = capacity_for(x.shape[0], capacity)
     return _add_tails(layer, x, head, best, lambda p, b: p > b[1], capacity)
 
 
-def exact_argmax(layer: OutputLayer, x: jax.Array, capacity: int | float | None = None):
+def exact_argmax(layer: OutputLayer, x: jax.Array, capacity=None):
     """The full distribution's argmax [T] int32 (lowest id among ties) and its log p [T];
     a tail cluster is evaluated only where its probability exceeds the best head word."""
     head, best = _head(layer, x)
-    capacity = capacity_for(x.shape[0], capacity)
     first, _, index = _add_tails(layer, x, head, best, lambda p, b: p > b[0], capacity)
     return index, first
 
@@ -243,7 +249,7 @@ def exit_confidence(
     x: jax.Array,
     measure: ExitMeasure,
     threshold: jax.Array,
-    capacity: int | float | None = None,
+    capacity=None,
 ) -> jax.Array:
     """softmax_max or softmax_margin for the halting decision "confidence >= threshold".
 
@@ -264,7 +270,6 @@ def exit_confidence(
       threshold as the exact one.
     """
     head, best = _head(layer, x)
-    capacity = capacity_for(x.shape[0], capacity)
     clusters = jnp.exp(head)  # [T, K] cluster probabilities P_k
     if measure == ExitMeasure.SOFTMAX_MAX:
         undecided = jnp.exp(best[0]) < threshold
@@ -287,9 +292,7 @@ def exit_confidence(
     return jnp.exp(first) - jnp.exp(second)
 
 
-def target_nll(
-    layer: OutputLayer, x: jax.Array, targets: jax.Array, capacity: int | float | None = None
-) -> jax.Array:
+def target_nll(layer: OutputLayer, x: jax.Array, targets: jax.Array, capacity=None) -> jax.Array:
     """-log p(target) [T] from the head and, per token, only the target's cluster.
 
     Args:
@@ -299,17 +302,17 @@ def target_nll(
     cluster = cluster_of(layer, targets)
     head_target = jnp.where(cluster == 0, targets, layer.head_words + cluster - 1)
     nll = -jnp.take_along_axis(head, head_target[:, None], axis=-1)[:, 0]
-    return nll + _tail_nll(layer, x, targets, cluster, capacity_for(x.shape[0], capacity))
+    return nll + _tail_nll(layer, x, targets, cluster, capacity)
 
 
 def _tail_nll(layer, x, targets, cluster, capacities) -> jax.Array:
     """-log softmax(tail_k)[target] for each token whose target is in a tail, else 0.
 
-    capacities: one static gather size for every cluster, or one per cluster.
+    capacities: `gather_sizes` capacity for every cluster, or a list of one per cluster.
     """
     total = x.shape[0]
-    if isinstance(capacities, int):
-        capacities = (capacities,) * layer.n_tails
+    if not isinstance(capacities, list):
+        capacities = [capacities] * layer.n_tails
     nll = jnp.zeros(total)
     for k in range(layer.n_tails):
         size = layer.bounds[k + 1] - layer.bounds[k]
@@ -334,7 +337,7 @@ def training_nll_and_argmax(
     targets: jax.Array,
     *,
     tail_capacities: tuple[int, ...] | None = None,
-    argmax_capacity: int | float | None = None,
+    argmax_capacity=None,
 ) -> tuple[jax.Array, jax.Array]:
     """-log p(target) [T] (differentiable) and the exact argmax [T] int32.
 
@@ -348,19 +351,16 @@ def training_nll_and_argmax(
     Args:
       x: [T, D] exit features; targets: [T] ids in [0, V).
       tail_capacities: static gather size per tail cluster (e.g. the most targets
-        a training batch has in it, `tail_capacities_of`); default a quarter of T.
+        a training batch has in it, `losses.tail_capacities`); default `gather_sizes`.
     """
-    total = x.shape[0]
-    if tail_capacities is None:
-        tail_capacities = (capacity_for(total, None),) * layer.n_tails
+    tail_capacities = [None] * layer.n_tails if tail_capacities is None else list(tail_capacities)
     cluster = cluster_of(layer, targets)
     head_target = jnp.where(cluster == 0, targets, layer.head_words + cluster - 1)
     nll, best, cluster_log_probs = _chunked_head(layer, x, head_target)
-    nll = nll + _tail_nll(layer, x, targets, cluster, tuple(tail_capacities))
+    nll = nll + _tail_nll(layer, x, targets, cluster, tail_capacities)
     frozen = jax.lax.stop_gradient((layer, x))
-    capacity = capacity_for(total, argmax_capacity)
     _, _, argmax = _add_tails(
-        frozen[0], frozen[1], cluster_log_probs, best, lambda p, b: p > b[0], capacity
+        frozen[0], frozen[1], cluster_log_probs, best, lambda p, b: p > b[0], argmax_capacity
     )
     return nll, argmax
 

@@ -20,6 +20,16 @@ and a warm-up call, each followed by `jax.block_until_ready`. It prints:
 6. the MoE FFN (top-k routed, `jax.lax.ragged_dot`) against running every expert
    on every token with the same parameters, forward and forward+backward.
 
+`--section output` instead compares the exits' output layers on the `cpu`
+training preset's model (B = 16, N = 128), "full" softmax against "adaptive"
+softmax (`ee_jax.adaptive`), side by side in one run: the training step (and
+variants: every position scored, tied adaptive input), the softmax_max halting
+loop at threshold 1.0 (every check made, no exit) against the plain forward, and
+one decoding step per token at B = 1 and B = 8 (logits of every word, and the
+target's NLL only). Tokens are real WikiText-2 train windows when --data_dir or
+$EE_JAX_DATA_DIR is given (frequency-ordered ids: cluster use as in training),
+else Zipf-distributed ids (p ~ 1 / rank).
+
 Tokens/s are B*N / (time of one call). "vs original" divides by the PyTorch
 original's tokens/s measured on this repository's 2-core CPU machine.
 
@@ -42,13 +52,16 @@ import numpy as np
 from flax import linen as nn
 
 import ee_jax
-from ee_jax.config import ModelConfig, TrainConfig
-from ee_jax.data import Batch
+from ee_jax import adaptive
+from ee_jax.config import ModelConfig, TrainConfig, train_preset
+from ee_jax.data import Batch, load_wikitext2, make_lm_stream
+from ee_jax.decode import DecodeState, decode_step
 from ee_jax.early_exit import early_exit_forward, early_exit_loop
+from ee_jax.losses import tail_capacities
 from ee_jax.model import EarlyExitLM
 from ee_jax.moe import MoEFeedForward
 from ee_jax.timing import Timing, cold_compilation, time_jitted
-from ee_jax.train import TrainState, make_optimizer, make_train_step
+from ee_jax.train import TrainState, init_state, make_optimizer, make_train_step
 
 # The PyTorch original on this machine (tokens/s, B = 8, N = 128, V = 33,278).
 ORIGINAL = {"forward": 1462.0, "early_exit": 688.0, "train_step": 885.0}
@@ -94,6 +107,19 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of parameters and tokens")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    parser.add_argument(
+        "--section",
+        choices=("model", "output"),
+        default="model",
+        help="model: forward, early exit, training, MoE, compile (default); output: full vs "
+        "adaptive softmax on the cpu preset (training step, halting loop, decoding)",
+    )
+    parser.add_argument(
+        "--data_dir",
+        default=os.environ.get("EE_JAX_DATA_DIR"),
+        help="WikiText-2 folder for --section output (default $EE_JAX_DATA_DIR; "
+        "without one, Zipf-distributed ids)",
+    )
     return parser.parse_args()
 
 
@@ -331,9 +357,135 @@ def print_ratios(results: dict) -> None:
     )
 
 
+# ---------------------------------------------------------------- --section output
+
+
+OUTPUT_TARGETS = {"train_speedup": 6.0, "halting_vs_forward": 0.5}
+
+
+def output_batch(vocab_size: int, batch: int, seq: int, data_dir, seed: int):
+    """(inputs, targets [B, N] int32, source): WikiText-2 train window 0, or Zipf ids."""
+    if data_dir:
+        corpus = load_wikitext2(data_dir)
+        if len(corpus.vocab) == vocab_size:
+            stream = make_lm_stream(corpus.train, batch, seq, eos_id=corpus.vocab.eos_id)
+            window = stream.window(0)
+            return window.inputs, window.targets, "WikiText-2 train window 0"
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, vocab_size + 1)
+    ids = rng.choice(vocab_size, size=(batch, seq + 1), p=weights / weights.sum())
+    ids = ids.astype(np.int32)
+    return ids[:, :-1], ids[:, 1:], "Zipf ids"
+
+
+def bench_output_train(config: TrainConfig, inputs, targets, timing) -> dict:
+    """One training step of `config` (capacities from this batch, as `train` does)."""
+    mask = np.ones(inputs.shape, bool)
+    capacities = tail_capacities(config.model, targets[None], mask[None])
+    state = init_state(config)
+    batch = Batch(jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(mask))
+    step = make_train_step(config, capacities)
+    result = time_jitted(step, state, batch, jax.random.key(1), **timing)
+    return {"ms": result.median_ms, "compile_s": result.compile_s, "repeats": result.repeats}
+
+
+def bench_output_inference(config: ModelConfig, inputs, targets, timing) -> dict:
+    """Plain forward vs the softmax_max halting loop at threshold 1.0, and decoding."""
+    model = EarlyExitLM(config)
+    variables = model.init(jax.random.key(0), jnp.asarray(inputs))
+    forward = time_jitted(lambda v, t: model.apply(v, t), variables, inputs, **timing)
+    halting = time_call(
+        functools.partial(early_exit_forward, model, variables, inputs, 1.0), **timing
+    )
+    row = {"forward_ms": forward.median_ms, "halting_ms": halting.median_ms}
+    for batch in (1, 8):
+        state = DecodeState.make(config, batch)
+        tokens, target = jnp.asarray(inputs[:batch, 0]), jnp.asarray(targets[:batch, 0])
+
+        def logits(v, s, t, y):
+            return decode_step(model, v, s, t, jnp.float32(1.0), "learned")[0]
+
+        def nll(v, s, t, y):
+            fn = lambda layer, x: adaptive.target_nll(layer, x, y)  # noqa: E731
+            return decode_step(model, v, s, t, jnp.float32(1.0), "learned", fn)[0]
+
+        for name, function in (("logits", logits), ("nll", nll)):
+            result = time_jitted(function, variables, state, tokens, target, **timing)
+            row[f"decode_{name}_b{batch}_ms_per_token"] = result.median_ms / batch
+    return row
+
+
+def run_output_section(args, timing) -> dict:
+    base = train_preset("cpu", args.vocab)
+    inputs, targets, source = output_batch(
+        args.vocab, base.batch_size, base.model.n_seq, args.data_dir, args.seed
+    )
+    variants = {
+        "full": base.replace(output="full"),
+        "adaptive": base,
+        "adaptive, every position scored": base.replace(exit_token_fraction=1.0),
+        "adaptive, tied (adaptive input)": base.replace(unembedding="tied"),
+    }
+    results = {"source": source, "train": {}, "inference": {}}
+    for name, config in variants.items():
+        results["train"][name] = bench_output_train(config, inputs, targets, timing)
+        print(f"train step, {name}: {results['train'][name]['ms']:.1f} ms", flush=True)
+    for name in ("full", "adaptive"):
+        model_config = variants[name].model
+        results["inference"][name] = bench_output_inference(model_config, inputs, targets, timing)
+        print(f"inference, {name}: {results['inference'][name]}", flush=True)
+    return results
+
+
+def decode_cell(row: dict, batch: int) -> str:
+    logits, nll = (row[f"decode_{name}_b{batch}_ms_per_token"] for name in ("logits", "nll"))
+    return f"{logits:.3f}, {nll:.3f}"
+
+
+def print_output_tables(results: dict, config: TrainConfig) -> None:
+    tokens = config.batch_size * config.model.n_seq
+    full_ms = results["train"]["full"]["ms"]
+    print(f"\nTokens: {results['source']}.")
+    print("\n| training step (cpu preset, B=16, N=128) | ms | tokens/s | vs full |")
+    print("|---|---:|---:|---:|")
+    for name, row in results["train"].items():
+        print(
+            f"| {name} | {row['ms']:.1f} | {speed(row['ms'], tokens):,.0f} | "
+            f"{full_ms / row['ms']:.2f}x |"
+        )
+    print(f"target: adaptive >= {OUTPUT_TARGETS['train_speedup']:g}x of full")
+    print(
+        "\n| output | forward ms | halting loop ms (softmax_max, t=1.0) | halting / forward "
+        "speed | decode ms/token B=1 (logits, NLL) | decode ms/token B=8 (logits, NLL) |"
+    )
+    print("|---|---:|---:|---:|---|---|")
+    for name, row in results["inference"].items():
+        print(
+            f"| {name} | {row['forward_ms']:.1f} | {row['halting_ms']:.1f} | "
+            f"{row['forward_ms'] / row['halting_ms']:.2f}x | "
+            f"{decode_cell(row, 1)} | {decode_cell(row, 8)} |"
+        )
+    print(f"target: halting / forward speed >= {OUTPUT_TARGETS['halting_vs_forward']:g}x")
+
+
 def main() -> None:
     args = parse_args()
     ee_jax.enable_compilation_cache()
+    if args.section == "output":
+        timing = {"min_repeats": args.min_repeats, "budget_s": args.budget}
+        print(
+            f"Output-layer benchmark, cpu preset; device {jax.devices()[0].device_kind}, "
+            f"jax {jax.__version__}; GLIBC_TUNABLES="
+            f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}",
+            flush=True,
+        )
+        results = run_output_section(args, timing)
+        print_output_tables(results, train_preset("cpu", args.vocab))
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump(results, file, indent=2)
+            print(f"wrote {args.json}")
+        return
     config = ModelConfig(
         vocab_size=args.vocab,
         d_model=args.d_model,
