@@ -12,6 +12,8 @@ exited_state="freeze": decoding a sequence reproduces
 """
 
 import functools
+import math
+import numbers
 import time
 
 import flax.struct
@@ -27,11 +29,12 @@ from ee_jax.early_exit import (
     ExitStats,
     HaltState,
     check_exit_options,
+    check_stream,
     exit_outputs,
     halting_loop,
 )
 from ee_jax.flops import exit_flops, tail_use_of
-from ee_jax.model import EarlyExitLM
+from ee_jax.model import EarlyExitLM, check_tokens
 
 
 @flax.struct.dataclass
@@ -64,7 +67,12 @@ def decode_step(
     output_fn(output layer, exit features [B, D]) -> [B, ...] is what each token's
     exit head computes: by default its logits [B, V] (`adaptive.logits`); a
     target's NLL needs only the head and that target's cluster.
+
+    Raises:
+      ValueError: the model is bidirectional (`check_decodable`); raised when
+        traced, before any computation.
     """
+    check_decodable(model.config)
     apply = functools.partial(model.apply, variables)
     config = model.config
     hidden = apply(tokens, state.position, method=EarlyExitLM.embed_position)  # [B, D]
@@ -96,6 +104,21 @@ def decode_step(
 _jitted_step = jax.jit(decode_step, static_argnums=(0, 5))
 
 
+def check_decodable(config: ModelConfig) -> None:
+    """Raises ValueError unless the model can be decoded token by token.
+
+    Decoding runs the causal recurrence (`bk_core.causal_step`): for a bidirectional
+    model (causal=False) every position's G also depends on later positions, which
+    a decoder has not seen, so the decoded outputs would not be the model's.
+    """
+    if not config.causal:
+        raise ValueError(
+            "token-by-token decoding needs a causal model (causal=True); this one is "
+            "bidirectional (causal=False): each position also reads later positions, "
+            "which decoding has not seen yet"
+        )
+
+
 def decode_sequence(
     model: EarlyExitLM, variables, tokens, threshold=None, *, measure: str = "softmax_max"
 ):
@@ -103,17 +126,20 @@ def decode_sequence(
 
     Returns:
       (logits [B, N, V], exit depths [B, N]).
+
+    Raises:
+      ValueError: a bidirectional model, bad tokens (`check_tokens`: ids outside
+        [0, V), a non-integer dtype, not [B, N], N > n_seq) or bad exit options;
+        raised before any computation.
     """
     threshold = model.config.confidence_threshold if threshold is None else threshold
+    check_decodable(model.config)
     check_exit_options(threshold, measure, "freeze")
-    batch, length = tokens.shape
-    if length > model.config.n_seq:
-        raise ValueError(
-            f"tokens have N = {length} positions, more than n_seq = {model.config.n_seq}"
-        )
-    state = DecodeState.make(model.config, batch)
+    check_tokens(tokens, model.config)
+    tokens = jnp.asarray(tokens, jnp.int32)  # [B, N]; ids checked, so no value changes
+    state = DecodeState.make(model.config, tokens.shape[0])
     logits, depths = [], []
-    for position in range(length):
+    for position in range(tokens.shape[1]):
         step_logits, depth, _, state = _jitted_step(
             model, variables, state, tokens[:, position], jnp.float32(threshold), measure
         )
@@ -132,30 +158,38 @@ def generate(
     threshold=None,
     measure: str = "softmax_max",
     temperature: float = 0.0,
-    top_k: int | None = None,
+    sample_top_k: int | None = None,
 ):
     """Continues each [B, P] prompt by `steps` tokens with early exit.
 
     temperature 0 is greedy; otherwise samples from softmax(logits / temperature),
-    restricted to the top_k tokens when given.
+    restricted to the sample_top_k largest logits when given (`sample_tokens`).
 
     Returns:
       (tokens [B, P + steps] int32, exit depths [B, P + steps - 1] of every
       prediction made, prompt positions included).
+
+    Raises:
+      ValueError: a bidirectional model, a bad prompt (`check_tokens`), steps not
+        an integer >= 0, P + steps - 1 > n_seq, bad sampling parameters
+        (`check_sampling`) or exit options; raised before any computation.
     """
-    threshold = model.config.confidence_threshold if threshold is None else threshold
+    config = model.config
+    threshold = config.confidence_threshold if threshold is None else threshold
+    check_decodable(config)
     check_exit_options(threshold, measure, "freeze")
-    batch, prompt_length = prompt.shape
-    if prompt_length < 1 or prompt_length + steps - 1 > model.config.n_seq:
+    check_tokens(prompt, config)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    batch, prompt_length = np.shape(prompt)
+    if prompt_length + steps - 1 > config.n_seq:
         raise ValueError(
-            f"prompt length {prompt_length} + steps {steps} - 1 must be in "
-            f"[1, n_seq={model.config.n_seq}]"
+            f"prompt length {prompt_length} + steps {steps} - 1 must be at most "
+            f"n_seq={config.n_seq}"
         )
-    if temperature < 0 or (top_k is not None and not 1 <= top_k <= model.config.vocab_size):
-        raise ValueError(
-            f"temperature must be >= 0 and top_k in [1, vocab_size], got {temperature}, {top_k}"
-        )
-    state = DecodeState.make(model.config, batch)
+    check_sampling(temperature, sample_top_k, config.vocab_size)
+    prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
+    state = DecodeState.make(config, batch)
     tokens, depths = [prompt[:, i] for i in range(prompt_length)], []
     for position in range(prompt_length + steps - 1):
         logits, depth, _, state = _jitted_step(
@@ -163,17 +197,58 @@ def generate(
         )
         depths.append(depth)
         if position + 1 >= prompt_length:
-            tokens.append(_choose(logits, jax.random.fold_in(rng, position), temperature, top_k))
-    return jnp.stack(tokens, axis=1), jnp.stack(depths, axis=1)
+            key = jax.random.fold_in(rng, position)
+            tokens.append(sample_tokens(logits, key, temperature, sample_top_k))
+    depths = jnp.stack(depths, axis=1) if depths else jnp.zeros((batch, 0), jnp.int32)
+    return jnp.stack(tokens, axis=1), depths
 
 
-def _choose(logits, rng, temperature, top_k):
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if top_k is not None:
-        cutoff = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
+def check_sampling(temperature, sample_top_k, vocab_size: int) -> None:
+    """Raises ValueError unless temperature is a finite real >= 0 and sample_top_k is
+    None or an integer in [1, vocab_size]."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a real number, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if sample_top_k is None:
+        return
+    if isinstance(sample_top_k, bool) or not isinstance(sample_top_k, numbers.Integral):
+        raise ValueError(f"sample_top_k must be an integer or None, got {sample_top_k!r}")
+    if not 1 <= sample_top_k <= vocab_size:
+        raise ValueError(f"sample_top_k must be in [1, {vocab_size}], got {sample_top_k}")
+
+
+@functools.partial(jax.jit, static_argnames="sample_top_k")
+def sample_tokens(logits, rng, temperature, sample_top_k: int | None = None) -> jax.Array:
+    """One token per row from softmax(logits / temperature) over the top k; [B] int32.
+
+    Gumbel-max: with g ~ Gumbel(0, 1) i.i.d., argmax(logits / T + g) is a sample of
+    softmax(logits / T). For T < 1 the same argmax is taken of logits + T * g
+    (scaled by T > 0), so nothing can overflow: logits / T with T >= 1 is at most
+    the logits, T * g with T < 1 at most g (|g| < 17 in float32). At T = 0, or a T
+    whose product with g underflows, this is exactly the argmax (ties: lowest id):
+    sampling tends to greedy as T -> 0+.
+
+    sample_top_k keeps exactly k ids: the first k of a stable descending order of
+    the logits, so a tie at the cut keeps the lowest ids.
+
+    Args:
+      logits: [B, V] logits (or log-probabilities) of the next token.
+      rng: a PRNG key.
+      temperature: [] finite, >= 0 (traced: one compilation for all).
+      sample_top_k: None (every id) or k in [1, V] (static).
+    """
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    if sample_top_k is not None:
+        order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V] ids, largest first
+        rank = jnp.argsort(order, axis=-1)  # [B, V] each id's place in that order
+        logits = jnp.where(rank < sample_top_k, logits, -jnp.inf)
+    noise = jax.random.gumbel(rng, logits.shape, jnp.float32)  # [B, V], finite
+    scores = jnp.where(
+        temperature >= 1, logits / temperature + noise, logits + temperature * noise
+    )  # [B, V]
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 def stream_evaluate(
@@ -194,9 +269,16 @@ def stream_evaluate(
     FLOP-model speedup, tails counted at the stream's cluster shares) and the
     wall-clock seconds of the whole pass (compilation excluded: the first window
     is run once before the clock starts).
+
+    Raises:
+      ValueError: a bidirectional model, bad exit options, or a stream with ids
+        outside [0, V) or windows longer than n_seq (`check_stream`, once for the
+        whole stream); raised before any computation.
     """
-    check_exit_options(threshold, measure, "freeze")
     config = model.config
+    check_decodable(config)
+    check_exit_options(threshold, measure, "freeze")
+    check_stream(stream, config)
     tail_use = tail_use_of(config, stream.targets, stream.mask)
     per_depth, full = (jnp.float32(x) for x in exit_flops(config, measure, "freeze", tail_use))
 

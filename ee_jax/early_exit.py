@@ -119,6 +119,19 @@ def check_exit_options(threshold, measure: str, exited_state: str) -> ExitMeasur
     return ExitMeasure(measure)
 
 
+def check_stream(stream, config: ModelConfig) -> None:
+    """Raises ValueError, before any computation, for a stream (`LMStream`) the model
+    cannot read: ids outside [0, V) in its inputs or targets, or windows longer
+    than n_seq. Checked once for the whole stream, not per window."""
+    if not 1 <= stream.n_seq <= config.n_seq:
+        raise ValueError(f"stream windows have {stream.n_seq} positions, n_seq is {config.n_seq}")
+    check_tokens(stream.inputs, config, stream=True)
+    check_tokens(stream.targets, config, stream=True)
+    shapes = [np.shape(array) for array in (stream.inputs, stream.targets, stream.mask)]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"stream inputs, targets and mask must have one shape, got {shapes}")
+
+
 def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
     """The halting loop over a sequence (pure; jit with model, measure, exited_state static)."""
     apply = functools.partial(model.apply, variables)

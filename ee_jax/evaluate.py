@@ -24,9 +24,15 @@ from tqdm.auto import tqdm
 from ee_jax import adaptive
 from ee_jax.config import ExitMeasure
 from ee_jax.data import LMStream
-from ee_jax.early_exit import ExitStats, early_exit_forward, state_saturation
+from ee_jax.early_exit import (
+    ExitStats,
+    check_exit_options,
+    check_stream,
+    early_exit_forward,
+    state_saturation,
+)
 from ee_jax.flops import exit_flops, tail_use_of
-from ee_jax.losses import exit_nll
+from ee_jax.losses import exit_nll, exit_weights
 from ee_jax.model import EarlyExitLM
 
 
@@ -35,7 +41,11 @@ def exit_perplexities(model: EarlyExitLM, params, stream: LMStream, *, progress:
 
     Returns:
       dict with "exit_ppl" [L], "exit_nll" [L] (mean over tokens) and "tokens".
+
+    Raises:
+      ValueError: ids outside [0, V) or windows longer than n_seq (`check_stream`).
     """
+    check_stream(stream, model.config)
     layers = np.arange(model.config.n_layers)
 
     @jax.jit
@@ -75,7 +85,9 @@ def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progres
     Every number is that of the exit's full distribution, computed exactly from the
     head and only the tail clusters that can matter (`adaptive.top_two`,
     `adaptive.target_nll`): no [B, N, V] array is made for an adaptive output.
+    Raises ValueError for a stream the model cannot read (`check_stream`).
     """
+    check_stream(stream, model.config)
     n_layers = model.config.n_layers
 
     @jax.jit
@@ -190,7 +202,13 @@ def time_early_exit(
     Returns:
       {"forward_ms": ..., "windows": ..., "batch_size": B, threshold: {"ms", "speedup",
       "layers_run"}} with speedup = forward_ms / ms.
+
+    Raises:
+      ValueError: a stream the model cannot read (`check_stream`).
     """
+    for threshold in thresholds:
+        check_exit_options(threshold, measure, "freeze")
+    check_stream(stream, model.config)
     forward = jax.jit(model.apply)
     batches = [stream.window(i) for i in range(min(windows, len(stream)))]
 
@@ -226,7 +244,9 @@ def real_loop_row(
     model, params, stream: LMStream, threshold: float, measure: str, *, progress: bool = True
 ) -> dict:
     """Perplexity and exit statistics of the real halting loop (policy "freeze") over a
-    whole split, every masked target once."""
+    whole split, every masked target once. Raises ValueError for a stream the model
+    cannot read (`check_stream`)."""
+    check_stream(stream, model.config)
 
     @jax.jit
     def nll_sum(logits, targets, mask):
@@ -249,6 +269,38 @@ def real_loop_row(
     }
 
 
+def untrained_measures(exit_weighting: str, n_layers: int) -> dict[str, str]:
+    """Measures whose parameters a run with this exit weighting never trained: {measure:
+    why}.
+
+    The learned exit classifiers are trained to predict "exit l agrees with the final
+    exit", which needs every exit's argmax: `losses.lm_loss` trains them only when
+    every exit before the last has a non-zero loss weight ("final" scores the last
+    exit alone). Untrained, they keep their initial output and say nothing.
+    """
+    weights = exit_weights(n_layers, exit_weighting)  # [L]
+    unscored = (np.flatnonzero(weights[:-1] == 0) + 1).tolist()  # 1-based exits
+    if not unscored:
+        return {}
+    return {
+        ExitMeasure.LEARNED.value: (
+            f"exit_weighting={exit_weighting!r} leaves exit(s) {unscored} unscored in "
+            "training, so the learned exit classifiers were never trained"
+        )
+    }
+
+
+def evaluated_measures(measures, exit_weighting: str | None, n_layers: int):
+    """(measures to evaluate, {skipped measure: why}) for a run's exit weighting
+    (None: unknown, every measure is kept). Raises ValueError when none is left."""
+    untrained = {} if exit_weighting is None else untrained_measures(exit_weighting, n_layers)
+    skipped = {m: why for m, why in untrained.items() if m in measures}
+    kept = [m for m in measures if m not in skipped]
+    if not kept:
+        raise ValueError(f"no confidence measure left to evaluate: {'; '.join(skipped.values())}")
+    return kept, skipped
+
+
 def evaluate_checkpoint(
     model,
     params,
@@ -257,21 +309,43 @@ def evaluate_checkpoint(
     *,
     thresholds,
     measures,
+    exit_weighting: str | None = None,
     max_ppl_change_pct: float = 2.0,
     timing_windows: int = 8,
     progress: bool = True,
 ) -> dict:
     """The whole early-exit evaluation of a trained model (see the module docstring).
 
+    Args:
+      exit_weighting: the run's `TrainConfig.exit_weighting`. Measures it left
+        untrained (`untrained_measures`: "learned" when some exit before the last
+        was never scored) are skipped with a printed note, and listed with the
+        reason under "skipped_measures". None: unknown, every measure is evaluated.
+
     Returns a JSON-ready dict: full-depth exit perplexities, the threshold sweep per
     measure on test, the oracle row, the threshold calibrated on valid per measure
     and its test row, the real halting loop at each calibrated threshold, and
     wall-clock timings.
+
+    Raises:
+      ValueError: a stream the model cannot read (`check_stream`), a bad threshold
+        or measure, or no measure left; raised before any computation.
     """
     config = model.config
+    measures, skipped = evaluated_measures(measures, exit_weighting, config.n_layers)
+    for measure in measures:
+        for threshold in thresholds:
+            check_exit_options(threshold, measure, "freeze")
+    check_stream(valid, config)
+    check_stream(test, config)
+    for measure, why in skipped.items():
+        print(f"note: not evaluating the {measure!r} measure: {why}")
     valid_scores = collect_exit_scores(model, params, valid, progress=progress)
     test_scores = collect_exit_scores(model, params, test, progress=progress)
     results = {
+        "exit_weighting": exit_weighting,
+        "measures": measures,
+        "skipped_measures": skipped,
         "test_exit_ppl": np.exp(test_scores.nll.mean(axis=1)).tolist(),
         "valid_exit_ppl": np.exp(valid_scores.nll.mean(axis=1)).tolist(),
         "sweep": [row for m in measures for row in sweep(test_scores, config, m, thresholds)],

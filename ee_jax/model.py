@@ -120,18 +120,28 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-
     return (x - mean) * jax.lax.rsqrt(variance + eps) * scale + bias
 
 
-def check_tokens(tokens, config: ModelConfig) -> None:
+def check_tokens(tokens, config: ModelConfig, *, stream: bool = False) -> None:
     """Raises ValueError for bad token arrays; checks values only when concrete.
 
-    JAX clamps out-of-range gathers silently (id V would read row V-1), so the
-    ids are checked on the host; under jit (a tracer) only shapes and dtypes are.
+    The one checker of token ids for every public entry point (forward, halting
+    loop, decoding, evaluation, scripts). JAX clamps out-of-range gathers silently
+    (id V would read row V-1, id -1 the last row), so the ids are checked on the
+    host; under jit (a tracer) only shapes and dtypes are.
+
+    Args:
+      tokens: [B, N] integer ids in [0, V) (an array or nested sequences).
+      config: the model's config (vocab_size, n_seq).
+      stream: tokens are a whole stream [B, S] read in windows of n_seq positions
+        (`LMStream`): S may exceed n_seq.
     """
-    shape, dtype = np.shape(tokens), np.result_type(getattr(tokens, "dtype", tokens))
+    if not isinstance(tokens, jax.core.Tracer) and not hasattr(tokens, "dtype"):
+        tokens = np.asarray(tokens)  # lists and scalars: numpy infers the dtype
+    shape, dtype = np.shape(tokens), np.dtype(tokens.dtype)
     if not np.issubdtype(dtype, np.integer):
         raise ValueError(f"tokens must have an integer dtype, got {dtype}")
     if len(shape) != 2 or shape[1] == 0:
         raise ValueError(f"tokens must have shape (B, N) with N >= 1, got {shape}")
-    if shape[1] > config.n_seq:
+    if not stream and shape[1] > config.n_seq:
         raise ValueError(f"tokens have N = {shape[1]} positions, more than n_seq = {config.n_seq}")
     if isinstance(tokens, jax.core.Tracer):
         return

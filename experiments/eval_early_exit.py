@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[m.value for m in ExitMeasure],
         choices=[m.value for m in ExitMeasure],
-        help="confidence measures",
+        help='confidence measures ("learned" is skipped, with a note, when the run\'s '
+        "exit_weighting never trained the exit classifiers)",
     )
     parser.add_argument(
         "--max_ppl_change_pct",
@@ -73,6 +74,12 @@ def main(argv=None) -> int:
         config, params, step, corpus = cli.load_run(args, args.step)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
+    try:  # flags the evaluation would refuse: batch size, no measure left
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+        evaluate.evaluated_measures(args.measures, config.exit_weighting, config.model.n_layers)
+    except ValueError as error:
+        return cli.report_error(error)
     batch_size = args.batch_size or config.eval_batch_size
     streams = [
         make_lm_stream(
@@ -87,6 +94,7 @@ def main(argv=None) -> int:
         *streams,
         thresholds=args.thresholds,
         measures=args.measures,
+        exit_weighting=config.exit_weighting,
         max_ppl_change_pct=args.max_ppl_change_pct,
         timing_windows=args.timing_windows,
     )

@@ -1,19 +1,18 @@
 """Generate WikiText-2-style text from a checkpoint, showing each token's exit depth.
 
     python experiments/generate.py --workdir runs/cpu --prompt "the game was" \
-        --steps 40 --temperature 0.8 --top_k 40
+        --steps 40 --temperature 0.8 --sample_top_k 40
 """
 
 import argparse
 import sys
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 import ee_jax
 from ee_jax import cli
 from ee_jax.config import ExitMeasure
-from ee_jax.early_exit import check_exit_options
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,27 +32,54 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=[m.value for m in ExitMeasure],
         help="confidence measure",
     )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=None, help="sample from the top k tokens")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature, finite, >= 0; 0 = greedy",
+    )
+    parser.add_argument(
+        "--sample_top_k",
+        type=int,
+        default=None,
+        help="sample only from the k most likely tokens, k in [1, V] (default: all)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     return parser.parse_args(argv)
 
 
+def encode_prompt(vocab, text: str, model_config) -> np.ndarray:
+    """The --prompt words as token ids [1, P]; ValueError (one line for the user) on an
+    empty prompt, unknown words or ids the model cannot read (`check_tokens`)."""
+    from ee_jax.model import check_tokens
+
+    words = text.split()
+    if not words:
+        raise ValueError("--prompt must have at least one word")
+    prompt = vocab.encode(words)[None]  # [1, P] int32
+    check_tokens(prompt, model_config)
+    return prompt
+
+
 def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -> None:
-    """Raises ValueError (one line for the user) on flags decode.generate would refuse;
-    a ValueError from generate itself is then a bug and keeps its traceback."""
+    """Raises ValueError (one line for the user) on flags or a model decode.generate
+    would refuse; a ValueError from generate itself is then a bug and keeps its
+    traceback."""
+    from ee_jax import decode
+    from ee_jax.early_exit import check_exit_options
+
+    decode.check_decodable(config.model)
     if args.threshold is not None:
         check_exit_options(args.threshold, args.measure, "freeze")
-    if not 1 <= prompt_length + args.steps - 1 <= config.model.n_seq or args.steps < 0:
+    if args.steps < 0 or prompt_length + args.steps - 1 > config.model.n_seq:
         raise ValueError(
-            f"prompt length {prompt_length} + --steps {args.steps} - 1 must be in "
-            f"[1, n_seq={config.model.n_seq}]"
+            f"--steps must be >= 0 and prompt length {prompt_length} + --steps "
+            f"{args.steps} - 1 at most n_seq={config.model.n_seq}"
         )
-    if args.temperature < 0 or not 1 <= (args.top_k or 1) <= config.model.vocab_size:
-        raise ValueError(
-            f"--temperature must be >= 0 and --top_k in [1, {config.model.vocab_size}], "
-            f"got {args.temperature}, {args.top_k}"
-        )
+    try:
+        decode.check_sampling(args.temperature, args.sample_top_k, config.model.vocab_size)
+    except ValueError as error:  # name the flags
+        raise ValueError(f"--temperature / --sample_top_k: {error}") from None
 
 
 def main(argv=None) -> int:
@@ -66,8 +92,8 @@ def main(argv=None) -> int:
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
     vocab = corpus.vocab
-    try:  # the flags' own checks: unknown prompt words, threshold, lengths
-        prompt = jnp.asarray(vocab.encode(args.prompt.split()))[None]
+    try:  # the flags' own checks: prompt words and ids, model, threshold, lengths, sampling
+        prompt = encode_prompt(vocab, args.prompt, config.model)
         check_generate_flags(args, config, prompt.shape[1])
     except ValueError as error:
         return cli.report_error(error)
@@ -80,7 +106,7 @@ def main(argv=None) -> int:
         threshold=args.threshold,
         measure=args.measure,
         temperature=args.temperature,
-        top_k=args.top_k,
+        sample_top_k=args.sample_top_k,
     )
     words = vocab.decode(list(tokens[0]))
     # depths[i] is the exit depth of the prediction made after reading token i.

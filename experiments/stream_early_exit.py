@@ -26,18 +26,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.make_parser(__doc__)
     cli.add_data_flags(parser)
     parser.add_argument(
-        "--batch_sizes",
+        "--batch_size",
         type=int,
         nargs="+",
         default=[1, 8],
-        help="numbers of independent streams B",
+        help="numbers of independent streams B, each >= 1 (one pass per value)",
     )
     parser.add_argument(
         "--measures",
         nargs="+",
         default=["softmax_max", "learned"],
         choices=[m.value for m in ExitMeasure],
-        help="confidence measures",
+        help='confidence measures ("learned" is skipped, with a note, when the run\'s '
+        "exit_weighting never trained the exit classifiers)",
     )
     parser.add_argument(
         "--threshold",
@@ -49,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max_tokens",
         type=int,
         default=None,
-        help="score only the first tokens of test (default: all)",
+        help="score only the first tokens of test, >= 1 (default: all)",
     )
     return parser.parse_args(argv)
 
@@ -62,6 +63,26 @@ def thresholds(args) -> dict:
     return {m: calibrated.get(m, {}).get("threshold", 0.9) for m in args.measures}
 
 
+def check_stream_flags(args: argparse.Namespace, config) -> tuple[list, dict]:
+    """Raises ValueError (one line for the user) on flags or a model the streaming
+    evaluation would refuse; returns (measures to evaluate, {skipped measure: why})."""
+    from ee_jax import decode, evaluate
+    from ee_jax.early_exit import check_exit_options
+
+    decode.check_decodable(config.model)
+    if min(args.batch_size) < 1:
+        raise ValueError(f"--batch_size values must be >= 1, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max_tokens must be >= 1, got {args.max_tokens}")
+    measures, skipped = evaluate.evaluated_measures(
+        args.measures, config.exit_weighting, config.model.n_layers
+    )
+    for measure in measures:
+        if args.threshold is not None:
+            check_exit_options(args.threshold, measure, "freeze")
+    return measures, skipped
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
@@ -71,10 +92,16 @@ def main(argv=None) -> int:
         config, params, step, corpus = cli.load_run(args)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
+    try:
+        args.measures, skipped = check_stream_flags(args, config)
+    except ValueError as error:
+        return cli.report_error(error)
+    for measure, why in skipped.items():
+        print(f"note: not evaluating the {measure!r} measure: {why}")
     model = train.EarlyExitLM(config.model)
     ids = corpus.test[: args.max_tokens]
     rows = []
-    for batch_size in args.batch_sizes:
+    for batch_size in args.batch_size:
         stream = make_lm_stream(ids, batch_size, config.model.n_seq, eos_id=corpus.vocab.eos_id)
         # Full depth: threshold 1.0 with the learned measure, whose per-layer check is
         # a Dense(1); a softmax measure would pay a vocabulary projection per layer.
@@ -86,7 +113,14 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     cli.write_json(
-        out / "stream_results.json", {"step": step, "command": " ".join(sys.argv), "rows": rows}
+        out / "stream_results.json",
+        {
+            "step": step,
+            "command": " ".join(sys.argv),
+            "exit_weighting": config.exit_weighting,
+            "skipped_measures": skipped,
+            "rows": rows,
+        },
     )
     print(
         "| B | measure | threshold | test ppl | avg exit layer | tokens/s | measured speedup "

@@ -1,16 +1,33 @@
 """Token-by-token decoding against the parallel halting loop."""
 
+import argparse
+import importlib.util
+import pathlib
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TOLERANCE
 
-from ee_jax.config import tiny
-from ee_jax.decode import decode_sequence, generate, stream_evaluate
+from ee_jax import decode
+from ee_jax.config import tiny, train_preset
+from ee_jax.data import Vocabulary, make_lm_stream
+from ee_jax.decode import (
+    DecodeState,
+    decode_sequence,
+    decode_step,
+    generate,
+    sample_tokens,
+    stream_evaluate,
+)
 from ee_jax.early_exit import early_exit_forward
 from ee_jax.model import EarlyExitLM
 
 CONFIG = tiny()
+V = CONFIG.vocab_size
+BAD_IDS = r"token ids must be in \[0, vocab_size=97\)"
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +75,7 @@ def test_generate_greedy_continues_with_the_argmax(setup):
     logits = model.apply(variables, out[:, :-1])
     np.testing.assert_array_equal(out[:, 4:], np.argmax(np.asarray(logits)[:, 3:], -1))
     sampled, _ = generate(
-        model, variables, tokens[:, :4], 6, jax.random.key(0), temperature=1.0, top_k=5
+        model, variables, tokens[:, :4], 6, jax.random.key(0), temperature=1.0, sample_top_k=5
     )
     assert sampled.shape == (2, 10)
 
@@ -85,3 +102,237 @@ def test_streaming_evaluation_matches_the_parallel_evaluation(setup):
         assert streamed["ppl"] == pytest.approx(parallel["ppl"], rel=1e-5)
         np.testing.assert_allclose(streamed["exit_distribution"], parallel["exit_distribution"])
         assert streamed["flops_speedup"] == pytest.approx(parallel["flops_speedup"], rel=1e-5)
+
+
+# ------------------------------------------------------------ token ids
+
+
+def no_computation(*args, **kwargs):
+    raise AssertionError("a step ran before the arguments were checked")
+
+
+@pytest.mark.parametrize("bad_id", [V, -1])
+def test_bad_token_ids_raise_before_decoding(setup, bad_id, monkeypatch):
+    # Given token arrays with one id outside [0, V) (V reads a NaN row, -1 the last one).
+    model, variables, tokens = setup
+    bad = np.asarray(tokens).copy()
+    bad[1, 2] = bad_id
+    monkeypatch.setattr(decode, "_jitted_step", no_computation)
+    # Then every decoding entry point raises the checker's error before any step.
+    with pytest.raises(ValueError, match=BAD_IDS):
+        decode_sequence(model, variables, bad, 0.5)
+    with pytest.raises(ValueError, match=BAD_IDS):
+        generate(model, variables, bad[:, :4], 3, jax.random.key(0))
+    with pytest.raises(ValueError, match=BAD_IDS):
+        early_exit_forward(model, variables, bad, 0.5)
+
+
+@pytest.mark.parametrize("position, bad_id", [(20, V), (20, -1), (-1, V)])
+def test_streaming_evaluation_checks_every_id_of_the_stream_up_front(
+    setup, position, bad_id, monkeypatch
+):
+    # Given a stream with one bad id (the last one is only a target, never an input).
+    model, variables, _ = setup
+    monkeypatch.setattr(decode, "decode_step", no_computation)
+    ids = np.random.default_rng(1).integers(0, V, 150)
+    ids[position] = bad_id
+    stream = make_lm_stream(ids, 2, CONFIG.n_seq, eos_id=0)
+    # Then the streaming evaluation refuses it with the same error.
+    with pytest.raises(ValueError, match=BAD_IDS):
+        stream_evaluate(model, variables, stream, 0.5, progress=False)
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (np.zeros((1, 3), np.float32), "integer dtype"),
+        (np.zeros((1, 3), bool), "integer dtype"),
+        (np.zeros(3, np.int32), "shape"),
+        (np.zeros((1, 1, 3), np.int32), "shape"),
+        (np.zeros((1, 0), np.int32), "shape"),
+    ],
+)
+def test_generate_checks_the_prompt_dtype_and_rank(setup, prompt, message, monkeypatch):
+    model, variables, _ = setup
+    monkeypatch.setattr(decode, "_jitted_step", no_computation)
+    with pytest.raises(ValueError, match=message):
+        generate(model, variables, prompt, 2, jax.random.key(0))
+
+
+def test_generate_accepts_nested_lists_as_the_prompt(setup):
+    model, variables, tokens = setup
+    prompt = np.asarray(tokens[:, :3])
+    expected, _ = generate(model, variables, prompt, 2, jax.random.key(0), threshold=1.0)
+    out, _ = generate(model, variables, prompt.tolist(), 2, jax.random.key(0), threshold=1.0)
+    np.testing.assert_array_equal(out, expected)
+
+
+# ------------------------------------------------------------ sampling
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30])
+def test_sampling_tends_to_greedy_as_the_temperature_goes_to_zero(setup, temperature):
+    # Given greedy continuations (checked against the argmax above).
+    model, variables, tokens = setup
+    prompt, key = tokens[:, :4], jax.random.key(5)
+    greedy, _ = generate(model, variables, prompt, 8, key, threshold=1.0)
+    # When sampling at a tiny temperature (logits / T overflows float32).
+    sampled, _ = generate(model, variables, prompt, 8, key, threshold=1.0, temperature=temperature)
+    # Then the tokens are the greedy ones.
+    np.testing.assert_array_equal(sampled, greedy)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature="1"), "temperature"),
+        (dict(temperature=1.0, sample_top_k=0), "sample_top_k"),
+        (dict(temperature=1.0, sample_top_k=V + 1), "sample_top_k"),
+        (dict(temperature=1.0, sample_top_k=2.0), "sample_top_k"),
+        (dict(steps=-1), "steps"),
+        (dict(steps=1.5), "steps"),
+    ],
+)
+def test_bad_sampling_parameters_raise(setup, arguments, message, monkeypatch):
+    model, variables, tokens = setup
+    monkeypatch.setattr(decode, "_jitted_step", no_computation)
+    arguments = {"steps": 3, **arguments}
+    steps = arguments.pop("steps")
+    with pytest.raises(ValueError, match=message):
+        generate(model, variables, tokens[:, :4], steps, jax.random.key(0), **arguments)
+
+
+def test_top_1_of_an_exact_tie_is_the_lowest_id(setup):
+    # Given a final head whose logits for ids 9 and 5 are both exactly 50, the maximum.
+    model, variables, tokens = setup
+    params = dict(variables["params"])
+    params["unembed_kernel"] = params["unembed_kernel"].at[:, jnp.array([5, 9])].set(0.0)
+    params["unembed_bias"] = params["unembed_bias"].at[:, jnp.array([5, 9])].set(50.0)
+    tied = {"params": params}
+    # When sampling at temperature 1 from the top 1, with several keys.
+    for seed in range(3):
+        out, _ = generate(
+            model,
+            tied,
+            tokens[:, :4],
+            6,
+            jax.random.key(seed),
+            threshold=1.0,
+            temperature=1.0,
+            sample_top_k=1,
+        )
+        # Then every new token is the lowest tied id, as greedy decoding gives.
+        assert np.all(np.asarray(out[:, 4:]) == 5)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 2.5])
+def test_top_k_samples_softmax_over_exactly_k_ids(temperature):
+    # Given logits with ties, one of them at the cut of the top 4 (ids 2 and 4 at 2.0).
+    logits = np.array([1.0, 3.0, 2.0, 3.0, 2.0, 0.5, -1.0, 2.5], np.float32)
+    kept = np.array([1, 3, 7, 2])  # the 4 largest, lowest id first among equals
+    samples = 20_000
+    # When sampling 20,000 rows with one key.
+    batch = jnp.broadcast_to(jnp.asarray(logits), (samples, len(logits)))
+    drawn = np.asarray(sample_tokens(batch, jax.random.key(0), temperature, 4))
+    # Then only the kept ids appear, at the frequencies of softmax(logits / T) over them.
+    assert set(np.unique(drawn)) <= set(kept.tolist())
+    scaled = logits[kept].astype(np.float64) / temperature
+    expected = np.exp(scaled - scaled.max())
+    expected /= expected.sum()
+    counts = np.array([np.sum(drawn == i) for i in kept])
+    standard_error = np.sqrt(expected * (1 - expected) / samples)
+    np.testing.assert_array_less(np.abs(counts / samples - expected), 3 * standard_error)
+
+
+def test_sampling_without_top_k_matches_the_softmax():
+    logits = np.array([0.0, 1.0, -2.0, 1.0, 0.3], np.float32)
+    samples = 20_000
+    batch = jnp.broadcast_to(jnp.asarray(logits), (samples, len(logits)))
+    drawn = np.asarray(sample_tokens(batch, jax.random.key(1), 1.0))
+    expected = np.exp(logits.astype(np.float64))
+    expected /= expected.sum()
+    frequencies = np.bincount(drawn, minlength=len(logits)) / samples
+    standard_error = np.sqrt(expected * (1 - expected) / samples)
+    np.testing.assert_array_less(np.abs(frequencies - expected), 3 * standard_error)
+
+
+# ------------------------------------------------------------ bidirectional models
+
+
+def test_decoding_a_bidirectional_model_raises(setup, monkeypatch):
+    # Given a bidirectional model (same parameter shapes as the causal one).
+    _, variables, tokens = setup
+    model = EarlyExitLM(CONFIG.replace(causal=False))
+    stream = make_lm_stream(np.arange(40) % V, 2, CONFIG.n_seq, eos_id=0)
+    # Then decode_step itself refuses it (at trace time), and so does every entry point.
+    with pytest.raises(ValueError, match="causal"):
+        decode_step(model, variables, DecodeState.make(CONFIG, 2), tokens[:, 0], 0.5)
+    monkeypatch.setattr(decode, "_jitted_step", no_computation)
+    with pytest.raises(ValueError, match="causal"):
+        decode_sequence(model, variables, tokens, 0.5)
+    with pytest.raises(ValueError, match="causal"):
+        generate(model, variables, tokens[:, :4], 2, jax.random.key(0))
+    with pytest.raises(ValueError, match="causal"):
+        stream_evaluate(model, variables, stream, 0.5, progress=False)
+
+
+# ------------------------------------------------------------ command lines
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_config(**changes):
+    return train_preset("tiny", V).replace(**changes)
+
+
+def test_generate_cli_checks_prompt_ids_model_and_sampling_flags():
+    script = load_script("generate")
+    config = script_config()
+    # The prompt: known words whose ids the model cannot read, or no word at all.
+    vocab = Vocabulary(tuple(f"w{i}" for i in range(V + 3)))
+    np.testing.assert_array_equal(script.encode_prompt(vocab, "w3 w1", config.model), [[3, 1]])
+    with pytest.raises(ValueError, match=BAD_IDS):
+        script.encode_prompt(vocab, "w3 w98", config.model)
+    with pytest.raises(ValueError, match="at least one word"):
+        script.encode_prompt(vocab, "  ", config.model)
+    # The flags: renamed --sample_top_k (the MoE has its own top_k).
+    args = script.parse_args(
+        ["--workdir", "w", "--steps", "5", "--temperature", "0.5", "--sample_top_k", "3"]
+    )
+    assert args.sample_top_k == 3 and not hasattr(args, "top_k")
+    script.check_generate_flags(args, config, 2)
+    for flags, message in [
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(sample_top_k=0), "sample_top_k"),
+        (dict(sample_top_k=V + 1), "sample_top_k"),
+        (dict(steps=-1), "steps"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            script.check_generate_flags(argparse.Namespace(**{**vars(args), **flags}), config, 2)
+    with pytest.raises(ValueError, match="causal"):
+        script.check_generate_flags(args, script_config(causal=False), 2)
+
+
+def test_stream_cli_checks_the_model_and_skips_untrained_classifiers():
+    script = load_script("stream_early_exit")
+    args = script.parse_args(["--workdir", "w", "--batch_size", "1", "8"])
+    assert args.batch_size == [1, 8]
+    measures, skipped = script.check_stream_flags(args, script_config())
+    assert measures == ["softmax_max", "learned"] and skipped == {}
+    measures, skipped = script.check_stream_flags(args, script_config(exit_weighting="final"))
+    assert measures == ["softmax_max"] and "never trained" in skipped["learned"]
+    with pytest.raises(ValueError, match="causal"):
+        script.check_stream_flags(args, script_config(causal=False))
+    with pytest.raises(ValueError, match="batch_size"):
+        script.check_stream_flags(
+            script.parse_args(["--workdir", "w", "--batch_size", "0"]), script_config()
+        )

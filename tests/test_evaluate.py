@@ -11,6 +11,7 @@ from ee_jax.early_exit import ExitStats, early_exit_forward
 from ee_jax.model import EarlyExitLM
 
 CONFIG = tiny()
+BAD_IDS = r"token ids must be in \[0, vocab_size=97\)"
 THRESHOLDS = [0.0, 0.012, 0.02, 0.03, 0.05, 1.0]
 
 
@@ -135,3 +136,67 @@ def test_training_summary_averages_each_window_of_logged_rows(tmp_path):
     assert lines[4].startswith("| b | 1-25 |") and len(lines) == 5
     report.plot_training(runs, tmp_path / "training.png")
     assert (tmp_path / "training.png").stat().st_size > 1000
+
+
+def no_computation(*args, **kwargs):
+    raise AssertionError("the model ran before the stream was checked")
+
+
+@pytest.mark.parametrize("position, bad_id", [(500, CONFIG.vocab_size), (500, -1), (-1, 97)])
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda m, p, s: evaluate.exit_perplexities(m, p, s, progress=False),
+        lambda m, p, s: evaluate.collect_exit_scores(m, p, s, progress=False),
+        lambda m, p, s: evaluate.time_early_exit(m, p, s, [0.5], measure="softmax_max"),
+        lambda m, p, s: evaluate.real_loop_row(m, p, s, 0.5, "softmax_max", progress=False),
+        lambda m, p, s: evaluate.evaluate_checkpoint(
+            m, p, s, s, thresholds=[0.5], measures=["softmax_max"], progress=False
+        ),
+    ],
+    ids=["exit_perplexities", "collect_exit_scores", "time", "real_loop_row", "checkpoint"],
+)
+def test_streams_with_bad_ids_raise_before_the_model_runs(
+    setup, run, position, bad_id, monkeypatch
+):
+    # Given a stream with one id outside [0, V) (the last id is only ever a target).
+    model, params, ids, *_ = setup
+    ids = ids.copy()
+    ids[position] = bad_id
+    stream = make_lm_stream(ids, 4, CONFIG.n_seq, eos_id=0)
+    monkeypatch.setattr(model, "apply", no_computation, raising=False)
+    # Then every evaluation taking a stream raises the checker's error up front.
+    with pytest.raises(ValueError, match=BAD_IDS):
+        run(model, params, stream)
+
+
+def test_untrained_exit_classifiers_are_skipped_and_said_so(setup, capsys):
+    # Given a run trained with "final" weighting: only the last exit is scored, so the
+    # learned exit classifiers never trained (losses.lm_loss).
+    model, params, ids, _, _ = setup
+    stream = make_lm_stream(ids[:200], 4, CONFIG.n_seq, eos_id=0)
+    assert evaluate.untrained_measures("uniform", CONFIG.n_layers) == {}
+    assert evaluate.untrained_measures("linear", CONFIG.n_layers) == {}
+    assert "learned" in evaluate.untrained_measures("final", CONFIG.n_layers)
+    # When the checkpoint is evaluated with the learned measure requested.
+    results = evaluate.evaluate_checkpoint(
+        model,
+        params,
+        stream,
+        stream,
+        thresholds=[0.02, 1.0],
+        measures=["softmax_max", "learned"],
+        exit_weighting="final",
+        timing_windows=1,
+        progress=False,
+    )
+    # Then it is not evaluated, a note says why, and the results record it.
+    assert "note: not evaluating the 'learned' measure" in capsys.readouterr().out
+    assert results["measures"] == ["softmax_max"] and results["exit_weighting"] == "final"
+    assert "never trained" in results["skipped_measures"]["learned"]
+    assert {row["measure"] for row in results["sweep"]} == {"softmax_max"}
+    assert set(results["calibration"]) == set(results["timing"]) == {"softmax_max"}
+    assert [row["measure"] for row in results["real_loop"]] == ["softmax_max"]
+    # And asking for the learned measure alone is refused before any computation.
+    with pytest.raises(ValueError, match="no confidence measure left"):
+        evaluate.evaluated_measures(["learned"], "final", CONFIG.n_layers)
