@@ -6,7 +6,7 @@ import inspect
 import re
 from typing import Literal, get_args
 
-BKMethod = Literal["associative", "sequential"]
+BKMethod = Literal["auto", "associative", "sequential"]
 Unembedding = Literal["per_exit", "shared", "tied"]
 ExitWeighting = Literal["uniform", "linear", "final"]
 Output = Literal["full", "adaptive"]
@@ -39,7 +39,7 @@ class ModelConfig:
     z_imag: tuple[float, float] = (1.0, 1.0)  # Im z of the first and last head, log-spaced
     h0_diagonal: float = -2.0  # diagonal of H0 (discrete Laplacian: -2)
     h0_offdiagonal: float = 1.0  # off-diagonals of H0 (discrete Laplacian: 1)
-    bk_method: BKMethod = "associative"  # scan used by the BK core (same values)
+    bk_method: BKMethod = "auto"  # BK core scan; auto: sequential on CPU, else associative
     unembedding: Unembedding = "shared"  # per-exit matrices, one shared, or tied to the input
     use_bk: bool = True  # False drops the BK features (the ablation without sequence mixing)
     output: Output = (

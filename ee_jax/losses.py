@@ -96,7 +96,8 @@ def lm_loss(
     """The joint training loss and its parts.
 
     loss = sum_l weights[l] * CE_l + balance_weight * mean_l(balance_l) + BCE_exit,
-    where CE_l is exit l's mean cross-entropy over masked tokens and BCE_exit
+    where CE_l is exit l's mean cross-entropy over masked tokens, balance_l block
+    l's MoE balance loss with router statistics over masked tokens, and BCE_exit
     trains the learned exit classifiers to predict "exit l's argmax equals the
     final exit's argmax" (their input is stop-gradient: the backbone is not
     trained by it). Exits whose weight is 0 are not scored at all, and then the
@@ -122,7 +123,7 @@ def lm_loss(
     n_layers, total = model.config.n_layers, tokens.size
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     states, balance = model.apply(
-        params, tokens, dropout_rng is None, rngs=rngs, method=EarlyExitLM.hidden_states
+        params, tokens, dropout_rng is None, mask, rngs=rngs, method=EarlyExitLM.hidden_states
     )
     states = states.reshape(n_layers, total, -1)  # [L, T, D]
     targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)  # [T]

@@ -88,10 +88,15 @@ class BKBlock(nn.Module):
             self.bk_scale = self.param("bk_scale", nn.initializers.ones, ())
         self.dropout = nn.Dropout(self.config.dropout)
 
-    def __call__(self, h: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-        """[B, N, D] -> ([B, N, D], MoE load-balancing loss [])."""
+    def __call__(
+        self, h: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """[B, N, D] -> ([B, N, D], MoE load-balancing loss []).
+
+        mask [B, N] (1 = real token) weights the balance loss only; default all.
+        """
         x = self.norm(h)
-        update, balance_loss = self.moe(x)
+        update, balance_loss = self.moe(x, mask)
         if self.config.use_bk:
             update = update + self.bk_scale * self.bk(x)
         return h + self.dropout(update, deterministic=deterministic), balance_loss
@@ -238,16 +243,22 @@ class EarlyExitLM(nn.Module):
         h = self.embed_tokens(tokens) + self.position_embed[: tokens.shape[1]]
         return self.embed_dropout(h, deterministic=deterministic)
 
-    def block(self, h: jax.Array, layer, dropout_rng: jax.Array | None = None):
+    def block(self, h: jax.Array, layer, dropout_rng: jax.Array | None = None, mask=None):
         """Block `layer` (0-based, may be traced) on [B, N, D] -> ([B, N, D], loss []).
 
-        Dropout is on when `dropout_rng` is given (folded with the layer index).
+        Dropout is on when `dropout_rng` is given (folded with the layer index);
+        mask [B, N] (1 = real token) weights the MoE balance loss.
         """
         params = jax.tree.map(lambda p: p[layer], self.blocks)
+        return self._apply_block(params, h, layer, dropout_rng, mask)
+
+    def _apply_block(self, params, h, layer, dropout_rng, mask):
+        """One block with its own (unstacked) parameters; see `block`."""
+        block = BKBlock(self.config, parent=None)
         if dropout_rng is None:
-            return BKBlock(self.config, parent=None).apply({"params": params}, h, True)
+            return block.apply({"params": params}, h, True, mask)
         rngs = {"dropout": jax.random.fold_in(dropout_rng, layer)}
-        return BKBlock(self.config, parent=None).apply({"params": params}, h, False, rngs=rngs)
+        return block.apply({"params": params}, h, False, mask, rngs=rngs)
 
     def embed_position(self, tokens: jax.Array, position) -> jax.Array:
         """[B] ids at one (traced) position -> [B, D]."""
@@ -328,16 +339,26 @@ class EarlyExitLM(nn.Module):
 
     # ------------------------------------------------------------ full passes
 
-    def hidden_states(self, tokens: jax.Array, deterministic: bool = True):
-        """Every block's output via lax.scan: ([L, B, N, D], balance losses [L])."""
+    def hidden_states(
+        self, tokens: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+    ):
+        """Every block's output via lax.scan: ([L, B, N, D], balance losses [L]).
+
+        mask [B, N] (1 = scored token) keeps padding out of the MoE balance loss.
+        The scan's xs are the stacked block parameters themselves (with the layer
+        index, for dropout keys): slicing a closed-over stack instead makes the
+        backward pass accumulate a full [L, ...] gradient in every step, O(L^2).
+        """
         h = self.embed(tokens, deterministic)
         dropout_rng = None if deterministic else self.make_rng("dropout")
 
-        def step(h, layer):
-            h, balance_loss = self.block(h, layer, dropout_rng)
+        def step(h, layer_inputs):
+            params, layer = layer_inputs
+            h, balance_loss = self._apply_block(params, h, layer, dropout_rng, mask)
             return h, (h, balance_loss)
 
-        _, (states, balance_losses) = jax.lax.scan(step, h, jnp.arange(self.config.n_layers))
+        layers = jnp.arange(self.config.n_layers)
+        _, (states, balance_losses) = jax.lax.scan(step, h, (self.blocks, layers))
         return states, balance_losses
 
     def exit_logits(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:

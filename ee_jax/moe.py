@@ -18,14 +18,18 @@ class MoEFeedForward(nn.Module):
 
     Returns (output [..., D], load-balancing loss []). The loss is
     E * sum_e f_e * P_e, with f_e the fraction of routed slots that picked
-    expert e and P_e its mean gate probability: 1.0 when perfectly balanced.
+    expert e and P_e its mean gate probability, both over the tokens the mask
+    keeps (padding must not steer the router). It is 1 when either f or P is
+    uniform and E when every token goes to one expert with gate 1; it is not
+    bounded below by 1 (f and P can disagree), so it is a penalty, not a distance.
     """
 
     num_experts: int
     top_k: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x [..., D], mask [...] (1 = token counts in the balance loss; default all)."""
         batch_shape, width = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, width)  # [T, D]
         gates = jax.nn.softmax(nn.Dense(self.num_experts, name="router")(tokens))  # [T, E]
@@ -34,7 +38,9 @@ class MoEFeedForward(nn.Module):
         outputs = self._ragged_dense(hidden, experts, width, "down", repeat=False)  # [T*k, D]
         outputs = outputs.reshape(-1, self.top_k, width)  # [T, k, D]
         mixed = jnp.einsum("tkd,tk->td", outputs, top_gates)  # [T, D]
-        return mixed.reshape(*batch_shape, width), self._balance_loss(gates, experts)
+        weights = jnp.ones(batch_shape) if mask is None else mask.astype(jnp.float32)
+        balance_loss = self._balance_loss(gates, experts, weights.reshape(-1))
+        return mixed.reshape(*batch_shape, width), balance_loss
 
     def _ragged_dense(self, inputs, experts, features, name, *, repeat=True):
         """Each row times its expert's matrix; [T*k, F]. Rows are in (token, slot) order.
@@ -57,7 +63,12 @@ class MoEFeedForward(nn.Module):
         unsorted = jnp.zeros_like(product).at[order].set(product)  # [T*k, F]
         return unsorted + bias[flat_experts]
 
-    def _balance_loss(self, gates: jax.Array, experts: jax.Array) -> jax.Array:
+    def _balance_loss(self, gates: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+        """E * sum_e f_e P_e with mask-weighted means over tokens; gates [T, E],
+        experts [T, k], weights [T] (0 for padding). 0 when no token is kept."""
+        total = jnp.maximum(weights.sum(), 1.0)
         routed = jax.nn.one_hot(experts, self.num_experts).sum(axis=1)  # [T, E]
-        fraction = routed.mean(axis=0) / self.top_k  # [E]
-        return self.num_experts * jnp.sum(fraction * gates.mean(axis=0))
+        # Sums rather than matmuls: exact float32 on backends whose default matmul is bf16.
+        fraction = jnp.sum(weights[:, None] * routed, axis=0) / (total * self.top_k)  # [E]
+        probability = jnp.sum(weights[:, None] * gates, axis=0) / total  # [E]
+        return self.num_experts * jnp.sum(fraction * probability)

@@ -3,8 +3,8 @@
 The work directory holds `config.json`, `vocab.txt` (the words of the ids),
 `metrics.jsonl` (one strict-JSON row per logged step) and `checkpoints/`. A run
 resumes from its latest checkpoint: the batch of step s is a pure function of s
-(`data.train_batch`) and so is the dropout key (`fold_in(key, s)`), so an
-interrupted run continues exactly where it stopped.
+(`data.train_batch`) and so are its keys (`step_keys`: the run's named keys
+folded with s), so an interrupted run continues exactly where it stopped.
 """
 
 import contextlib
@@ -56,26 +56,41 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """The run's named keys, split once from `jax.random.key(seed)`: "init"
+    (parameters), "dropout" and "sample" (the positions scoring the early exits).
+    Seeds s and s + 1 share no key (once, seed s's dropout key was key(s + 1),
+    the init key of seed s + 1)."""
+    names = ("init", "dropout", "sample")
+    return dict(zip(names, jax.random.split(jax.random.key(seed), len(names)), strict=True))
+
+
+def step_keys(keys: dict[str, jax.Array], step) -> dict[str, jax.Array]:
+    """The keys of training step `step` (`train_step`'s rngs): each named key
+    but "init" folded with the step."""
+    return {name: jax.random.fold_in(keys[name], step) for name in ("dropout", "sample")}
+
+
 def init_state(config: TrainConfig) -> TrainState:
     model = EarlyExitLM(config.model)
     tokens = jnp.zeros((1, config.model.n_seq), jnp.int32)
-    params = model.init(jax.random.key(config.seed), tokens)
+    params = model.init(run_keys(config.seed)["init"], tokens)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config).init(params)
     )
 
 
 def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = None):
-    """Returns train_step(state, batch, rng) -> (state, metrics), not yet jitted.
+    """Returns train_step(state, batch, rngs) -> (state, metrics), not yet jitted.
 
+    rngs: {"dropout": key, "sample": key} of the step (`step_keys`).
     capacities: static gather size per adaptive tail cluster (`stream_capacities`).
     """
     model = EarlyExitLM(config.model)
     optimizer = make_optimizer(config)
     weights = exit_weights(config.model.n_layers, config.exit_weighting)
 
-    def loss_fn(params, batch: Batch, rng):
-        dropout_rng, sample_rng = jax.random.split(rng)
+    def loss_fn(params, batch: Batch, rngs):
         return lm_loss(
             model,
             params,
@@ -84,14 +99,16 @@ def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = No
             batch.mask,
             weights=weights,
             balance_weight=config.balance_weight,
-            dropout_rng=dropout_rng,
+            dropout_rng=rngs["dropout"],
             exit_token_fraction=config.exit_token_fraction,
-            sample_rng=sample_rng,
+            sample_rng=rngs["sample"],
             tail_capacities=capacities,
         )
 
-    def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    def train_step(state: TrainState, batch: Batch, rngs: dict[str, jax.Array]):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, rngs
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -232,7 +249,7 @@ def train(
             donate_argnums=0,
             out_shardings=(replicated, replicated),
         )
-        base_rng = jax.random.key(config.seed + 1)
+        keys = run_keys(config.seed)
         tokens_per_step = config.batch_size * config.model.n_seq
         bar = tqdm(
             range(start, end),
@@ -246,7 +263,7 @@ def train(
         with bar, _stop_signals() as stop:
             for step in bar:
                 batch = global_batch(train_batch(stream, step), sharded)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                state, metrics = step_fn(state, batch, step_keys(keys, step))
                 if step == start:  # this process's first step includes compilation: timed alone
                     jax.block_until_ready(state)
                     compile_s = time.perf_counter() - timer

@@ -280,4 +280,26 @@ def test_bad_input_names_the_argument(arguments, message):
 
 
 def test_methods_constant_lists_every_method():
-    assert set(bk_core.METHODS) == set(METHODS)
+    assert set(bk_core.METHODS) == {*METHODS, "auto"}
+
+
+@pytest.mark.parametrize(
+    "backend, expected", [("cpu", "sequential"), ("gpu", "associative"), ("tpu", "associative")]
+)
+def test_auto_resolves_by_backend_and_explicit_methods_pass_through(backend, expected):
+    assert bk_core.resolve_method("auto", backend) == expected
+    for method in METHODS:
+        assert bk_core.resolve_method(method, backend) == method
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_auto_equals_the_current_backends_method_and_the_reference(causal):
+    # Given the seed's system, when "auto" and the backend's explicit method run.
+    diag, upper, lower = laplacian_system(17)
+    explicit = "sequential" if jax.default_backend() == "cpu" else "associative"
+    compute = functools.partial(resolvent_diagonal, diag, upper, lower, 1j, causal=causal)
+    auto = compute(method="auto")
+    # Then they are the same computation, bit for bit, and match the float64 inverse.
+    np.testing.assert_array_equal(auto, compute(method=explicit))
+    reference = reference_dense(diag, upper, lower, 1j, causal)
+    assert max_relative_error(auto, reference) <= TOLERANCE["float32"]

@@ -2,11 +2,13 @@
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TOLERANCE
 
+from ee_jax.bk_core import resolve_method
 from ee_jax.config import ModelConfig, tiny
 from ee_jax.losses import exit_weights, lm_loss
 from ee_jax.model import EarlyExitLM
@@ -124,12 +126,77 @@ def test_moe_equals_dense_reference_and_trains_its_router(top_k):
     params = moe.init(jax.random.key(1), x)["params"]
     # When it runs (ragged expert products) and when every expert runs densely.
     output, balance = moe.apply({"params": params}, x)
-    # Then the outputs agree, the balance loss is >= 1 (1 = perfectly balanced)...
+    # Then the outputs agree, the balance loss is E * sum_e f_e P_e...
     np.testing.assert_allclose(output, dense_moe_reference(params, x, top_k), atol=1e-5)
-    assert float(balance) >= 1.0 - 1e-6
+    want = balance_loss_reference(params, x, np.ones(len(x)), top_k)
+    np.testing.assert_allclose(balance, want, rtol=TOLERANCE["float32"])
     # ...and the router gets a non-zero gradient through the gates.
     gradient = jax.grad(lambda p: jnp.sum(moe.apply({"params": p}, x)[0] ** 2))(params)
     assert float(jnp.abs(gradient["router"]["kernel"]).max()) > 0
+
+
+def balance_loss_reference(params, x, mask, top_k):
+    """float64 NumPy: E * sum_e f_e P_e over the tokens with mask 1 only."""
+    width = x.shape[-1]
+    keep = np.asarray(mask, bool).reshape(-1)
+    x = np.asarray(x, np.float64).reshape(-1, width)[keep]  # [T', D]
+    router = {k: np.asarray(v, np.float64) for k, v in params["router"].items()}
+    logits = x @ router["kernel"] + router["bias"]  # [T', E]
+    gates = np.exp(logits - logits.max(axis=1, keepdims=True))
+    gates /= gates.sum(axis=1, keepdims=True)
+    experts = np.argsort(-gates, axis=1, kind="stable")[:, :top_k]  # [T', k]
+    num_experts = gates.shape[1]
+    fraction = np.bincount(experts.ravel(), minlength=num_experts) / experts.size
+    return num_experts * np.sum(fraction * gates.mean(axis=0))
+
+
+def moe_with_router(x, kernel, bias, top_k=1):
+    """Balance loss of a MoE layer whose router is set to (kernel, bias)."""
+    moe = MoEFeedForward(num_experts=len(bias), top_k=top_k)
+    params = dict(moe.init(jax.random.key(0), x)["params"])
+    params["router"] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+    return float(moe.apply({"params": params}, x)[1])
+
+
+def test_balance_loss_is_one_when_balanced_and_num_experts_when_collapsed():
+    num_experts = 4
+    # Balanced routing: token t goes to expert t mod E (router = identity on one-hot-ish
+    # inputs, gates far from uniform). f is uniform, so the loss is sum_e P_e = 1.
+    x = 3.0 * jnp.eye(num_experts)[jnp.arange(12) % num_experts]  # [12, E], D = E
+    identity, zeros = np.eye(num_experts), np.zeros(num_experts)
+    assert moe_with_router(x, identity, zeros) == pytest.approx(1.0, abs=1e-6)
+    # Uniform gates (a zero router; every tie goes to expert 0): P is uniform, loss 1.
+    assert moe_with_router(x, 0 * identity, zeros) == pytest.approx(1.0, abs=1e-6)
+    # Collapse: every token to expert 0 with gate 1, the maximum E.
+    collapsed = np.array([100.0, 0.0, 0.0, 0.0])
+    assert moe_with_router(x, 0 * identity, collapsed) == pytest.approx(num_experts, abs=1e-6)
+
+
+def test_balance_loss_can_be_below_one():
+    # The review's counterexample, E = 2: gates (0.51, 0.49), (0, 1), (0.51, 0.49) route
+    # to experts 0, 1, 0: f = (2/3, 1/3), P = (0.34, 0.66), loss 2 * (0.2267 + 0.22).
+    gates = np.array([[0.51, 0.49], [1e-30, 1.0], [0.51, 0.49]])
+    x = jnp.asarray(np.log(gates), jnp.float32)  # router = identity: logits = log gates
+    assert moe_with_router(x, np.eye(2), np.zeros(2)) == pytest.approx(0.89333, abs=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_masked_balance_loss_counts_only_kept_tokens(top_k):
+    # Given tokens [B, N, D] and a mask dropping a suffix of one row and a middle token.
+    x = jax.random.normal(jax.random.key(0), (2, 10, 8))
+    mask = jnp.ones((2, 10)).at[1, 6:].set(0).at[0, 3].set(0)
+    moe = MoEFeedForward(num_experts=4, top_k=top_k)
+    params = moe.init(jax.random.key(1), x)["params"]
+    # When the layer runs with the mask, and on the kept tokens alone without one.
+    output, balance = moe.apply({"params": params}, x, mask)
+    unmasked_output, _ = moe.apply({"params": params}, x)
+    _, kept_only = moe.apply({"params": params}, x[np.asarray(mask, bool)])
+    # Then the loss is the float64 reference over kept tokens (and equals the layer on
+    # them alone), and the mask changes no output.
+    want = balance_loss_reference(params, x, mask, top_k)
+    np.testing.assert_allclose(balance, want, rtol=TOLERANCE["float32"])
+    np.testing.assert_allclose(balance, kept_only, rtol=TOLERANCE["float32"])
+    np.testing.assert_array_equal(output, unmasked_output)
 
 
 def test_moe_output_of_a_token_ignores_the_rest_of_the_batch():
@@ -215,7 +282,7 @@ def test_chunked_loss_gradient_equals_autodiff_of_materialised_log_softmax(token
         log_probs = jax.nn.log_softmax(logits)
         nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], -1)[..., 0]
         per_exit = jnp.sum(nll * mask, axis=(1, 2)) / mask.sum()
-        _, balance = model.apply(v, tokens, method=EarlyExitLM.hidden_states)
+        _, balance = model.apply(v, tokens, True, mask, method=EarlyExitLM.hidden_states)
         return jnp.dot(weights, per_exit) + 0.01 * balance.mean()
 
     # When both are differentiated.
@@ -262,3 +329,153 @@ def test_only_the_bk_features_carry_context(tokens, use_bk):
     before, after = model.apply(variables, tokens), model.apply(variables, changed)
     later = float(jnp.max(jnp.abs(before[:, t + 1 :] - after[:, t + 1 :])))
     assert (later > 1e-3) if use_bk else (later == 0.0)
+
+
+def joint_loss(model, variables, tokens, targets, mask):
+    return lm_loss(
+        model,
+        variables,
+        tokens,
+        targets,
+        mask,
+        weights=exit_weights(model.config.n_layers, "uniform"),
+        balance_weight=0.5,
+        dropout_rng=jax.random.key(3),
+    )
+
+
+def test_masked_out_positions_change_neither_loss_nor_gradients(tokens):
+    # Given two batches that differ only where the mask is 0 (padding at the end of
+    # each row, as the last window of a stream has), with dropout on.
+    config = CONFIG.replace(dropout=0.1)
+    model, variables = init(config, tokens)
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = jnp.ones_like(tokens).at[0, 11:].set(0).at[1, 6:].set(0)
+    padded = jnp.where(mask == 1, tokens, (tokens * 7 + 3) % config.vocab_size)
+    padded_targets = jnp.where(mask == 1, targets, 0)
+    assert not np.array_equal(padded, tokens)
+    # When the joint loss and its gradients are computed for both.
+    grad = jax.value_and_grad(joint_loss, argnums=1, has_aux=True)
+    (loss, metrics), gradients = grad(model, variables, tokens, targets, mask)
+    (loss_padded, metrics_padded), gradients_padded = grad(
+        model, variables, padded, padded_targets, mask
+    )
+    # Then the balance loss, the whole loss and every gradient are the same.
+    assert float(metrics["balance_loss"]) == pytest.approx(float(metrics_padded["balance_loss"]))
+    np.testing.assert_allclose(loss, loss_padded, rtol=1e-6)
+    leaves = jax.tree.leaves(gradients_padded), jax.tree.leaves(gradients)
+    for got, want in zip(*leaves, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_model_balance_losses_equal_reference_over_unmasked_tokens(tokens):
+    # Given a mask and each block's input (the embedding, then the previous block's).
+    config = CONFIG.replace(top_k=2)
+    model, variables = init(config, tokens)
+    mask = jnp.ones_like(tokens).at[0, 12:].set(0).at[1, 3:].set(0)
+    states, balance = model.apply(variables, tokens, True, mask, method=EarlyExitLM.hidden_states)
+    inputs = [model.apply(variables, tokens, method=EarlyExitLM.embed), *states[:-1]]
+    blocks = variables["params"]["blocks"]
+    for layer, h in enumerate(inputs):
+        # When the router statistics are recomputed in float64 on LN(h) of kept tokens.
+        h = np.asarray(h, np.float64)
+        norm = {name: np.asarray(p[layer], np.float64) for name, p in blocks["norm"].items()}
+        x = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+        x = x * norm["scale"] + norm["bias"]
+        router = {"router": {name: p[layer] for name, p in blocks["moe"]["router"].items()}}
+        want = balance_loss_reference(router, x, mask, config.top_k)
+        # Then each block's balance loss is that reference.
+        np.testing.assert_allclose(balance[layer], want, rtol=TOLERANCE["float32"])
+
+
+def python_loop_hidden_states(module, tokens, deterministic, mask):
+    """Reference: `block(h, layer)` in a Python loop, drawing the same dropout keys."""
+    h = module.embed(tokens, deterministic)
+    dropout_rng = None if deterministic else module.make_rng("dropout")
+    states, losses = [], []
+    for layer in range(module.config.n_layers):
+        h, balance = module.block(h, layer, dropout_rng, mask)
+        states.append(h)
+        losses.append(balance)
+    return jnp.stack(states), jnp.stack(losses)
+
+
+def test_scan_over_stacked_params_equals_python_loop_values_and_gradients(tokens):
+    # Given dropout on and a mask.
+    config = CONFIG.replace(dropout=0.1)
+    model, variables = init(config, tokens)
+    mask = jnp.ones_like(tokens).at[1, 9:].set(0)
+    rngs = {"dropout": jax.random.key(5)}
+
+    def summary(v, method):
+        states, balance = model.apply(v, tokens, False, mask, rngs=rngs, method=method)
+        return jnp.sum(jnp.sin(states)) + jnp.sum(balance), (states, balance)
+
+    # When the scanned hidden states and the loop are evaluated and differentiated.
+    grad = jax.grad(summary, has_aux=True)
+    got_grad, (got_states, got_balance) = grad(variables, EarlyExitLM.hidden_states)
+    want_grad, (want_states, want_balance) = grad(variables, python_loop_hidden_states)
+    # Then values and gradients agree to float32 rounding (the two programs fuse
+    # differently; the same dropout keys, else the difference would be O(1)).
+    tolerance = dict(rtol=TOLERANCE["float32"], atol=1e-6)
+    np.testing.assert_allclose(got_states, want_states, **tolerance)
+    np.testing.assert_allclose(got_balance, want_balance, **tolerance)
+    for got, want in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        scale = max(1.0, float(jnp.abs(want).max()))
+        np.testing.assert_allclose(got, want, atol=TOLERANCE["float32"] * scale)
+
+
+def scan_carry_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of the carries of every lax.scan in a (closed) jaxpr, nested ones too."""
+    shapes = []
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "scan":
+            start = equation.params["num_consts"]
+            carries = equation.invars[start : start + equation.params["num_carry"]]
+            shapes += [tuple(v.aval.shape) for v in carries]
+        for sub in jax.extend.core.jaxprs_in_params(equation.params):
+            shapes += scan_carry_shapes(sub)
+    return shapes
+
+
+def test_backward_scan_carries_no_full_stack_of_block_gradients(tokens):
+    # Given the stacked block parameters [L, ...] (shapes unique in this model).
+    model, variables = init(CONFIG, tokens)
+    stacked = {tuple(p.shape) for p in jax.tree.leaves(variables["params"]["blocks"])}
+    stacked = {s for s in stacked if len(s) >= 3}  # kernels; not confusable with h [B, N, D]
+
+    def loss(v):
+        states, balance = model.apply(v, tokens, method=EarlyExitLM.hidden_states)
+        return jnp.sum(states) + jnp.sum(balance)
+
+    # When the gradient is traced.
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables).jaxpr
+    # Then no scan carries an [L, ...] accumulator of block gradients (scanning over
+    # the parameters returns each layer's gradient as a scan output instead).
+    carried = set(scan_carry_shapes(jaxpr))
+    assert stacked and not (carried & stacked), carried & stacked
+
+
+def test_block_with_a_traced_layer_index_still_works(tokens):
+    model, variables = init(CONFIG, tokens)
+    h = model.apply(variables, tokens, method=EarlyExitLM.embed)
+    run = jax.jit(lambda layer: model.apply(variables, h, layer, method=EarlyExitLM.block)[0])
+    states, _ = model.apply(variables, tokens, method=EarlyExitLM.hidden_states)
+    np.testing.assert_allclose(run(0), states[0], atol=1e-6)
+
+
+def test_auto_bk_method_is_the_backends_method_and_methods_agree(tokens):
+    # Given the default config ("auto") and both explicit methods.
+    assert ModelConfig(vocab_size=5).bk_method == "auto" and CONFIG.bk_method == "auto"
+    explicit = resolve_method("auto")
+    assert explicit == ("sequential" if jax.default_backend() == "cpu" else "associative")
+    model, variables = init(CONFIG, tokens)
+    outputs = {
+        method: EarlyExitLM(CONFIG.replace(bk_method=method)).apply(variables, tokens)
+        for method in ("auto", "associative", "sequential")
+    }
+    # Then "auto" is exactly the backend's method, and the two methods agree.
+    np.testing.assert_array_equal(outputs["auto"], outputs[explicit])
+    np.testing.assert_allclose(
+        outputs["associative"], outputs["sequential"], rtol=TOLERANCE["float32"], atol=1e-5
+    )

@@ -20,7 +20,7 @@ from ee_jax import cli
 from ee_jax import train as train_lib
 from ee_jax.checkpoint import CheckpointError
 from ee_jax.config import train_preset
-from ee_jax.data import Corpus, Vocabulary, load_wikitext2, make_lm_stream
+from ee_jax.data import Batch, Corpus, Vocabulary, load_wikitext2, make_lm_stream
 from ee_jax.evaluate import exit_perplexities
 from ee_jax.model import EarlyExitLM
 
@@ -208,6 +208,48 @@ def test_a_save_orbax_declines_raises(tmp_path):
     checkpointer.close()
 
 
+def test_run_keys_split_one_seed_into_distinct_named_keys():
+    # Given the named keys of seeds 0..3 and the keys of their first steps.
+    def data(key):
+        return tuple(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+    keys = []
+    for seed in range(4):
+        named = train_lib.run_keys(seed)
+        keys.append(named["init"])
+        keys += [k for step in range(3) for k in train_lib.step_keys(named, step).values()]
+    # Then seed s's dropout key is not seed s + 1's init key, and no two keys coincide
+    # (dropout, sampling and initialisation draw independent streams).
+    for seed in range(3):
+        dropout, init = train_lib.run_keys(seed)["dropout"], train_lib.run_keys(seed + 1)["init"]
+        assert data(dropout) != data(init)
+        assert data(dropout) != data(jax.random.key(seed + 1))  # the old scheme's dropout key
+    assert len({data(k) for k in keys}) == len(keys)
+
+
+def test_init_uses_the_init_key_and_steps_are_deterministic():
+    # Given the tiny preset with dropout and a batch.
+    config = train_preset("tiny", 97).replace(dropout=0.1, exit_token_fraction=0.5)
+    state = train_lib.init_state(config)
+    tokens = jax.random.randint(jax.random.key(0), (4, config.model.n_seq), 0, 97)
+    batch = Batch(tokens, jnp.roll(tokens, -1, 1), jnp.ones_like(tokens, bool))
+    # When the parameters are compared with an init from the named key, and one step
+    # runs twice with the same keys and once with the next step's keys.
+    expected = EarlyExitLM(config.model).init(
+        train_lib.run_keys(config.seed)["init"], jnp.zeros((1, config.model.n_seq), jnp.int32)
+    )
+    step = jax.jit(train_lib.make_train_step(config))
+    keys = train_lib.run_keys(config.seed)
+    first, again = (step(state, batch, train_lib.step_keys(keys, 0))[1] for _ in range(2))
+    other = step(state, batch, train_lib.step_keys(keys, 1))[1]
+    # Then the parameters are that init, equal keys give equal steps and other keys
+    # (dropout and the sampled positions) another loss.
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert float(first["loss"]) == float(again["loss"])
+    assert float(first["loss"]) != float(other["loss"])
+
+
 DATA_PARALLEL_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from ee_jax import train
@@ -219,7 +261,7 @@ state = train.init_state(config)
 tokens = jax.random.randint(jax.random.key(0), (8, config.model.n_seq), 0, 97)
 batch = Batch(tokens, jnp.roll(tokens, -1, 1), jnp.ones_like(tokens, bool))
 step = train.make_train_step(config)
-rng = jax.random.key(1)
+rng = train.step_keys(train.run_keys(1), 0)
 single = jax.jit(step)(state, batch, rng)
 replicated, sharded = train.data_parallel(train.make_mesh())
 parallel = jax.jit(step)(jax.device_put(state, replicated), train.global_batch(batch, sharded), rng)
