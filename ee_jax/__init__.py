@@ -1,28 +1,154 @@
-"""ee_jax: early-exit ResNet-BK language models in JAX/Flax."""
+"""ee_jax: early-exit ResNet-BK language models in JAX/Flax.
 
+The main names are importable from the package (`from ee_jax import EarlyExitLM,
+ModelConfig, early_exit_forward, generate`); each is imported from its module on
+first use, so `import ee_jax` stays cheap and changes no JAX setting. The
+modules stay importable by name (`from ee_jax import train`: the training module,
+whose `train.train` trains).
+"""
+
+import importlib
 import os
 import pathlib
-
-import jax
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_REPO_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
+# name -> module that defines it
+_EXPORTS = {
+    "ModelConfig": "config",
+    "TrainConfig": "config",
+    "ExitMeasure": "config",
+    "train_preset": "config",
+    "EarlyExitLM": "model",
+    "early_exit_forward": "early_exit",
+    "ExitInfo": "early_exit",
+    "ExitStats": "early_exit",
+    "generate": "decode",
+    "decode_sequence": "decode",
+    "stream_evaluate": "decode",
+    "Corpus": "data",
+    "LMStream": "data",
+    "Vocabulary": "data",
+    "load_wikitext2": "data",
+    "make_lm_stream": "data",
+    "TrainState": "train",
+    "restore_params": "train",
+    "exit_perplexities": "evaluate",
+    "evaluate_checkpoint": "evaluate",
+    "CheckpointError": "checkpoint",
+}
+
+__all__ = [  # the lazily imported names of _EXPORTS and this module's own
+    "ModelConfig",
+    "TrainConfig",
+    "ExitMeasure",
+    "train_preset",
+    "EarlyExitLM",
+    "early_exit_forward",
+    "ExitInfo",
+    "ExitStats",
+    "generate",
+    "decode_sequence",
+    "stream_evaluate",
+    "Corpus",
+    "LMStream",
+    "Vocabulary",
+    "load_wikitext2",
+    "make_lm_stream",
+    "TrainState",
+    "restore_params",
+    "exit_perplexities",
+    "evaluate_checkpoint",
+    "CheckpointError",
+    "enable_compilation_cache",
+    "load_run",
+    "user_cache_dir",
+]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the names; runtime imports them lazily
+    from ee_jax.checkpoint import CheckpointError
+    from ee_jax.config import ExitMeasure, ModelConfig, TrainConfig, train_preset
+    from ee_jax.data import Corpus, LMStream, Vocabulary, load_wikitext2, make_lm_stream
+    from ee_jax.decode import decode_sequence, generate, stream_evaluate
+    from ee_jax.early_exit import ExitInfo, ExitStats, early_exit_forward
+    from ee_jax.evaluate import evaluate_checkpoint, exit_perplexities
+    from ee_jax.model import EarlyExitLM
+    from ee_jax.train import TrainState, restore_params
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ee_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ee_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def load_run(
+    workdir: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    step: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verify_checksums: bool = True,
+):
+    """Loads a trained run for a notebook or script: `model.apply(variables, tokens)`.
+
+    Args:
+      workdir: the training run folder (config.json, vocab.txt, checkpoints/).
+      data_dir: the WikiText-2 folder the run was trained on (default
+        `$EE_JAX_DATA_DIR`, else download); its vocabulary must be the run's.
+      step: the checkpoint step (default: the latest).
+      cache_dir: the prepared-data cache folder (default `~/.cache/ee_jax/tfds`).
+      verify_checksums: check the data files against wikitext-2-v1 (turn off for
+        a custom corpus laid out as WikiText-2).
+
+    Returns:
+      (EarlyExitLM, {"params": ...}, Vocabulary, TrainConfig).
+
+    Raises:
+      CheckpointError: missing or damaged run, or one trained with another vocabulary.
+      DataError: the corpus cannot be read.
+    """
+    from ee_jax.model import EarlyExitLM
+    from ee_jax.train import restore_run
+
+    config, variables, _, corpus = restore_run(
+        workdir, step, data_dir=data_dir, cache_dir=cache_dir, verify_checksums=verify_checksums
+    )
+    return EarlyExitLM(config.model), variables, corpus.vocab, config
+
+
+def user_cache_dir() -> pathlib.Path:
+    """`$EE_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/ee_jax/jax`, else `~/.cache/ee_jax/jax`."""
+    if os.environ.get("EE_JAX_CACHE_DIR"):
+        return pathlib.Path(os.environ["EE_JAX_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base).expanduser() / "ee_jax" / "jax"
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path:
     """Turns on JAX's persistent compilation cache (an associative scan takes
     seconds to compile on CPU; a cache hit takes a fraction of a second).
 
+    This changes process-wide JAX settings, so only scripts, notebooks and test
+    set-ups call it; importing ee_jax changes none.
+
     Args:
-      directory: where compiled programs go; default `$EE_JAX_CACHE_DIR`, else the
-        repository's ignored `.cache/jax` folder.
+      directory: where compiled programs go; default `user_cache_dir()` (never
+        inside the installed package).
 
     Returns:
       The absolute cache directory.
     """
-    path = pathlib.Path(directory or os.environ.get("EE_JAX_CACHE_DIR") or _REPO_CACHE)
-    path = path.expanduser().resolve()
+    import jax
+
+    path = pathlib.Path(directory or user_cache_dir()).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

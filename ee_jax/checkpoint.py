@@ -6,7 +6,9 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 VOCAB_FILE = "vocab.txt"  # the run's words, one per line (utf-8): line i is id i
 
@@ -86,15 +88,18 @@ class Checkpointer:
         """
         self.wait()
         later = [s for s in self.steps() if s > step]
-        for later_step in later:
+        sync_processes("ee_jax.checkpoint.listed_steps")  # every process saw them before
+        for later_step in later if jax.process_index() == 0 else []:  # one process moves
             target = folder / str(later_step)
             suffix = 1
             while target.exists():
                 target, suffix = folder / f"{later_step}.{suffix}", suffix + 1
             folder.mkdir(parents=True, exist_ok=True)
             os.replace(self.directory / str(later_step), target)
+        sync_processes("ee_jax.checkpoint.set_aside_after")
         if later:
             self.manager.reload()
+        if later and jax.process_index() == 0:
             print(
                 f"resuming from step {step}: moved the later checkpoints {later} to {folder} "
                 f"(delete them when no longer needed)",
@@ -104,6 +109,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process reaches this point (nothing on a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def write_atomic(path: pathlib.Path, data: bytes) -> None:

@@ -84,10 +84,10 @@ def write_json(path: str | pathlib.Path, value, **kwargs) -> None:
 
 
 def load_run(args: argparse.Namespace, step: int | None = None):
-    """(TrainConfig, {"params": ...}, step, Corpus) of --workdir and the data flags.
+    """(TrainConfig, {"params": ...}, step, Corpus) of --workdir and the data flags
+    (`train.restore_run`, as `ee_jax.load_run`).
 
     The run must have been trained with the corpus's vocabulary (CheckpointError).
     """
     corpus = load_wikitext2(args.data_dir, cache_dir=args.cache_dir)
-    config, params, step = train.restore_params(args.workdir, step, vocab=corpus.vocab)
-    return config, params, step, corpus
+    return train.restore_run(args.workdir, step, corpus=corpus)

@@ -33,7 +33,7 @@ from ee_jax.checkpoint import (
     write_atomic,
 )
 from ee_jax.config import TrainConfig
-from ee_jax.data import Batch, LMStream, Vocabulary, train_batch
+from ee_jax.data import Batch, Corpus, LMStream, Vocabulary, load_wikitext2, train_batch
 from ee_jax.losses import exit_weights, lm_loss, tail_capacities
 from ee_jax.model import EarlyExitLM
 
@@ -194,6 +194,11 @@ def train(
     SIGINT (Ctrl-C) and SIGTERM stop training after the current step, save it
     and raise TrainingInterrupted; a second signal acts as usual.
 
+    On several processes (after `jax.distributed.initialize()`) every process
+    calls this with the same arguments and a shared `workdir`: all of them save
+    and restore the checkpoints (orbax coordinates them), process 0 alone writes
+    config.json, vocab.txt and metrics.jsonl and shows the progress bar.
+
     Args:
       config: the training configuration.
       stream: training windows (`data.make_lm_stream` with config.batch_size).
@@ -231,7 +236,7 @@ def train(
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     try:
         state, changes = _resume(
-            config, workdir, checkpointer, vocab, resume_step, allow_config_change
+            config, workdir, checkpointer, vocab, resume_step, allow_config_change, replicated
         )
         start = int(state.step)
         if start > end:
@@ -239,8 +244,9 @@ def train(
                 f"the checkpoint resumed from is at step {start}, after the last step asked "
                 f"for ({end}: steps={config.steps}, stop_at_step={stop_at_step})"
             )
-        state = jax.device_put(state, replicated)
-        metrics_file, pending = _truncate_metrics(workdir / "metrics.jsonl", start)
+        metrics_file, pending = workdir / "metrics.jsonl", []
+        if _is_primary():
+            metrics_file, pending = _truncate_metrics(metrics_file, start)
         pending = pending if start else []  # a fresh run inherits no changes
         if changes:
             pending.append({"from_step": start, "fields": changes})
@@ -255,7 +261,7 @@ def train(
             range(start, end),
             initial=start,
             total=config.steps,
-            disable=not progress,
+            disable=not progress or not _is_primary(),
             desc="train",
             unit="step",
         )
@@ -271,11 +277,15 @@ def train(
                     timed_steps += 1
                 # A config change is logged at once, so a signal cannot lose it.
                 log = step == 0 or (step + 1) % config.log_every == 0 or step + 1 == config.steps
-                if log or pending:
+                # Every process fetches the same steps (pending is process 0's, and only
+                # ever at the start), so all stop together on a non-finite loss.
+                if log or step == start:
                     metrics = jax.device_get(metrics)  # waits for the dispatched steps to finish
+                    _check_finite(metrics, step)
+                if log or pending:
                     seconds = time.perf_counter() - timer
                     row = _log(
-                        metrics_file,
+                        metrics_file if _is_primary() else None,
                         step,
                         metrics,
                         timed_steps * tokens_per_step,
@@ -313,14 +323,17 @@ def _end_step(config: TrainConfig, stop_at_step: int | None) -> int:
     return int(stop_at_step)
 
 
-def _resume(config, workdir, checkpointer, vocab, resume_step, allow_config_change):
-    """(state, config changes) to start from, after checking the work directory.
+def _resume(config, workdir, checkpointer, vocab, resume_step, allow_config_change, sharding):
+    """(state placed with `sharding`, config changes) to start from, after checking
+    the work directory.
 
     Resume order: a fresh state gives the structure; the checkpoint (latest or
     resume_step) replaces it; its step selects the data window and dropout key.
     The checks (vocabulary, settings) come before anything in workdir changes.
+    The checkpoint is restored straight into `sharding`: on several processes a
+    restored array on one local device could not be moved across hosts.
     """
-    state, changes = init_state(config), {}
+    state, changes = jax.device_put(init_state(config), sharding), {}
     words = None if vocab is None else vocab_words(vocab)
     if checkpointer.latest_step() is not None or resume_step is not None:
         if words is not None:
@@ -329,12 +342,19 @@ def _resume(config, workdir, checkpointer, vocab, resume_step, allow_config_chan
         state = checkpointer.restore(state, resume_step)
         # orbax saves only after its latest step: later steps would never be replaced.
         checkpointer.set_aside_after(int(state.step), workdir / "superseded")
+    if not _is_primary():  # the other processes have checked the files; process 0 writes them
+        return state, changes
     if words is not None:
         save_vocab(workdir, words)
     elif checkpointer.latest_step() is None:
         (workdir / VOCAB_FILE).unlink(missing_ok=True)  # a fresh run's ids are unrecorded
     write_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
     return state, changes
+
+
+def _is_primary() -> bool:
+    """Whether this process writes the work directory's files (process 0 of several)."""
+    return jax.process_index() == 0
 
 
 def _check_config(workdir: pathlib.Path, config: TrainConfig, allow_change: bool) -> dict:
@@ -422,17 +442,23 @@ def _finite(values) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
+def _check_finite(metrics, step: int) -> None:
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss {loss} at step {step + 1}")
+
+
 def _log(path, step, metrics, tokens, seconds, compile_s=None, *, config_changes=None) -> dict:
-    """Appends one metrics row; raises FloatingPointError on a non-finite loss.
+    """Appends one metrics row to `path` (None: only builds it); raises
+    FloatingPointError on a non-finite loss.
 
     tokens_per_s covers the steps since the last row, without a compile step;
     compile_s is the first step of this process (compilation included), if any.
     Non-finite values (an exit no position scored) are written as null;
     config_changes (if any) lists the settings changed on resuming.
     """
+    _check_finite(metrics, step)
     loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"non-finite training loss {loss} at step {step + 1}")
     exit_nll = np.asarray(metrics["exit_nll"], np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         exit_ppl = np.exp(exit_nll)
@@ -450,8 +476,9 @@ def _log(path, step, metrics, tokens, seconds, compile_s=None, *, config_changes
     }
     if config_changes:
         row["config_changes"] = config_changes
-    with open(path, "a") as file:
-        file.write(json.dumps(row, allow_nan=False) + "\n")
+    if path is not None:
+        with open(path, "a") as file:
+            file.write(json.dumps(row, allow_nan=False) + "\n")
     return row
 
 
@@ -499,3 +526,32 @@ def restore_params(
     finally:
         checkpointer.close()
     return config, state.params, int(state.step)
+
+
+def restore_run(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    data_dir: str | pathlib.Path | None = None,
+    cache_dir: str | pathlib.Path | None = None,
+    verify_checksums: bool = True,
+    corpus: Corpus | None = None,
+):
+    """(TrainConfig, {"params": ...}, step, Corpus) of a run and the corpus it was
+    trained on, checked to have the run's vocabulary (`ee_jax.load_run` and the
+    scripts load runs with it).
+
+    Args:
+      workdir: the training run folder.
+      step: the checkpoint step (default: the latest).
+      data_dir, cache_dir, verify_checksums: the corpus to load (`data.load_wikitext2`).
+      corpus: the corpus, already loaded (the three above are then unused).
+
+    Raises:
+      CheckpointError: missing or damaged run, or one trained with another vocabulary.
+      DataError: the corpus cannot be read.
+    """
+    if corpus is None:
+        corpus = load_wikitext2(data_dir, cache_dir=cache_dir, verify_checksums=verify_checksums)
+    config, params, step = restore_params(workdir, step, vocab=corpus.vocab)
+    return config, params, step, corpus

@@ -1,10 +1,15 @@
 """Shared test set-up: compilation cache, matmul precision, tolerances."""
 
+import os
+import pathlib
+
 import jax
 
 import ee_jax
 
-ee_jax.enable_compilation_cache()
+# Compiled programs go to the repository's ignored .cache/jax (or $EE_JAX_CACHE_DIR).
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ee_jax.enable_compilation_cache(os.environ.get("EE_JAX_CACHE_DIR") or REPO / ".cache" / "jax")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # One tolerance table for the suite (relative unless the name says otherwise).

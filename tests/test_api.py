@@ -1,0 +1,141 @@
+"""The package's public names, `ee_jax.load_run`, and an import without side effects."""
+
+import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import markov_text
+
+import ee_jax
+from ee_jax import train as train_lib
+from ee_jax.checkpoint import CheckpointError
+from ee_jax.config import train_preset
+from ee_jax.data import load_wikitext2, make_lm_stream
+from ee_jax.model import EarlyExitLM
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Imports ee_jax and every public name in a fresh process; prints what changed.
+IMPORT_SCRIPT = """
+import json, sys
+import jax
+before = dict(jax.config.values)
+import ee_jax
+after_import = dict(jax.config.values)
+for name in ee_jax.__all__:
+    getattr(ee_jax, name)
+after_names = dict(jax.config.values)
+def changed(after):
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+cache = ee_jax.enable_compilation_cache()
+print(json.dumps({
+    "changed_by_import": changed(after_import),
+    "changed_by_names": changed(after_names),
+    "changed_by_cache": changed(dict(jax.config.values)),
+    "cache": str(cache),
+    "cache_setting": jax.config.jax_compilation_cache_dir,
+}))
+"""
+
+
+def test_import_changes_no_jax_setting_and_cache_defaults_to_the_user_folder(tmp_path):
+    # Given a fresh process whose home is tmp_path, without cache variables.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    env.pop("EE_JAX_CACHE_DIR", None)
+    env.pop("XDG_CACHE_HOME", None)
+    # When it imports ee_jax, then every public name, then enables the cache.
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # Then neither import changed a JAX setting; only enable_compilation_cache did,
+    # pointing at ~/.cache/ee_jax/jax (created), not at the package's folder.
+    assert report["changed_by_import"] == []
+    assert report["changed_by_names"] == []
+    expected = tmp_path / ".cache" / "ee_jax" / "jax"
+    assert report["cache"] == report["cache_setting"] == str(expected.resolve())
+    assert expected.is_dir()
+    assert "jax_compilation_cache_dir" in report["changed_by_cache"]
+    package = pathlib.Path(ee_jax.__file__).resolve().parent
+    assert package not in expected.resolve().parents
+
+
+def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EE_JAX_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert ee_jax.user_cache_dir() == tmp_path / "home" / ".cache" / "ee_jax" / "jax"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ee_jax.user_cache_dir() == tmp_path / "xdg" / "ee_jax" / "jax"
+    monkeypatch.setenv("EE_JAX_CACHE_DIR", str(tmp_path / "chosen"))
+    assert ee_jax.user_cache_dir() == tmp_path / "chosen"
+
+
+def test_public_names_are_the_modules_objects():
+    # Every exported name is the object its module defines (not a copy or wrapper).
+    for name, module in ee_jax._EXPORTS.items():
+        assert getattr(ee_jax, name) is getattr(importlib.import_module(f"ee_jax.{module}"), name)
+    assert set(ee_jax.__all__) == {
+        *ee_jax._EXPORTS,
+        "enable_compilation_cache",
+        "load_run",
+        "user_cache_dir",
+    }
+    assert set(ee_jax.__all__) <= set(dir(ee_jax))
+    # A module name still means the module.
+    from ee_jax import train
+
+    assert train is train_lib and callable(train.train)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        ee_jax.not_a_name  # noqa: B018
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("markov")
+    for split, (lines, seed) in {"train": (200, 1), "valid": (20, 2), "test": (20, 3)}.items():
+        (folder / f"{split}.txt").write_text(markov_text(lines, seed))
+    return folder
+
+
+def test_load_run_gives_the_trained_model(corpus_dir, tmp_path):
+    # Given the tiny preset trained a few steps on a small corpus.
+    data_cache = tmp_path / "data_cache"
+    corpus = load_wikitext2(corpus_dir, cache_dir=data_cache, verify_checksums=False)
+    config = train_preset("tiny", len(corpus.vocab)).replace(
+        steps=4, warmup_steps=1, checkpoint_every=2
+    )
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    state = train_lib.train(config, stream, tmp_path / "run", vocab=corpus.vocab, progress=False)
+    # When ee_jax.load_run loads the run (latest step, and step 2).
+    model, variables, vocab, loaded = ee_jax.load_run(
+        tmp_path / "run", data_dir=corpus_dir, cache_dir=data_cache, verify_checksums=False
+    )
+    *_, earlier = ee_jax.load_run(
+        tmp_path / "run", data_dir=corpus_dir, cache_dir=data_cache, verify_checksums=False, step=2
+    )
+    # Then it has the run's config and vocabulary, and its forward equals the trained state's.
+    assert loaded == earlier == config
+    assert vocab.words == corpus.vocab.words
+    tokens = jnp.asarray(corpus.valid[: 2 * config.model.n_seq].reshape(2, -1))  # [B, N]
+    trained = EarlyExitLM(config.model).apply(state.params, tokens)  # [B, N, V]
+    fresh = EarlyExitLM(config.model).apply(train_lib.init_state(config).params, tokens)
+    got = model.apply(variables, tokens)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(trained))
+    assert not np.allclose(got, fresh, atol=1e-3)  # the trained weights, not initial ones
+    # And a run of another corpus (another vocabulary) is refused.
+    other = tmp_path / "other"
+    other.mkdir()
+    for split in ("train", "valid", "test"):
+        (other / f"{split}.txt").write_text(markov_text(200, 7).replace("w1 ", "v1 "))
+    with pytest.raises(CheckpointError, match="different vocabulary"):
+        ee_jax.load_run(
+            tmp_path / "run", data_dir=other, cache_dir=data_cache, verify_checksums=False
+        )
