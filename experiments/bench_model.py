@@ -61,7 +61,14 @@ from ee_jax.losses import tail_capacities
 from ee_jax.model import EarlyExitLM
 from ee_jax.moe import MoEFeedForward
 from ee_jax.timing import Timing, cold_compilation, time_jitted
-from ee_jax.train import TrainState, init_state, make_optimizer, make_train_step
+from ee_jax.train import (
+    TrainState,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    run_keys,
+    step_keys,
+)
 
 # The PyTorch original on this machine (tokens/s, B = 8, N = 128, V = 33,278).
 ORIGINAL = {"forward": 1462.0, "early_exit": 688.0, "train_step": 885.0}
@@ -189,7 +196,8 @@ def bench_train(model, variables, tokens, targets, scheme: str, timing) -> dict:
         opt_state=make_optimizer(config).init(variables),
     )
     batch = Batch(tokens, targets, jnp.ones(tokens.shape, bool))
-    result = time_jitted(make_train_step(config), state, batch, jax.random.key(1), **timing)
+    rngs = step_keys(run_keys(1), 0)
+    result = time_jitted(make_train_step(config), state, batch, rngs, **timing)
     return {
         "weights": scheme,
         "ms": result.median_ms,
@@ -385,7 +393,7 @@ def bench_output_train(config: TrainConfig, inputs, targets, timing) -> dict:
     state = init_state(config)
     batch = Batch(jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(mask))
     step = make_train_step(config, capacities)
-    result = time_jitted(step, state, batch, jax.random.key(1), **timing)
+    result = time_jitted(step, state, batch, step_keys(run_keys(1), 0), **timing)
     return {"ms": result.median_ms, "compile_s": result.compile_s, "repeats": result.repeats}
 
 
