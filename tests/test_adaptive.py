@@ -244,7 +244,7 @@ def test_argmax_ties_take_the_lowest_id_across_clusters():
 
 def materialised_loss(model, v, tokens, targets, mask, weights):
     """The joint loss from every exit's full log-probabilities [L, B, N, V]."""
-    states, balance = model.apply(v, tokens, method=EarlyExitLM.hidden_states)
+    states, balance = model.apply(v, tokens, True, mask, method=EarlyExitLM.hidden_states)
     log_probs = jax.vmap(
         lambda h, layer: model.apply(v, h, layer, method=EarlyExitLM.exit_log_probs)
     )(states, jnp.arange(CONFIG.n_layers))
