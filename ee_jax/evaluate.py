@@ -258,10 +258,14 @@ def real_loop_row(
     """Perplexity and exit statistics of the real halting loop (policy "freeze") over a
     whole split, every masked target once. Each token's target is scored at its exit
     head from its exit features (`adaptive.target_nll`: for an adaptive output only the
-    head and the target's cluster; no [B, N, V] logits). Raises ValueError for a
-    stream the model cannot read (`check_stream`) or bad exit options."""
+    head and the target's cluster; no [B, N, V] logits), so the FLOP model counts
+    the tail clusters at the split's target shares, as `sweep` and
+    `decode.stream_evaluate` do. Raises ValueError for a stream the model cannot
+    read (`check_stream`) or bad exit options."""
     measure = check_exit_options(threshold, measure, "freeze").value
     check_stream(stream, model.config)
+    tail_use = tail_use_of(model.config, stream.targets, stream.mask)
+    per_depth, full = exit_flops(model.config, measure, "freeze", tail_use)
     stats, total = ExitStats.zeros(model.config.n_layers), 0.0
     for index in tqdm(range(len(stream)), desc=f"halting loop {threshold}", disable=not progress):
         batch = stream.window(index)
@@ -269,6 +273,9 @@ def real_loop_row(
             model, params, batch.inputs, batch.targets, batch.mask, jnp.float32(threshold), measure
         )
         total += float(nll)
+        info = info.replace(
+            flops_per_depth=jnp.float32(per_depth), full_depth_flops=jnp.float32(full)
+        )
         stats = stats.update(info, batch.mask)
     summary = stats.summary()
     return {
