@@ -282,33 +282,15 @@ def stream_evaluate(
     tail_use = tail_use_of(config, stream.targets, stream.mask)
     per_depth, full = (jnp.float32(x) for x in exit_flops(config, measure, "freeze", tail_use))
 
-    @jax.jit
-    def window(variables, inputs, targets, mask, threshold):
-        def step(state, column):
-            tokens, target = column
-            nll, depth, _, state = decode_step(
-                model,
-                variables,
-                state,
-                tokens,
-                threshold,
-                measure,
-                lambda layer, x: adaptive.target_nll(layer, x, target),
-            )
-            return state, (nll, depth)
-
-        state = DecodeState.make(config, inputs.shape[0])
-        _, (nll, depth) = jax.lax.scan(step, state, (inputs.T, targets.T))  # [N, B] each
-        return jnp.sum(nll.T * mask), depth.T
-
     threshold = jnp.float32(threshold)
     first = stream.window(0)
-    jax.block_until_ready(window(variables, first.inputs, first.targets, first.mask, threshold))
+    window = functools.partial(_stream_window, model, variables, measure=measure)
+    jax.block_until_ready(window(first.inputs, first.targets, first.mask, threshold))
     stats, total = ExitStats.zeros(config.n_layers), 0.0
     start = time.perf_counter()
     for index in tqdm(range(len(stream)), desc="stream", disable=not progress):
         batch = stream.window(index)
-        nll, depth = window(variables, batch.inputs, batch.targets, batch.mask, threshold)
+        nll, depth = window(batch.inputs, batch.targets, batch.mask, threshold)
         total += float(nll)
         info = ExitInfo(
             exit_depth=depth,
@@ -329,3 +311,26 @@ def stream_evaluate(
         "tokens_per_s": summary["total_tokens"] / seconds,
         **summary,
     }
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="measure")
+def _stream_window(model: EarlyExitLM, variables, inputs, targets, mask, threshold, *, measure):
+    """Decodes a window [B, N] from a fresh state in one scan over its positions, each
+    exit head scoring only the target: (summed NLL over masked targets [], depths [B, N])."""
+
+    def step(state, column):
+        tokens, target = column  # [B] each
+        nll, depth, _, state = decode_step(
+            model,
+            variables,
+            state,
+            tokens,
+            threshold,
+            measure,
+            lambda layer, x: adaptive.target_nll(layer, x, target),
+        )
+        return state, (nll, depth)
+
+    state = DecodeState.make(model.config, inputs.shape[0])
+    _, (nll, depth) = jax.lax.scan(step, state, (inputs.T, targets.T))  # [N, B] each
+    return jnp.sum(nll.T * mask), depth.T

@@ -13,6 +13,7 @@ Two ways to get early-exit numbers, used together by `experiments/eval_early_exi
 """
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -26,9 +27,13 @@ from ee_jax.config import ExitMeasure
 from ee_jax.data import LMStream
 from ee_jax.early_exit import (
     ExitStats,
+    HaltState,
     check_exit_options,
     check_stream,
     early_exit_forward,
+    exit_info,
+    exit_outputs,
+    halting_loop,
     state_saturation,
 )
 from ee_jax.flops import exit_flops, tail_use_of
@@ -46,23 +51,25 @@ def exit_perplexities(model: EarlyExitLM, params, stream: LMStream, *, progress:
       ValueError: ids outside [0, V) or windows longer than n_seq (`check_stream`).
     """
     check_stream(stream, model.config)
-    layers = np.arange(model.config.n_layers)
-
-    @jax.jit
-    def window_sums(params, inputs, targets, mask):
-        states, _ = model.apply(params, inputs, method=EarlyExitLM.hidden_states)
-        states = states.reshape(len(layers), inputs.size, -1)  # [L, B*N, D]
-        nll, _ = exit_nll(model, params, states, targets.reshape(-1), layers)  # [L, B*N]
-        return jnp.sum(nll * mask.reshape(-1), axis=1), jnp.sum(mask)
-
-    totals, count = np.zeros(len(layers)), 0
+    n_layers = model.config.n_layers
+    totals, count = np.zeros(n_layers), 0
     for index in tqdm(range(len(stream)), desc="evaluate", disable=not progress):
         batch = stream.window(index)
-        sums, tokens = window_sums(params, batch.inputs, batch.targets, batch.mask)
+        sums, tokens = _window_nll_sums(model, params, batch.inputs, batch.targets, batch.mask)
         totals += np.asarray(sums, np.float64)
         count += int(tokens)
     mean = totals / count
     return {"exit_nll": mean.tolist(), "exit_ppl": np.exp(mean).tolist(), "tokens": count}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _window_nll_sums(model: EarlyExitLM, params, inputs, targets, mask):
+    """Every exit's summed target NLL [L] over a window's masked tokens, and their count []."""
+    n_layers = model.config.n_layers
+    states, _ = model.apply(params, inputs, method=EarlyExitLM.hidden_states)
+    states = states.reshape(n_layers, inputs.size, -1)  # [L, B*N, D]
+    nll, _ = exit_nll(model, params, states, targets.reshape(-1), range(n_layers))  # [L, B*N]
+    return jnp.sum(nll * mask.reshape(-1), axis=1), jnp.sum(mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,37 +95,10 @@ def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progres
     Raises ValueError for a stream the model cannot read (`check_stream`).
     """
     check_stream(stream, model.config)
-    n_layers = model.config.n_layers
-
-    @jax.jit
-    def window_scores(params, inputs, targets):
-        apply = lambda *args, **kwargs: model.apply(params, *args, **kwargs)  # noqa: E731
-        before = apply(inputs, method=EarlyExitLM.embed)  # [B, N, D]
-        states, _ = apply(inputs, method=EarlyExitLM.hidden_states)  # [L, B, N, D]
-        rows = {name: [] for name in ("nll", "argmax", *(m.value for m in ExitMeasure))}
-        for layer in range(n_layers):
-            output = apply(layer, method=EarlyExitLM.output_layer)
-            x = apply(states[layer], layer, method=EarlyExitLM.exit_features)
-            x = x.reshape(-1, x.shape[-1])  # [T, D]
-            first, second, argmax = adaptive.top_two(output, x)
-            rows["nll"].append(adaptive.target_nll(output, x, targets.reshape(-1)))
-            rows["argmax"].append(argmax)
-            rows[ExitMeasure.SOFTMAX_MAX.value].append(jnp.exp(first))
-            rows[ExitMeasure.SOFTMAX_MARGIN.value].append(jnp.exp(first) - jnp.exp(second))
-            classifier = apply(states[layer], layer, method=EarlyExitLM.exit_classifier)
-            rows[ExitMeasure.LEARNED.value].append(jax.nn.sigmoid(classifier).reshape(-1))
-            saturation = state_saturation(before, states[layer]).reshape(-1)
-            rows[ExitMeasure.STATE_SATURATION.value].append(saturation)
-            before = states[layer]
-        return {
-            name: jnp.stack(values).reshape(n_layers, *inputs.shape)
-            for name, values in rows.items()
-        }
-
     parts = []
     for index in tqdm(range(len(stream)), desc="score exits", disable=not progress):
         batch = stream.window(index)
-        scores = jax.device_get(window_scores(params, batch.inputs, batch.targets))
+        scores = jax.device_get(_window_scores(model, params, batch.inputs, batch.targets))
         parts.append({name: value[:, batch.mask] for name, value in scores.items()})  # [L, t]
     joined = {name: np.concatenate([part[name] for part in parts], axis=1) for name in parts[0]}
     return ExitScores(
@@ -127,6 +107,33 @@ def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progres
         confidence={m.value: joined[m.value] for m in ExitMeasure},
         tail_use=tail_use_of(model.config, stream.targets, stream.mask),
     )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _window_scores(model: EarlyExitLM, params, inputs, targets):
+    """Every exit's target NLL, argmax and confidence measures of a window; {name: [L, B, N]}."""
+    n_layers = model.config.n_layers
+    apply = lambda *args, **kwargs: model.apply(params, *args, **kwargs)  # noqa: E731
+    before = apply(inputs, method=EarlyExitLM.embed)  # [B, N, D]
+    states, _ = apply(inputs, method=EarlyExitLM.hidden_states)  # [L, B, N, D]
+    rows = {name: [] for name in ("nll", "argmax", *(m.value for m in ExitMeasure))}
+    for layer in range(n_layers):
+        output = apply(layer, method=EarlyExitLM.output_layer)
+        x = apply(states[layer], layer, method=EarlyExitLM.exit_features)
+        x = x.reshape(-1, x.shape[-1])  # [T, D]
+        first, second, argmax = adaptive.top_two(output, x)
+        rows["nll"].append(adaptive.target_nll(output, x, targets.reshape(-1)))
+        rows["argmax"].append(argmax)
+        rows[ExitMeasure.SOFTMAX_MAX.value].append(jnp.exp(first))
+        rows[ExitMeasure.SOFTMAX_MARGIN.value].append(jnp.exp(first) - jnp.exp(second))
+        classifier = apply(states[layer], layer, method=EarlyExitLM.exit_classifier)
+        rows[ExitMeasure.LEARNED.value].append(jax.nn.sigmoid(classifier).reshape(-1))
+        saturation = state_saturation(before, states[layer]).reshape(-1)
+        rows[ExitMeasure.STATE_SATURATION.value].append(saturation)
+        before = states[layer]
+    return {
+        name: jnp.stack(values).reshape(n_layers, *inputs.shape) for name, values in rows.items()
+    }
 
 
 def exit_depths(scores: ExitScores, measure: str, threshold: float) -> np.ndarray:
@@ -209,7 +216,6 @@ def time_early_exit(
     for threshold in thresholds:
         check_exit_options(threshold, measure, "freeze")
     check_stream(stream, model.config)
-    forward = jax.jit(model.apply)
     batches = [stream.window(i) for i in range(min(windows, len(stream)))]
 
     def median_ms(call) -> float:
@@ -222,7 +228,7 @@ def time_early_exit(
         return statistics.median(durations)
 
     result = {
-        "forward_ms": median_ms(lambda tokens: forward(params, tokens)),
+        "forward_ms": median_ms(lambda tokens: _plain_forward(model, params, tokens)),
         "windows": len(batches),
         "repeats": repeats,
         "batch_size": int(batches[0].inputs.shape[0]),
@@ -240,24 +246,36 @@ def time_early_exit(
     return result
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _plain_forward(model: EarlyExitLM, params, tokens):
+    """The final head's logits [B, N, V] (the plain forward `time_early_exit` compares with)."""
+    return model.apply(params, tokens)
+
+
 def real_loop_row(
     model, params, stream: LMStream, threshold: float, measure: str, *, progress: bool = True
 ) -> dict:
     """Perplexity and exit statistics of the real halting loop (policy "freeze") over a
-    whole split, every masked target once. Raises ValueError for a stream the model
-    cannot read (`check_stream`)."""
+    whole split, every masked target once. Each token's target is scored at its exit
+    head from its exit features (`adaptive.target_nll`: for an adaptive output only the
+    head and the target's cluster; no [B, N, V] logits), so the FLOP model counts
+    the tail clusters at the split's target shares, as `sweep` and
+    `decode.stream_evaluate` do. Raises ValueError for a stream the model cannot
+    read (`check_stream`) or bad exit options."""
+    measure = check_exit_options(threshold, measure, "freeze").value
     check_stream(stream, model.config)
-
-    @jax.jit
-    def nll_sum(logits, targets, mask):
-        target = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-        return jnp.sum((jax.nn.logsumexp(logits, -1) - target) * mask)
-
+    tail_use = tail_use_of(model.config, stream.targets, stream.mask)
+    per_depth, full = exit_flops(model.config, measure, "freeze", tail_use)
     stats, total = ExitStats.zeros(model.config.n_layers), 0.0
     for index in tqdm(range(len(stream)), desc=f"halting loop {threshold}", disable=not progress):
         batch = stream.window(index)
-        logits, info = early_exit_forward(model, params, batch.inputs, threshold, measure=measure)
-        total += float(nll_sum(logits, batch.targets, batch.mask))
+        nll, info = _halting_loop_nll(
+            model, params, batch.inputs, batch.targets, batch.mask, jnp.float32(threshold), measure
+        )
+        total += float(nll)
+        info = info.replace(
+            flops_per_depth=jnp.float32(per_depth), full_depth_flops=jnp.float32(full)
+        )
         stats = stats.update(info, batch.mask)
     summary = stats.summary()
     return {
@@ -267,6 +285,25 @@ def real_loop_row(
         "ppl": float(np.exp(total / summary["total_tokens"])),
         **summary,
     }
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _halting_loop_nll(model: EarlyExitLM, params, inputs, targets, mask, threshold, measure):
+    """The halting loop (`early_exit_loop`, policy "freeze") on a window, scoring each
+    token's target at its exit head: (summed NLL over masked tokens [], ExitInfo)."""
+    apply = functools.partial(model.apply, params)
+    hidden = apply(inputs, method=EarlyExitLM.embed)  # [B, N, D]
+
+    def run_block(hidden, layer, block_state):
+        return apply(hidden, layer, method=EarlyExitLM.block)[0], block_state
+
+    state = HaltState.make(hidden)
+    state = halting_loop(apply, model.config, state, threshold, measure, "freeze", run_block)
+    flat_targets = targets.reshape(-1)  # [T]
+    nll = exit_outputs(
+        apply, model.config, state, lambda layer, x: adaptive.target_nll(layer, x, flat_targets)
+    )  # [B, N]
+    return jnp.sum(nll * mask), exit_info(model.config, state, measure, "freeze")
 
 
 def untrained_measures(exit_weighting: str, n_layers: int) -> dict[str, str]:

@@ -97,7 +97,9 @@ def training_table(runs: dict[str, list[dict]], every: int) -> str:
     """Training metrics (rows of metrics.jsonl) of each run, averaged per `every` steps.
 
     Each logged row is one batch, so a row of the table averages the logged
-    rows of its window (loss, per-exit NLL -> perplexity, grad norm).
+    rows of its window (loss, per-exit NLL -> perplexity, grad norm). A null
+    (None) value, such as the NLL of an exit the run does not score, is NaN: its
+    average is NaN, shown as "-".
     """
     lines = [
         "| run | steps | loss | train ppl per exit | grad norm | logged rows |",
@@ -108,8 +110,8 @@ def training_table(runs: dict[str, list[dict]], every: int) -> str:
         for row in rows:
             windows.setdefault(-(-row["step"] // every), []).append(row)
         for window, group in windows.items():
-            mean = {key: np.mean([r[key] for r in group], axis=0) for key in AVERAGED}
-            ppl = " / ".join(f"{p:.0f}" for p in np.exp(mean["exit_nll"]))
+            mean = {key: np.mean(_floats(group, key), axis=0) for key in AVERAGED}
+            ppl = " / ".join("-" if np.isnan(p) else f"{p:.0f}" for p in np.exp(mean["exit_nll"]))
             lines.append(
                 f"| {name} | {(window - 1) * every + 1}-{group[-1]['step']} | {mean['loss']:.3f} "
                 f"| {ppl} | {mean['grad_norm']:.2f} | {len(group)} |"
@@ -117,11 +119,17 @@ def training_table(runs: dict[str, list[dict]], every: int) -> str:
     return "\n".join(lines)
 
 
+def _floats(rows: list[dict], key: str) -> np.ndarray:
+    """rows[i][key] as one float array ([R] or [R, L]); null (None) entries become NaN."""
+    return np.asarray([row[key] for row in rows], float)
+
+
 def plot_training(runs: dict[str, list[dict]], path: str | pathlib.Path) -> None:
-    """Final-exit train perplexity against step, one line per run (log scale)."""
+    """Final-exit train perplexity against step, one line per run (log scale; a null
+    NLL is a gap)."""
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, rows in runs.items():
-        axis.plot([r["step"] for r in rows], [np.exp(r["exit_nll"][-1]) for r in rows], label=name)
+        axis.plot([r["step"] for r in rows], np.exp(_floats(rows, "exit_nll")[:, -1]), label=name)
     axis.set_yscale("log")
     _save(
         figure,

@@ -1,6 +1,7 @@
 """Token-by-token decoding against the parallel halting loop."""
 
 import argparse
+import functools
 import importlib.util
 import pathlib
 
@@ -25,27 +26,43 @@ from ee_jax.early_exit import early_exit_forward
 from ee_jax.model import EarlyExitLM
 
 CONFIG = tiny()
+ADAPTIVE = CONFIG.replace(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
 V = CONFIG.vocab_size
 BAD_IDS = r"token ids must be in \[0, vocab_size=97\)"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = EarlyExitLM(CONFIG)
-    tokens = jax.random.randint(jax.random.key(3), (2, CONFIG.n_seq), 0, CONFIG.vocab_size)
+@functools.cache
+def model_and_tokens(output="full"):
+    config = {"full": CONFIG, "adaptive": ADAPTIVE}[output]
+    model = EarlyExitLM(config)
+    tokens = jax.random.randint(jax.random.key(3), (2, config.n_seq), 0, config.vocab_size)
     params = dict(model.init(jax.random.key(1), tokens)["params"])
     # Random exit classifiers (they start at zero: every token equally confident).
     params["classifier_kernel"] = jax.random.normal(
-        jax.random.key(2), (CONFIG.n_layers, CONFIG.d_model)
+        jax.random.key(2), (config.n_layers, config.d_model)
     )
     return model, {"params": params}, tokens
 
 
-@pytest.mark.parametrize("measure", ["softmax_max", "learned", "state_saturation"])
-def test_decoding_equals_the_parallel_loop_with_frozen_exits(setup, measure):
+@pytest.fixture(scope="module")
+def setup():
+    return model_and_tokens("full")
+
+
+@pytest.mark.parametrize(
+    "output, measure",
+    [
+        ("full", "softmax_max"),
+        ("full", "learned"),
+        ("full", "state_saturation"),
+        ("adaptive", "softmax_max"),
+        ("adaptive", "learned"),
+    ],
+)
+def test_decoding_equals_the_parallel_loop_with_frozen_exits(output, measure):
     # Given a threshold that splits the tokens between exits.
-    model, variables, tokens = setup
+    model, variables, tokens = model_and_tokens(output)
     _, info = early_exit_forward(model, variables, tokens, 0.0, measure=measure)
     threshold = float(np.quantile(np.asarray(info.confidence), 0.5))
     # When the sequence is decoded one token at a time and also run in parallel.
@@ -88,11 +105,11 @@ def test_generate_rejects_bad_arguments(setup):
         generate(model, variables, tokens[:, :2], 2, jax.random.key(0), threshold=2.0)
 
 
-def test_streaming_evaluation_matches_the_parallel_evaluation(setup):
-    from ee_jax.data import make_lm_stream
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_streaming_evaluation_matches_the_parallel_evaluation(output):
     from ee_jax.evaluate import real_loop_row
 
-    model, variables, _ = setup
+    model, variables, _ = model_and_tokens(output)
     ids = np.random.default_rng(1).integers(0, CONFIG.vocab_size, 150)
     stream = make_lm_stream(ids, 2, CONFIG.n_seq, eos_id=0)
     for threshold in (1.0, 0.02):
@@ -102,6 +119,8 @@ def test_streaming_evaluation_matches_the_parallel_evaluation(setup):
         assert streamed["ppl"] == pytest.approx(parallel["ppl"], rel=1e-5)
         np.testing.assert_allclose(streamed["exit_distribution"], parallel["exit_distribution"])
         assert streamed["flops_speedup"] == pytest.approx(parallel["flops_speedup"], rel=1e-5)
+        if threshold < 1.0:  # some tokens exited early
+            assert streamed["exit_distribution"][-1] < 1.0
 
 
 # ------------------------------------------------------------ token ids

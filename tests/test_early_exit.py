@@ -15,12 +15,14 @@ from ee_jax.flops import exit_flops
 from ee_jax.model import EarlyExitLM
 
 CONFIG = tiny()
+ADAPTIVE = CONFIG.replace(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
 MEASURES = ("softmax_max", "softmax_margin", "state_saturation", "learned")
 
 
 @functools.cache
-def model_and_variables(seed=0, causal=True):
-    model = EarlyExitLM(CONFIG.replace(causal=causal))
+def model_and_variables(seed=0, causal=True, output="full"):
+    config = ADAPTIVE if output == "adaptive" else CONFIG
+    model = EarlyExitLM(config.replace(causal=causal))
     tokens = jnp.zeros((1, CONFIG.n_seq), jnp.int32)
     variables = model.init(jax.random.key(seed), tokens)
     if seed:  # make the learned classifiers non-trivial (they start at zero)
@@ -37,7 +39,8 @@ def random_tokens(seed, batch=3):
 
 
 def reference_early_exit(model, variables, tokens, threshold, measure, exited_state):
-    """An eager Python loop over layers, written from the definition."""
+    """An eager Python loop over layers, written from the definition (the exit head's
+    full [..., V] logits; for an adaptive output its log-probabilities)."""
     apply = functools.partial(model.apply, variables)
     n_layers = model.config.n_layers
     hidden = np.asarray(apply(tokens, method=EarlyExitLM.embed))
@@ -78,12 +81,22 @@ def thresholds_that_split(model, variables, tokens, measure):
     return [float(np.quantile(confidence, q)) for q in (0.3, 0.7)]
 
 
-@pytest.mark.parametrize("exited_state", ["freeze", "compute"])
-@pytest.mark.parametrize("measure", MEASURES)
-def test_while_loop_matches_eager_reference(measure, exited_state):
+ADAPTIVE_CASES = [  # the adaptive output, for the measures that read the output layer
+    ("adaptive", measure, "freeze") for measure in ("softmax_max", "softmax_margin", "learned")
+]
+
+
+@pytest.mark.parametrize(
+    "output, measure, exited_state",
+    [
+        *[("full", m, e) for m in MEASURES for e in ("freeze", "compute")],
+        *ADAPTIVE_CASES,
+    ],
+)
+def test_while_loop_matches_eager_reference(output, measure, exited_state):
     for seed in (1, 2):
         # Given a random model, tokens, and thresholds that split the tokens.
-        model, variables = model_and_variables(seed)
+        model, variables = model_and_variables(seed, output=output)
         tokens = random_tokens(seed)
         for threshold in thresholds_that_split(model, variables, tokens, measure):
             # When the jitted loop and the eager reference run.
@@ -98,7 +111,7 @@ def test_while_loop_matches_eager_reference(measure, exited_state):
             np.testing.assert_allclose(logits, expected_logits, atol=TOLERANCE["float32"])
             assert 1 < len(np.unique(expected_depth)), "the thresholds should split tokens"
             # Every token that exited before L was confident enough.
-            early = np.asarray(info.exit_depth) < CONFIG.n_layers
+            early = np.asarray(info.exit_depth) < model.config.n_layers
             assert np.all(np.asarray(info.confidence)[early] >= threshold)
             assert int(info.layers_run) == int(expected_depth.max())
 

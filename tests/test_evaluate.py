@@ -1,41 +1,88 @@
-"""Early-exit evaluation: internal consistency on a small model and corpus."""
+"""Early-exit evaluation: internal consistency on a small model and corpus, and
+against references computed from the plain forward's and the halting loop's logits."""
+
+import contextlib
+import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
+from conftest import TOLERANCE
 
-from ee_jax import evaluate, report
+from ee_jax import decode, evaluate, report
 from ee_jax.config import tiny
 from ee_jax.data import make_lm_stream
 from ee_jax.early_exit import ExitStats, early_exit_forward
+from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.model import EarlyExitLM
 
 CONFIG = tiny()
+CONFIGS = {
+    "full": CONFIG,
+    "adaptive": CONFIG.replace(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0),
+}
 BAD_IDS = r"token ids must be in \[0, vocab_size=97\)"
 THRESHOLDS = [0.0, 0.012, 0.02, 0.03, 0.05, 1.0]
 
 
-@pytest.fixture(scope="module")
-def setup():
+@functools.cache
+def model_and_split(output="full"):
     # A random model whose exits disagree, and a 1,000-token "split" that does not
     # fill its last window (so padding is exercised).
-    model = EarlyExitLM(CONFIG)
-    params = model.init(jax.random.key(0), np.zeros((1, CONFIG.n_seq), np.int32))
-    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, 1000)
-    stream = make_lm_stream(ids, 4, CONFIG.n_seq, eos_id=0)
+    config = CONFIGS[output]
+    model = EarlyExitLM(config)
+    params = model.init(jax.random.key(0), np.zeros((1, config.n_seq), np.int32))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, 1000)
+    stream = make_lm_stream(ids, 4, config.n_seq, eos_id=0)
     scores = evaluate.collect_exit_scores(model, params, stream, progress=False)
     return model, params, ids, stream, scores
 
 
-def test_every_token_is_scored_once_and_full_depth_equals_the_plain_forward(setup):
-    model, params, ids, stream, scores = setup
-    assert scores.tokens == len(ids)
-    full = evaluate.sweep(scores, CONFIG, "softmax_max", [1.0])[0]
+@pytest.fixture(scope="module")
+def setup():
+    return model_and_split("full")
+
+
+def reference_nll_sums(logits_fn, stream) -> np.ndarray:
+    """Summed target NLL over the masked targets of `stream`; logits_fn(inputs) gives a
+    window's logits [..., B, N, V], scored by optax (valid for an adaptive output too:
+    its logits are normalised log-probabilities, which softmax leaves unchanged).
+
+    Returns: [...] float64 sums."""
+    total = 0.0
+    for index in range(len(stream)):
+        batch = stream.window(index)
+        logits = np.asarray(logits_fn(batch.inputs), np.float64)
+        targets = np.broadcast_to(batch.targets, logits.shape[:-1])
+        nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+        total = total + np.sum(nll * batch.mask, axis=(-2, -1))
+    return total
+
+
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_every_token_is_scored_once_and_full_depth_equals_the_plain_forward(output):
+    # Given a model and a split.
+    model, params, ids, stream, scores = model_and_split(output)
+    config = model.config
+    # When it is evaluated at full depth: offline sweep, per-exit perplexities,
+    # the halting loop that never exits early.
+    full = evaluate.sweep(scores, config, "softmax_max", [1.0])[0]
     plain = evaluate.exit_perplexities(model, params, stream, progress=False)
-    assert plain["tokens"] == len(ids)
-    assert full["ppl"] == pytest.approx(plain["exit_ppl"][-1], rel=1e-5)
-    assert full["layer_speedup"] == 1.0 and full["avg_exit_layer"] == CONFIG.n_layers
+    loop = evaluate.real_loop_row(model, params, stream, 1.0, "softmax_max", progress=False)
+    # Then every target is scored once and each perplexity is the plain forward's,
+    forward = jax.jit(functools.partial(model.apply, params))
+    expected = np.exp(reference_nll_sums(forward, stream) / len(ids))
+    assert scores.tokens == plain["tokens"] == loop["total_tokens"] == len(ids)
+    for ppl in (full["ppl"], plain["exit_ppl"][-1], loop["ppl"]):
+        assert ppl == pytest.approx(expected, rel=TOLERANCE["float32"])
+    assert full["layer_speedup"] == 1.0 and full["avg_exit_layer"] == config.n_layers
     assert full["ppl_change_pct"] == pytest.approx(0.0, abs=1e-9)
+    # and every exit's mean NLL is that of the exit's own logits.
+    exits = jax.jit(functools.partial(model.apply, params, method=EarlyExitLM.exit_logits))
+    expected = reference_nll_sums(exits, stream) / len(ids)  # [L]
+    np.testing.assert_allclose(plain["exit_nll"], expected, rtol=TOLERANCE["float32"])
+    np.testing.assert_allclose(scores.nll.mean(axis=1), expected, rtol=TOLERANCE["float32"])
 
 
 @pytest.mark.parametrize("measure", ["softmax_max", "learned", "state_saturation"])
@@ -49,27 +96,117 @@ def test_sweep_rows_are_consistent(setup, measure):
         assert row["layer_speedup"] == pytest.approx(CONFIG.n_layers / row["avg_exit_layer"])
 
 
-def test_sweep_equals_the_real_halting_loop_with_compute_policy(setup):
-    # The offline sweep is exact for exited_state="compute": compare with the loop.
-    model, params, ids, stream, scores = setup
-    threshold = float(np.quantile(scores.confidence["softmax_max"][0], 0.5))
-    row = evaluate.sweep(scores, CONFIG, "softmax_max", [threshold])[0]
-    stats, nll = ExitStats.zeros(CONFIG.n_layers), 0.0
+def halting_loop_reference(model, params, stream, threshold, measure, exited_state):
+    """(summed target NLL, ExitStats) of `early_exit_forward`'s logits over `stream`,
+    scored by optax."""
+    stats, windows = ExitStats.zeros(model.config.n_layers), {}
     for index in range(len(stream)):
         batch = stream.window(index)
         logits, info = early_exit_forward(
-            model, params, batch.inputs, threshold, exited_state="compute"
+            model, params, batch.inputs, threshold, measure=measure, exited_state=exited_state
         )
-        log_probs = jax.nn.log_softmax(logits)
-        target = np.take_along_axis(np.asarray(log_probs), batch.targets[..., None], -1)[..., 0]
-        nll -= float(np.sum(target * batch.mask))
+        windows[batch.inputs.tobytes()] = logits
         stats = stats.update(info, batch.mask)
+    nll = reference_nll_sums(lambda inputs: windows[inputs.tobytes()], stream)
+    return float(nll), stats
+
+
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_sweep_equals_the_real_halting_loop_with_compute_policy(output):
+    # The offline sweep is exact for exited_state="compute": compare with the loop.
+    model, params, ids, stream, scores = model_and_split(output)
+    config = model.config
+    threshold = float(np.quantile(scores.confidence["softmax_max"][0], 0.5))
+    row = evaluate.sweep(scores, config, "softmax_max", [threshold])[0]
+    nll, stats = halting_loop_reference(model, params, stream, threshold, "softmax_max", "compute")
     summary = stats.summary()
     assert summary["total_tokens"] == len(ids)
     assert summary["avg_exit_layer"] == pytest.approx(row["avg_exit_layer"])
     np.testing.assert_allclose(summary["exit_distribution"], row["exit_distribution"])
-    assert np.exp(nll / len(ids)) == pytest.approx(row["ppl"], rel=1e-5)
-    assert 1.0 < row["avg_exit_layer"] < CONFIG.n_layers  # the threshold split the tokens
+    assert np.exp(nll / len(ids)) == pytest.approx(row["ppl"], rel=TOLERANCE["float32"])
+    assert 1.0 < row["avg_exit_layer"] < config.n_layers  # the threshold split the tokens
+
+
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_real_loop_row_scores_each_target_at_its_exit_head(output):
+    # Given a threshold that splits the tokens between exits.
+    model, params, ids, stream, scores = model_and_split(output)
+    threshold = float(np.quantile(scores.confidence["softmax_max"][0], 0.5))
+    # When the halting loop (policy "freeze") is evaluated from exit features...
+    row = evaluate.real_loop_row(model, params, stream, threshold, "softmax_max", progress=False)
+    # ...and from early_exit_forward's logits [B, N, V].
+    nll, stats = halting_loop_reference(model, params, stream, threshold, "softmax_max", "freeze")
+    # Then perplexity and exit statistics are the same,
+    summary = stats.summary()
+    assert row["total_tokens"] == summary["total_tokens"] == len(ids)
+    assert row["ppl"] == pytest.approx(np.exp(nll / len(ids)), rel=TOLERANCE["float32"])
+    np.testing.assert_array_equal(row["exit_distribution"], summary["exit_distribution"])
+    # and the FLOP model counts the tail clusters the targets use (not every word).
+    tail_use = tail_use_of(model.config, stream.targets, stream.mask)
+    per_depth, full = exit_flops(model.config, "softmax_max", "freeze", tail_use)
+    counts = np.asarray(stats.depth_counts, np.float64)
+    expected = full * counts.sum() / np.dot(counts, per_depth)
+    assert row["flops_speedup"] == pytest.approx(expected, rel=1e-6)
+    assert 1.0 < row["avg_exit_layer"] < model.config.n_layers
+
+
+@contextlib.contextmanager
+def counted_traces():
+    """Yields the list of the functions jax traces (for jit) inside the block."""
+    traced = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traced.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield traced
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+EVALUATIONS = {
+    "exit_perplexities": lambda m, p, s: evaluate.exit_perplexities(m, p, s, progress=False),
+    "collect_exit_scores": lambda m, p, s: evaluate.collect_exit_scores(m, p, s, progress=False),
+    "real_loop_row": lambda m, p, s: evaluate.real_loop_row(
+        m, p, s, 0.02, "softmax_max", progress=False
+    ),
+    "time_early_exit": lambda m, p, s: evaluate.time_early_exit(
+        m, p, s, [0.02, 1.0], measure="softmax_max", windows=1, repeats=1
+    ),
+    "stream_evaluate": lambda m, p, s: decode.stream_evaluate(m, p, s, 0.02, progress=False),
+}
+
+
+JITTED = {  # the evaluation's own jitted functions
+    "_window_nll_sums",
+    "_window_scores",
+    "_halting_loop_nll",
+    "_plain_forward",
+    "_stream_window",
+    "early_exit_loop",
+}
+
+
+@pytest.mark.parametrize("name", EVALUATIONS)
+def test_a_second_evaluation_with_the_same_model_traces_nothing(setup, name):
+    # Given an evaluation run once on a split.
+    model, params, ids, *_ = setup
+    run = EVALUATIONS[name]
+    with counted_traces() as first:
+        run(model, params, make_lm_stream(ids[:300], 4, CONFIG.n_seq, eos_id=0))
+    # When it runs again with an equal (new) model, other parameters and another
+    # split of the same window shape.
+    other_params = jax.tree.map(lambda p: p * 1.5, params)
+    other_split = make_lm_stream(ids[300:650], 4, CONFIG.n_seq, eos_id=0)
+    with counted_traces() as second:
+        run(EarlyExitLM(CONFIG), other_params, other_split)
+    # Then nothing is traced again: the jitted functions are built once, the model static.
+    assert second == [], second
+    # And the first run traced each of the evaluation's jitted functions at most once.
+    ours = [name for name in first if name in JITTED]
+    assert len(ours) == len(set(ours)), first
 
 
 def test_oracle_and_calibration(setup):
@@ -135,6 +272,24 @@ def test_training_summary_averages_each_window_of_logged_rows(tmp_path):
     assert lines[3].startswith("| a | 51-75 |") and lines[3].endswith("| 1 |")
     assert lines[4].startswith("| b | 1-25 |") and len(lines) == 5
     report.plot_training(runs, tmp_path / "training.png")
+    assert (tmp_path / "training.png").stat().st_size > 1000
+
+
+def test_training_summary_reads_null_metrics_as_nan(tmp_path):
+    # Given metrics rows as metrics.jsonl stores them: an exit the run does not score
+    # (here the first, with "final" weighting) is null, and so is one grad norm.
+    rows = [
+        {"step": 10, "loss": 1.0, "exit_nll": [None, 1.0], "grad_norm": 2.0},
+        {"step": 20, "loss": 3.0, "exit_nll": [None, 3.0], "grad_norm": None},
+        {"step": 30, "loss": 2.0, "exit_nll": [None, None], "grad_norm": 1.0},
+    ]
+    # When summarised and plotted.
+    lines = report.training_table({"run": rows}, every=20).splitlines()
+    report.plot_training({"run": rows}, tmp_path / "training.png")
+    # Then null is NaN: the unscored exit shows "-", the scored one its perplexity,
+    # a window with a null grad norm averages to nan, and the plot is written.
+    assert lines[2] == f"| run | 1-20 | 2.000 | - / {np.exp(2.0):.0f} | nan | 2 |"
+    assert lines[3] == "| run | 21-30 | 2.000 | - / - | 1.00 | 1 |"
     assert (tmp_path / "training.png").stat().st_size > 1000
 
 
