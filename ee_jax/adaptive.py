@@ -210,10 +210,26 @@ def _add_tails(layer, x, cluster_log_probs, best, need_fn, capacity):
     return best
 
 
-def _head(layer: OutputLayer, x: jax.Array):
-    """(cluster log-probabilities log P_k [T, K], top-2 of the head words)."""
-    head = jax.nn.log_softmax(head_logits(layer, x), axis=-1)  # [T, c_1 + K]
-    return head[:, layer.head_words :], _top_two(head[:, : layer.head_words])
+def _head(layer: OutputLayer, x: jax.Array, second: bool = True):
+    """(cluster log-probabilities log P_k [T, K], top-2 of the head words' log p).
+
+    Reductions of the logits, shifted by their log-normaliser afterwards: no
+    [T, c_1 + K] log-softmax is materialised (for a full output that is [T, V]).
+    Without `second` the second value is -inf (one reduction fewer).
+    """
+    return _head_from_logits(head_logits(layer, x), layer.head_words, second)
+
+
+def _head_from_logits(logits: jax.Array, words: int, second: bool = True):
+    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [T]
+    if second:
+        first, runner_up, index = _top_two(logits[:, :words])
+    else:
+        index = jnp.argmax(logits[:, :words], axis=-1).astype(jnp.int32)
+        first = jnp.take_along_axis(logits, index[:, None], axis=-1)[:, 0]
+        runner_up = jnp.full_like(first, -jnp.inf)
+    best = (first - normaliser, runner_up - normaliser, index)
+    return logits[:, words:] - normaliser[:, None], best
 
 
 # ---------------------------------------------------------------- exact queries
@@ -239,7 +255,7 @@ def top_two(layer: OutputLayer, x: jax.Array, capacity=None):
 def exact_argmax(layer: OutputLayer, x: jax.Array, capacity=None):
     """The full distribution's argmax [T] int32 (lowest id among ties) and its log p [T];
     a tail cluster is evaluated only where its probability exceeds the best head word."""
-    head, best = _head(layer, x)
+    head, best = _head(layer, x, second=False)
     first, _, index = _add_tails(layer, x, head, best, lambda p, b: p > b[0], capacity)
     return index, first
 
@@ -269,7 +285,7 @@ def exit_confidence(
       full output); elsewhere the head's value, which is on the same side of the
       threshold as the exact one.
     """
-    head, best = _head(layer, x)
+    head, best = _head(layer, x, second=measure != ExitMeasure.SOFTMAX_MAX)
     clusters = jnp.exp(head)  # [T, K] cluster probabilities P_k
     if measure == ExitMeasure.SOFTMAX_MAX:
         undecided = jnp.exp(best[0]) < threshold
@@ -366,8 +382,8 @@ def training_nll_and_argmax(
 
 
 def _chunked_head(layer: OutputLayer, x: jax.Array, head_target: jax.Array):
-    """Head NLL [T], and without gradient the top-2 of the head words and the
-    cluster log-probabilities [T, K], scored a chunk of tokens at a time."""
+    """Head NLL [T], and without gradient the best head word (`_head` without
+    second) and the cluster log-probabilities [T, K], a chunk of tokens at a time."""
     total, width = x.shape
     size = layer.head_kernel.shape[0]
     chunk = min(total, max(64, CHUNK_ELEMENTS // size))
@@ -382,8 +398,8 @@ def _chunked_head(layer: OutputLayer, x: jax.Array, head_target: jax.Array):
         logits = head_logits(layer, features)  # [C, c_1 + K]
         normaliser = jax.nn.logsumexp(logits, axis=-1)
         nll = normaliser - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
-        log_p = jax.lax.stop_gradient(logits - normaliser[:, None])
-        return nll, _top_two(log_p[:, :words]), log_p[:, words:]
+        clusters, best = _head_from_logits(jax.lax.stop_gradient(logits), words, second=False)
+        return nll, best, clusters
 
     nll, best, clusters = jax.lax.map(score, (x_chunks, y_chunks))
     unchunk = lambda a: a.reshape(padded, *a.shape[2:])[:total]  # noqa: E731

@@ -82,6 +82,7 @@ def format_row(row: dict) -> str:
 def main() -> None:
     args = parse_args()
     ee_jax.enable_compilation_cache()
+    ee_jax.keep_freed_memory()
     rng = np.random.default_rng(args.seed)
     print(
         f"BK core, B={args.batch}, diag = -2 + U[-3, 3], off-diagonals 1, z = 1j, "

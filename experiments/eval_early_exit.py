@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     if not all(0.0 <= t <= 1.0 for t in args.thresholds):
         return cli.report_error(ValueError(f"thresholds must be in [0, 1], got {args.thresholds}"))
     ee_jax.enable_compilation_cache()
+    ee_jax.keep_freed_memory()
     from ee_jax import evaluate, report, train
 
     try:

@@ -110,6 +110,7 @@ def build_config(args: argparse.Namespace, vocab_size: int) -> TrainConfig:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
+    ee_jax.keep_freed_memory()
     from ee_jax import evaluate, train  # after the cache is set
 
     try:

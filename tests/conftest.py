@@ -10,6 +10,7 @@ import ee_jax
 # Compiled programs go to the repository's ignored .cache/jax (or $EE_JAX_CACHE_DIR).
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ee_jax.enable_compilation_cache(os.environ.get("EE_JAX_CACHE_DIR") or REPO / ".cache" / "jax")
+ee_jax.keep_freed_memory()
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # One tolerance table for the suite (relative unless the name says otherwise).
