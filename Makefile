@@ -5,9 +5,6 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test
 
-# Large [tokens, vocabulary] buffers are allocated and freed every step; with
-# huge pages glibc hands them out about 2x faster (see experiments/bench_model.py).
-export GLIBC_TUNABLES := glibc.malloc.hugetlb=1
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
