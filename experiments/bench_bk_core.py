@@ -24,7 +24,7 @@ DENSE_MAX_N = 2048
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8, help="batch size B (default 8)")
+    parser.add_argument("--batch_size", type=int, default=8, help="batch size B (default 8)")
     parser.add_argument(
         "--sizes",
         type=int,
@@ -85,7 +85,7 @@ def main() -> None:
     ee_jax.keep_freed_memory()
     rng = np.random.default_rng(args.seed)
     print(
-        f"BK core, B={args.batch}, diag = -2 + U[-3, 3], off-diagonals 1, z = 1j, "
+        f"BK core, B={args.batch_size}, diag = -2 + U[-3, 3], off-diagonals 1, z = 1j, "
         f"device: {jax.devices()[0].device_kind}"
     )
     print(
@@ -94,7 +94,7 @@ def main() -> None:
     )
     print("|---:|---|---:|---:|---:|---:|---:|---|")
     for n in args.sizes:
-        diag = -2.0 + rng.uniform(-3, 3, (args.batch, n))
+        diag = -2.0 + rng.uniform(-3, 3, (args.batch_size, n))
         for causal in (True, False):
             print(format_row(bench_row(diag, causal)), flush=True)
 

@@ -1,10 +1,10 @@
 """Benchmark of the whole model: forward, early exit, training step, MoE, compile time.
 
-    python experiments/bench_model.py [--vocab 33278] [--d-model 64] [--layers 4] [--batch 8]
-                                      [--json bench_model.json]
+    python experiments/bench_model.py [--vocab_size 33278] [--d_model 64] [--n_layers 4]
+                                      [--batch_size 8] [--json bench_model.json]
 
 Random parameters (`model.init`) and random tokens, float32, on the default JAX
-device. Every time is the median of at least --min-repeats calls after compile
+device. Every time is the median of at least --min_repeats calls after compile
 and a warm-up call, each followed by `jax.block_until_ready`. It prints:
 
 1. the standard forward `model.apply(variables, tokens)` (full logits [B, N, V]);
@@ -16,7 +16,7 @@ and a warm-up call, each followed by `jax.block_until_ready`. It prints:
    exit's loss (uniform weights);
 4. the bare vocabulary projection [B*N, D] @ [D, V] in the same run (jitted
    einsum and numpy BLAS) and forward time / projection time;
-5. the compile time of the halting loop at --layers and at --compile-layers;
+5. the compile time of the halting loop at --n_layers and at --compile_layers;
 6. the MoE FFN (top-k routed, `jax.lax.ragged_dot`) against running every expert
    on every token with the same parameters, forward and forward+backward.
 
@@ -84,12 +84,12 @@ BALANCE_WEIGHT = 0.01  # MoE load-balancing loss weight in the timed training st
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--vocab", type=int, default=33278, help="vocabulary size V (default 33278)"
+        "--vocab_size", type=int, default=33278, help="vocabulary size V (default 33278)"
     )
-    parser.add_argument("--d-model", type=int, default=64, help="model width D (default 64)")
-    parser.add_argument("--layers", type=int, default=4, help="blocks L (default 4)")
-    parser.add_argument("--batch", type=int, default=8, help="batch size B (default 8)")
-    parser.add_argument("--seq", type=int, default=128, help="sequence length N (default 128)")
+    parser.add_argument("--d_model", type=int, default=64, help="model width D (default 64)")
+    parser.add_argument("--n_layers", type=int, default=4, help="blocks L (default 4)")
+    parser.add_argument("--batch_size", type=int, default=8, help="batch size B (default 8)")
+    parser.add_argument("--n_seq", type=int, default=128, help="sequence length N (default 128)")
     parser.add_argument(
         "--thresholds",
         type=float,
@@ -98,13 +98,13 @@ def parse_args() -> argparse.Namespace:
         help="early-exit thresholds to time (default 0 0.5 0.9 1)",
     )
     parser.add_argument(
-        "--compile-layers",
+        "--compile_layers",
         type=int,
         default=32,
         help="deep L whose halting-loop compile time is compared with --layers (default 32)",
     )
     parser.add_argument(
-        "--min-repeats", type=int, default=7, help="least timed calls per median (default 7)"
+        "--min_repeats", type=int, default=7, help="least timed calls per median (default 7)"
     )
     parser.add_argument(
         "--budget",
@@ -424,9 +424,9 @@ def bench_output_inference(config: ModelConfig, inputs, targets, timing) -> dict
 
 
 def run_output_section(args, timing) -> dict:
-    base = train_preset("cpu", args.vocab)
+    base = train_preset("cpu", args.vocab_size)
     inputs, targets, source = output_batch(
-        args.vocab, base.batch_size, base.model.n_seq, args.data_dir, args.seed
+        args.vocab_size, base.batch_size, base.model.n_seq, args.data_dir, args.seed
     )
     variants = {
         "full": base.replace(output="full"),
@@ -489,31 +489,31 @@ def main() -> None:
             flush=True,
         )
         results = run_output_section(args, timing)
-        print_output_tables(results, train_preset("cpu", args.vocab))
+        print_output_tables(results, train_preset("cpu", args.vocab_size))
         if args.json:
             with open(args.json, "w") as file:
                 json.dump(results, file, indent=2)
             print(f"wrote {args.json}")
         return
     config = ModelConfig(
-        vocab_size=args.vocab,
+        vocab_size=args.vocab_size,
         d_model=args.d_model,
-        n_layers=args.layers,
-        n_seq=args.seq,
+        n_layers=args.n_layers,
+        n_seq=args.n_seq,
         num_experts=4,
         top_k=1,
     )
     timing = {"min_repeats": args.min_repeats, "budget_s": args.budget}
-    tokens_per_call = args.batch * args.seq
+    tokens_per_call = args.batch_size * args.n_seq
     device = jax.devices()[0]
     print(
-        f"Model benchmark: B={args.batch}, N={args.seq}, V={args.vocab}, D={args.d_model}, "
-        f"L={args.layers}, E=4, top_k=1, float32; device: {device.platform} "
+        f"Model benchmark: B={args.batch_size}, N={args.n_seq}, V={args.vocab_size}, "
+        f"D={args.d_model}, L={args.n_layers}, E=4, top_k=1, float32; device: {device.platform} "
         f"({device.device_kind}), {jax.local_device_count()} device(s), jax {jax.__version__}; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}",
         flush=True,
     )
-    model, variables, tokens, targets = build(config, args.batch, args.seed)
+    model, variables, tokens, targets = build(config, args.batch_size, args.seed)
     results = {
         "config": vars(args),
         "device": device.device_kind,
@@ -528,8 +528,8 @@ def main() -> None:
         for scheme in ("final", "uniform")
     ]
     results["compile"] = [
-        compile_seconds(config.replace(n_layers=layers), args.batch, args.seed)
-        for layers in (args.layers, args.compile_layers)
+        compile_seconds(config.replace(n_layers=layers), args.batch_size, args.seed)
+        for layers in (args.n_layers, args.compile_layers)
     ]
     results["moe"] = bench_moe(config, tokens_per_call, timing)
     print_table(results, tokens_per_call)
