@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(VENV)/bin/python experiments/train_wikitext2.py --preset cpu --workdir $(WORKDIR) $(DATA_FLAG)
 	$(VENV)/bin/python experiments/eval_early_exit.py --workdir $(WORKDIR) $(DATA_FLAG)
 
-# The whole test suite.
+# The whole test suite, two worker processes (pytest-xdist; a test file stays on one
+# worker, so its module fixtures and compiled shapes are shared).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests

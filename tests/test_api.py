@@ -85,6 +85,7 @@ def test_public_names_are_the_modules_objects():
     assert set(ee_jax.__all__) == {
         *ee_jax._EXPORTS,
         "enable_compilation_cache",
+        "keep_freed_memory",
         "load_run",
         "user_cache_dir",
     }
