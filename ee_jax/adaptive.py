@@ -210,23 +210,28 @@ def _add_tails(layer, x, cluster_log_probs, best, need_fn, capacity):
     return best
 
 
-def _head(layer: OutputLayer, x: jax.Array, second: bool = True):
+def _head(layer: OutputLayer, x: jax.Array, second: bool = True, index: bool = True):
     """(cluster log-probabilities log P_k [T, K], top-2 of the head words' log p).
 
     Reductions of the logits, shifted by their log-normaliser afterwards: no
     [T, c_1 + K] log-softmax is materialised (for a full output that is [T, V]).
-    Without `second` the second value is -inf (one reduction fewer).
+    Without `second` the second value is -inf, without `index` the argmax is 0
+    (each a reduction fewer).
     """
-    return _head_from_logits(head_logits(layer, x), layer.head_words, second)
+    return _head_from_logits(head_logits(layer, x), layer.head_words, second, index)
 
 
-def _head_from_logits(logits: jax.Array, words: int, second: bool = True):
+def _head_from_logits(logits: jax.Array, words: int, second: bool = True, index: bool = True):
     normaliser = jax.nn.logsumexp(logits, axis=-1)  # [T]
     if second:
         first, runner_up, index = _top_two(logits[:, :words])
     else:
-        index = jnp.argmax(logits[:, :words], axis=-1).astype(jnp.int32)
-        first = jnp.take_along_axis(logits, index[:, None], axis=-1)[:, 0]
+        if index:
+            index = jnp.argmax(logits[:, :words], axis=-1).astype(jnp.int32)
+            first = jnp.take_along_axis(logits, index[:, None], axis=-1)[:, 0]
+        else:
+            first = jnp.max(logits[:, :words], axis=-1)
+            index = jnp.zeros(first.shape, jnp.int32)
         runner_up = jnp.full_like(first, -jnp.inf)
     best = (first - normaliser, runner_up - normaliser, index)
     return logits[:, words:] - normaliser[:, None], best
@@ -285,9 +290,10 @@ def exit_confidence(
       full output); elsewhere the head's value, which is on the same side of the
       threshold as the exact one.
     """
-    head, best = _head(layer, x, second=measure != ExitMeasure.SOFTMAX_MAX)
+    maximum = measure == ExitMeasure.SOFTMAX_MAX  # needs neither the second nor the argmax
+    head, best = _head(layer, x, second=not maximum, index=not maximum)
     clusters = jnp.exp(head)  # [T, K] cluster probabilities P_k
-    if measure == ExitMeasure.SOFTMAX_MAX:
+    if maximum:
         undecided = jnp.exp(best[0]) < threshold
 
         def need(cluster_log_prob, _):
