@@ -360,7 +360,8 @@ def training_nll_and_argmax(
     *,
     tail_capacities: tuple[int, ...] | None = None,
     argmax_capacity=None,
-) -> tuple[jax.Array, jax.Array]:
+    with_argmax: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
     """-log p(target) [T] (differentiable) and the exact argmax [T] int32.
 
     The head is scored a chunk of tokens at a time, each chunk's logits
@@ -380,6 +381,8 @@ def training_nll_and_argmax(
     head_target = jnp.where(cluster == 0, targets, layer.head_words + cluster - 1)
     nll, best, cluster_log_probs = _chunked_head(layer, x, head_target)
     nll = nll + _tail_nll(layer, x, targets, cluster, tail_capacities)
+    if not with_argmax:
+        return nll, None
     frozen = jax.lax.stop_gradient((layer, x))
     _, _, argmax = _add_tails(
         frozen[0], frozen[1], cluster_log_probs, best, lambda p, b: p > b[0], argmax_capacity

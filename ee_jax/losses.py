@@ -55,7 +55,13 @@ def tail_capacities(config: ModelConfig, targets: np.ndarray, mask: np.ndarray) 
 
 
 def exit_nll(
-    model: EarlyExitLM, params, states: jax.Array, targets: jax.Array, layers, capacities=None
+    model: EarlyExitLM,
+    params,
+    states: jax.Array,
+    targets: jax.Array,
+    layers,
+    capacities=None,
+    with_argmax: bool = True,
 ):
     """Per-token NLL and argmax of the exits in `layers` from hidden states.
 
@@ -63,9 +69,10 @@ def exit_nll(
       states: [K, T, D] hidden states of T tokens after each scored block;
       targets: [T]; layers: the K 0-based exits they belong to (static);
       capacities: static tail-cluster gather sizes (`tail_capacities`), or None.
+      with_argmax: False skips the argmax (then None).
 
     Returns:
-      (nll [K, T], argmax [K, T]) of each exit's full (exact) distribution.
+      (nll [K, T], argmax [K, T] or None) of each exit's full (exact) distribution.
     """
     scored = []
     # A Python loop (L is small): a lax.map here made the backward pass replay the
@@ -74,9 +81,12 @@ def exit_nll(
         features = model.apply(params, h, layer, method=EarlyExitLM.exit_features)
         output = model.apply(params, layer, method=EarlyExitLM.output_layer)
         scored.append(
-            adaptive.training_nll_and_argmax(output, features, targets, tail_capacities=capacities)
+            adaptive.training_nll_and_argmax(
+                output, features, targets, tail_capacities=capacities, with_argmax=with_argmax
+            )
         )
-    return jnp.stack([nll for nll, _ in scored]), jnp.stack([argmax for _, argmax in scored])
+    nll = jnp.stack([nll for nll, _ in scored])
+    return nll, jnp.stack([argmax for _, argmax in scored]) if with_argmax else None
 
 
 def lm_loss(
@@ -127,8 +137,9 @@ def lm_loss(
     )
     states = states.reshape(n_layers, total, -1)  # [L, T, D]
     targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)  # [T]
-    final_nll, final_argmax = exit_nll(
-        model, params, states[-1:], targets, [n_layers - 1], tail_capacities
+    # The final argmax (the classifiers' target) is needed on the sampled positions only.
+    final_nll, _ = exit_nll(
+        model, params, states[-1:], targets, [n_layers - 1], tail_capacities, with_argmax=False
     )
     sample = jnp.arange(total)
     if exit_token_fraction < 1.0:
@@ -149,7 +160,11 @@ def lm_loss(
         loss = loss + jnp.dot(jnp.asarray(weights)[early], early_loss)
         per_exit = per_exit.at[jnp.asarray(early)].set(early_loss)
     if len(early) == n_layers - 1:
-        agrees = (argmax == final_argmax[0, sample]).astype(jnp.float32)  # [L-1, S]
+        final = jax.lax.stop_gradient(states[-1, sample])  # [S, D]
+        features = model.apply(params, final, n_layers - 1, method=EarlyExitLM.exit_features)
+        output = model.apply(params, n_layers - 1, method=EarlyExitLM.output_layer)
+        final_argmax, _ = adaptive.exact_argmax(jax.lax.stop_gradient(output), features)  # [S]
+        agrees = (argmax == final_argmax).astype(jnp.float32)  # [L-1, S]
         logits = jax.vmap(
             lambda h, layer: model.apply(params, h, layer, method=EarlyExitLM.exit_classifier)
         )(states[:-1, sample], jnp.arange(n_layers - 1))  # [L-1, S]
