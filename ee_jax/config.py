@@ -42,9 +42,7 @@ class ModelConfig:
     bk_method: BKMethod = "auto"  # BK core scan; auto: sequential on CPU, else associative
     unembedding: Unembedding = "shared"  # per-exit matrices, one shared, or tied to the input
     use_bk: bool = True  # False drops the BK features (the ablation without sequence mixing)
-    output: Output = (
-        "full"  # exit output layer: full softmax, or adaptive softmax (ee_jax.adaptive)
-    )
+    output: Output = "full"  # exit output layer: "full" or "adaptive" softmax (ee_jax.adaptive)
     adaptive_cutoffs: tuple[int, ...] = (2000, 10000)  # first id of each tail cluster (adaptive)
     adaptive_div: float = 4.0  # tail cluster k projects D to D // div**k dimensions (adaptive)
 
@@ -238,8 +236,8 @@ def train_preset(name: str, vocab_size: int) -> TrainConfig:
     """Training presets (run with `python experiments/train_wikitext2.py --preset NAME`).
 
     tiny: tests and the offline notebooks; seconds on a CPU; says nothing about quality.
-    cpu:  the main job on a 2-core CPU: about one epoch of WikiText-2 train in
-          tens of minutes; README lists its measured perplexities.
+    cpu:  the main job on a 2-core CPU: adaptive-softmax exits, 2,000 steps (about
+          two epochs of WikiText-2 train); the README gives its measured speed.
     gpu:  Colab GPU/TPU: a wider model, 10 epochs; not run on this project's machines.
     """
     if name not in TRAIN_PRESETS:

@@ -68,7 +68,8 @@ def _source_error(folder: Path | None, problem: str) -> DataError:
     return DataError(
         f"{problem}\n  WikiText-2 source folder: {where}\n"
         f"  Expected files: {_EXPECTED_FILES}.\n"
-        f"  Pass the folder to load_wikitext2(source_dir) or set {ENV_VAR}=/path/to/wikitext-2."
+        f"  Pass the folder with --data_dir (scripts), load_wikitext2(source_dir), or set "
+        f"{ENV_VAR}=/path/to/wikitext-2."
     )
 
 

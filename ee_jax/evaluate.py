@@ -190,7 +190,12 @@ def calibrate(scores: ExitScores, config, measure: str, thresholds, *, max_ppl_c
     """The lowest threshold (the most exits) whose perplexity change is within tolerance.
 
     Returns the threshold, or 1.0 (full depth) when none qualifies.
+
+    Raises:
+      ValueError: max_ppl_change_pct is not a finite number >= 0.
     """
+    if not (np.isfinite(max_ppl_change_pct) and max_ppl_change_pct >= 0):
+        raise ValueError(f"max_ppl_change_pct must be finite and >= 0, got {max_ppl_change_pct}")
     for threshold in sorted(thresholds):
         row = depth_row(scores, exit_depths(scores, measure, threshold), config, measure)
         if row["ppl_change_pct"] <= max_ppl_change_pct:

@@ -319,12 +319,19 @@ class EarlyExitLM(nn.Module):
         )
 
     def exit_head(self, h: jax.Array, layer) -> jax.Array:
-        """Exit `layer`'s logits for hidden states [..., D] -> [..., V] (for an adaptive
-        output: its normalised log-probabilities, see `adaptive.logits`)."""
+        """Exit `layer`'s logits [..., V] (for an adaptive output: its normalised
+        log-probabilities, see `adaptive.logits`).
+
+        h: hidden states [..., D] after block `layer` (0-based), e.g. `states[layer]`
+        of `hidden_states`; not token ids."""
         return adaptive.logits(self.output_layer(layer), self.exit_features(h, layer))
 
     def exit_log_probs(self, h: jax.Array, layer) -> jax.Array:
-        """Exact, normalised log-probabilities of every word at exit `layer`; [..., V]."""
+        """Exact, normalised log-probabilities of every word at exit `layer`; [..., V].
+
+        h: hidden states [..., D] after block `layer` (0-based): with
+        `states, _ = model.apply(v, tokens, method=EarlyExitLM.hidden_states)`,
+        `model.apply(v, states[layer], layer, method=EarlyExitLM.exit_log_probs)`."""
         return adaptive.log_probs(self.output_layer(layer), self.exit_features(h, layer))
 
     def exit_classifier(self, h: jax.Array, layer) -> jax.Array:

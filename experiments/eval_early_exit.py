@@ -1,4 +1,4 @@
-"""Early-exit evaluation of a trained checkpoint on the WikiText-2 test set.
+r"""Early-exit evaluation of a trained checkpoint on the WikiText-2 test set.
 
     python experiments/eval_early_exit.py --workdir runs/cpu \
         --data_dir ../shared/data/wikitext-2
@@ -11,6 +11,7 @@ forward, and writes results.json, results.md and PNG plots into --out
 """
 
 import argparse
+import math
 import pathlib
 import sys
 
@@ -67,6 +68,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not all(0.0 <= t <= 1.0 for t in args.thresholds):
         return cli.report_error(ValueError(f"thresholds must be in [0, 1], got {args.thresholds}"))
+    if not (math.isfinite(args.max_ppl_change_pct) and args.max_ppl_change_pct >= 0):
+        return cli.report_error(
+            ValueError(
+                f"--max_ppl_change_pct must be finite and >= 0, got {args.max_ppl_change_pct}"
+            )
+        )
     ee_jax.enable_compilation_cache()
     ee_jax.keep_freed_memory()
     from ee_jax import evaluate, report, train

@@ -1,4 +1,4 @@
-"""Generate WikiText-2-style text from a checkpoint, showing each token's exit depth.
+r"""Generate WikiText-2-style text from a checkpoint, showing each token's exit depth.
 
     python experiments/generate.py --workdir runs/cpu --prompt "the game was" \
         --steps 40 --temperature 0.8 --sample_top_k 40

@@ -1,4 +1,4 @@
-"""Streaming (token-by-token) early-exit evaluation on the WikiText-2 test set.
+r"""Streaming (token-by-token) early-exit evaluation on the WikiText-2 test set.
 
     python experiments/stream_early_exit.py --workdir runs/cpu \
         --data_dir ../shared/data/wikitext-2

@@ -1,4 +1,4 @@
-"""Summarise training runs: a Markdown table of their metrics and a PNG curve.
+r"""Summarise training runs: a Markdown table of their metrics and a PNG curve.
 
     python experiments/summarize_training.py runs/cpu runs/cpu_nobk \
         --every 250 --out docs/results/training

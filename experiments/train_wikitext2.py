@@ -1,4 +1,4 @@
-"""Train the early-exit BK language model on WikiText-2.
+r"""Train the early-exit BK language model on WikiText-2.
 
     python experiments/train_wikitext2.py --preset cpu --workdir runs/cpu \
         --data_dir ../shared/data/wikitext-2
@@ -35,6 +35,10 @@ def parse_pair(text: str) -> tuple[float, float]:
     return low, high
 
 
+def parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, with the field's comment as its help."""
     for cls in (TrainConfig, ModelConfig):
@@ -48,6 +52,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 "int": int,
                 "float": float,
                 "tuple[float, float]": parse_pair,
+                "tuple[int, ...]": parse_ints,  # --adaptive_cutoffs 2000,10000
             }.get(str(field.type).replace("<class '", "").replace("'>", ""), str)
             group.add_argument(
                 f"--{field.name}", type=kind, default=None, help=helps.get(field.name, "")

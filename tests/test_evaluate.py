@@ -224,6 +224,10 @@ def test_oracle_and_calibration(setup):
     rows = {r["threshold"]: r for r in evaluate.sweep(scores, CONFIG, "softmax_max", THRESHOLDS)}
     assert rows[threshold]["ppl_change_pct"] <= 2.0
     assert all(rows[t]["ppl_change_pct"] > 2.0 for t in THRESHOLDS if t < threshold)
+    # A negative or non-finite tolerance is refused, not calibrated to full depth.
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_ppl_change_pct"):
+            evaluate.calibrate(scores, CONFIG, "softmax_max", THRESHOLDS, max_ppl_change_pct=bad)
 
 
 def test_report_writes_tables_and_plots(setup, tmp_path):
