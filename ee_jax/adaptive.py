@@ -221,8 +221,11 @@ def _head(layer: OutputLayer, x: jax.Array, second: bool = True, index: bool = T
     return _head_from_logits(head_logits(layer, x), layer.head_words, second, index)
 
 
-def _head_from_logits(logits: jax.Array, words: int, second: bool = True, index: bool = True):
-    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [T]
+def _head_from_logits(
+    logits: jax.Array, words: int, second: bool = True, index: bool = True, normaliser=None
+):
+    if normaliser is None:
+        normaliser = jax.nn.logsumexp(logits, axis=-1)  # [T]
     if second:
         first, runner_up, index = _top_two(logits[:, :words])
     else:
@@ -292,7 +295,6 @@ def exit_confidence(
     """
     maximum = measure == ExitMeasure.SOFTMAX_MAX  # needs neither the second nor the argmax
     head, best = _head(layer, x, second=not maximum, index=not maximum)
-    clusters = jnp.exp(head)  # [T, K] cluster probabilities P_k
     if maximum:
         undecided = jnp.exp(best[0]) < threshold
 
@@ -302,6 +304,7 @@ def exit_confidence(
         first, _, _ = _add_tails(layer, x, head, best, need, capacity)
         return jnp.exp(first)
     top, second = jnp.exp(best[0]), jnp.exp(best[1])
+    clusters = jnp.exp(head)  # [T, K] cluster probabilities P_k
     largest_cluster = jnp.max(clusters, axis=-1, initial=0.0)  # [T]
     upper = jnp.maximum(top, largest_cluster)
     lower = top - jnp.maximum(second, largest_cluster)
@@ -320,11 +323,17 @@ def target_nll(layer: OutputLayer, x: jax.Array, targets: jax.Array, capacity=No
     Args:
       x: [T, D] exit features; targets: [T] ids in [0, V).
     """
-    head = jax.nn.log_softmax(head_logits(layer, x), axis=-1)  # [T, c_1 + K]
+    logits = head_logits(layer, x)  # [T, c_1 + K]
     cluster = cluster_of(layer, targets)
-    head_target = jnp.where(cluster == 0, targets, layer.head_words + cluster - 1)
-    nll = -jnp.take_along_axis(head, head_target[:, None], axis=-1)[:, 0]
+    head_target = _head_target(layer, targets, cluster)
+    target_logit = jnp.take_along_axis(logits, head_target[:, None], axis=-1)[:, 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
     return nll + _tail_nll(layer, x, targets, cluster, capacity)
+
+
+def _head_target(layer: OutputLayer, targets: jax.Array, cluster: jax.Array) -> jax.Array:
+    """The head entry a target is scored by: itself, or its tail cluster's logit; [T]."""
+    return jnp.where(cluster == 0, targets, layer.head_words + cluster - 1)
 
 
 def _tail_nll(layer, x, targets, cluster, capacities) -> jax.Array:
@@ -378,7 +387,7 @@ def training_nll_and_argmax(
     """
     tail_capacities = [None] * layer.n_tails if tail_capacities is None else list(tail_capacities)
     cluster = cluster_of(layer, targets)
-    head_target = jnp.where(cluster == 0, targets, layer.head_words + cluster - 1)
+    head_target = _head_target(layer, targets, cluster)
     nll, best, cluster_log_probs = _chunked_head(layer, x, head_target)
     nll = nll + _tail_nll(layer, x, targets, cluster, tail_capacities)
     if not with_argmax:
@@ -407,7 +416,10 @@ def _chunked_head(layer: OutputLayer, x: jax.Array, head_target: jax.Array):
         logits = head_logits(layer, features)  # [C, c_1 + K]
         normaliser = jax.nn.logsumexp(logits, axis=-1)
         nll = normaliser - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
-        clusters, best = _head_from_logits(jax.lax.stop_gradient(logits), words, second=False)
+        frozen, frozen_normaliser = jax.lax.stop_gradient((logits, normaliser))
+        clusters, best = _head_from_logits(
+            frozen, words, second=False, normaliser=frozen_normaliser
+        )
         return nll, best, clusters
 
     nll, best, clusters = jax.lax.map(score, (x_chunks, y_chunks))

@@ -132,8 +132,12 @@ def check_stream(stream, config: ModelConfig) -> None:
         raise ValueError(f"stream inputs, targets and mask must have one shape, got {shapes}")
 
 
-def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
-    """The halting loop over a sequence (pure; jit with model, measure, exited_state static)."""
+def early_exit_loop(
+    model, variables, tokens, threshold, measure, exited_state, output_fn=adaptive.logits
+):
+    """The halting loop over a sequence (pure; jit with model, measure, exited_state
+    and output_fn static). Returns (output_fn of each token's exit features at its
+    exit head [B, N, ...], ExitInfo); see `exit_outputs` and `decode.decode_step`."""
     apply = functools.partial(model.apply, variables)
     hidden = apply(tokens, method=EarlyExitLM.embed)
 
@@ -143,8 +147,8 @@ def early_exit_loop(model, variables, tokens, threshold, measure, exited_state):
     state = halting_loop(
         apply, model.config, HaltState.make(hidden), threshold, measure, exited_state, run_block
     )
-    logits = exit_outputs(apply, model.config, state, adaptive.logits)
-    return logits, exit_info(model.config, state, measure, exited_state)
+    output = exit_outputs(apply, model.config, state, output_fn)
+    return output, exit_info(model.config, state, measure, exited_state)
 
 
 def halting_loop(

@@ -27,13 +27,10 @@ from ee_jax.config import ExitMeasure
 from ee_jax.data import LMStream
 from ee_jax.early_exit import (
     ExitStats,
-    HaltState,
     check_exit_options,
     check_stream,
     early_exit_forward,
-    exit_info,
-    exit_outputs,
-    halting_loop,
+    early_exit_loop,
     state_saturation,
 )
 from ee_jax.flops import exit_flops, tail_use_of
@@ -296,19 +293,17 @@ def real_loop_row(
 def _halting_loop_nll(model: EarlyExitLM, params, inputs, targets, mask, threshold, measure):
     """The halting loop (`early_exit_loop`, policy "freeze") on a window, scoring each
     token's target at its exit head: (summed NLL over masked tokens [], ExitInfo)."""
-    apply = functools.partial(model.apply, params)
-    hidden = apply(inputs, method=EarlyExitLM.embed)  # [B, N, D]
-
-    def run_block(hidden, layer, block_state):
-        return apply(hidden, layer, method=EarlyExitLM.block)[0], block_state
-
-    state = HaltState.make(hidden)
-    state = halting_loop(apply, model.config, state, threshold, measure, "freeze", run_block)
     flat_targets = targets.reshape(-1)  # [T]
-    nll = exit_outputs(
-        apply, model.config, state, lambda layer, x: adaptive.target_nll(layer, x, flat_targets)
+    nll, info = early_exit_loop(
+        model,
+        params,
+        inputs,
+        threshold,
+        measure,
+        "freeze",
+        lambda layer, x: adaptive.target_nll(layer, x, flat_targets),
     )  # [B, N]
-    return jnp.sum(nll * mask), exit_info(model.config, state, measure, "freeze")
+    return jnp.sum(nll * mask), info
 
 
 def untrained_measures(exit_weighting: str, n_layers: int) -> dict[str, str]:
