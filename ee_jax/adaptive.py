@@ -384,6 +384,8 @@ def training_nll_and_argmax(
       x: [T, D] exit features; targets: [T] ids in [0, V).
       tail_capacities: static gather size per tail cluster (e.g. the most targets
         a training batch has in it, `losses.tail_capacities`); default `gather_sizes`.
+      argmax_capacity: `gather_sizes` capacity of the argmax's tail evaluations.
+      with_argmax: False skips the argmax (returned as None).
     """
     tail_capacities = [None] * layer.n_tails if tail_capacities is None else list(tail_capacities)
     cluster = cluster_of(layer, targets)

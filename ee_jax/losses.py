@@ -123,8 +123,8 @@ def lm_loss(
       params: {"params": ...}; tokens, targets: [B, N] ids; mask: [B, N] (1 = scored).
       weights: [L] static exit weights (see `exit_weights`).
       tail_capacities: static gather size per tail cluster for the final exit's
-        targets (`tail_capacities` of the training data); the exits scored on a
-        subset scale them by exit_token_fraction. Default: a quarter of the tokens.
+        targets (`tail_capacities` of the training data); for the exits scored on a
+        subset they are capped at its size. Default: `adaptive.gather_sizes`' ladder.
 
     Returns:
       (loss [], metrics: "exit_nll" [L] (nan for unscored exits), "balance_loss" [],
