@@ -12,6 +12,12 @@ k_i = b_i * c_i (the only way the off-diagonals enter the diagonal of M^-1).
 * Causal diagonal: the resolvent of the leading block that ends at i,
   G_ii = [M[:i+1, :i+1]^-1]_ii = theta_{i-1} / theta_i = 1 / d_i. It depends only
   on positions <= i, so a next-token model built on it cannot see the future.
+* Causal solve of value vectors u_i (ResNet-BK's resolvent applied to vectors, not
+  only its diagonal): y_i = [M[:i+1, :i+1]^-1 u[:i+1]]_i. Forward elimination of
+  the leading block gives w_i = u_i - (c_{i-1} / d_{i-1}) w_{i-1} and y_i = w_i / d_i
+  (c_{i-1} = T[i, i-1]); with y_{i-1} = w_{i-1} / d_{i-1} that is the linear
+  recurrence y_i = G_ii (u_i - c_{i-1} y_{i-1}): a data-dependent decay
+  -c_{i-1} G_ii, so each system carries a vector of memory.
 
 Shape legend: B... batch dimensions, N sequence positions.
 """
@@ -83,6 +89,88 @@ def resolvent_diagonal(
     if causal:
         return 1.0 / forward
     return 1.0 / (forward + backward - alpha)
+
+
+def causal_solve(
+    diag: jax.Array,
+    upper: jax.Array,
+    lower: jax.Array,
+    z: complex | jax.Array,
+    values: jax.Array,
+    *,
+    method: Method = "associative",
+) -> tuple[jax.Array, jax.Array]:
+    """Causal diagonal G_ii and causal solve y_i = [(T[:i+1, :i+1] - zI)^-1 u[:i+1]]_i.
+
+    Args:
+      diag, upper, lower, z: T and z as in `resolvent_diagonal`.
+      values: [..., N, P] value vectors u_i (P per system).
+      method: "associative", "sequential" or "auto" (as in `resolvent_diagonal`).
+
+    Returns:
+      (G [..., N], y [..., N, P]), complex: G is `resolvent_diagonal(...,
+      causal=True)`; y_i depends on positions <= i only.
+
+    The pivots are those of `resolvent_diagonal`; the solve is the linear
+    recurrence y_i = a_i y_{i-1} + b_i with a_i = -T[i, i-1] G_ii and b_i = G_ii u_i
+    (module docstring): a lax.scan ("sequential") or a lax.associative_scan over
+    the affine maps y -> a y + b ("associative"). For Hermitian T and Im z > 0,
+    |y_i| <= |u[:i+1]|_2 / Im z. Source: forward elimination (Thomas algorithm)
+    of each leading block.
+
+    Raises:
+      ValueError: as `resolvent_diagonal`; values not of shape diag.shape + (P,);
+        method "dense".
+    """
+    dtype = _check_inputs(diag, upper, lower, z, method)
+    if method == "dense":
+        raise ValueError("causal_solve has no dense method; tests use a numpy reference")
+    if jnp.ndim(values) != jnp.ndim(diag) + 1 or jnp.shape(values)[:-1] != jnp.shape(diag):
+        raise ValueError(
+            f"values must have shape diag.shape + (P,) = {jnp.shape(diag)} + (P,), "
+            f"got {jnp.shape(values)}"
+        )
+    method = resolve_method(method)
+    alpha, coupling = _shifted_diagonal_and_coupling(diag, upper, lower, z, dtype)
+    pivots = _sequential_pivots if method == "sequential" else _associative_pivots
+    green = 1.0 / pivots(alpha, coupling, reverse=False)  # [..., N]
+    lower = jnp.asarray(lower).astype(dtype)
+    lower = jnp.broadcast_to(lower, (*coupling.shape[:-1], coupling.shape[-1] - 1))
+    decay = -jnp.pad(lower, [(0, 0)] * (lower.ndim - 1) + [(1, 0)]) * green  # [..., N]
+    inputs = green[..., None] * jnp.asarray(values).astype(dtype)  # [..., N, P]
+    if method == "sequential":
+
+        def step(previous, xs):
+            a, b = xs
+            y = a[..., None] * previous + b
+            return y, y
+
+        init = jnp.zeros(inputs.shape[:-2] + inputs.shape[-1:], dtype)
+        xs = (jnp.moveaxis(decay, -1, 0), jnp.moveaxis(inputs, -2, 0))
+        _, solved = lax.scan(step, init, xs)
+        return green, jnp.moveaxis(solved, 0, -2)
+
+    def combine(earlier, later):  # affine maps y -> a y + b; `earlier` applies first
+        return later[0] * earlier[0], later[0][..., None] * earlier[1] + later[1]
+
+    _, solved = lax.associative_scan(combine, (decay, inputs), axis=decay.ndim - 1)
+    return green, solved
+
+
+def causal_solve_step(
+    state: tuple[jax.Array, jax.Array],
+    diag_i: jax.Array,
+    lower: jax.Array,
+    coupling: jax.Array,
+    z: complex | jax.Array,
+    values_i: jax.Array,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """One position of `causal_solve`, for decoding: state (g_{i-1} [...],
+    y_{i-1} [..., P]), zeros before the first position -> ((g_i, y_i), same)."""
+    g, y = state
+    g, _ = causal_step(g, diag_i, coupling, z)
+    y = g[..., None] * (values_i - lower * y)
+    return (g, y), (g, y)
 
 
 def resolve_method(method: Method, backend: str | None = None) -> str:

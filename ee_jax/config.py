@@ -10,6 +10,7 @@ BKMethod = Literal["auto", "associative", "sequential"]
 Unembedding = Literal["per_exit", "shared", "tied"]
 ExitWeighting = Literal["uniform", "linear", "final"]
 Output = Literal["full", "adaptive"]
+Mixer = Literal["bk", "attention", "none"]
 
 
 class ExitMeasure(enum.StrEnum):
@@ -41,17 +42,36 @@ class ModelConfig:
     h0_offdiagonal: float = 1.0  # off-diagonals of H0 (discrete Laplacian: 1)
     bk_method: BKMethod = "auto"  # BK core scan; auto: sequential on CPU, else associative
     unembedding: Unembedding = "shared"  # per-exit matrices, one shared, or tied to the input
-    use_bk: bool = True  # False drops the BK features (the ablation without sequence mixing)
+    mixer: Mixer = "bk"  # sequence mixing: "bk", causal "attention", or "none" (ablation)
+    bk_value_dim: int = 0  # P: per-head values solved through the causal resolvent (0: none)
+    attention_heads: int = 4  # heads of the "attention" mixer (d_model must divide by it)
     output: Output = "full"  # exit output layer: "full" or "adaptive" softmax (ee_jax.adaptive)
     adaptive_cutoffs: tuple[int, ...] = (2000, 10000)  # first id of each tail cluster (adaptive)
     adaptive_div: float = 4.0  # tail cluster k projects D to D // div**k dimensions (adaptive)
 
     def __post_init__(self):
-        positive = ("vocab_size", "d_model", "n_layers", "n_seq", "num_experts", "bk_heads")
+        positive = (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_seq",
+            "num_experts",
+            "bk_heads",
+            "attention_heads",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.bk_value_dim, int) or self.bk_value_dim < 0:
+            raise ValueError(f"bk_value_dim must be an integer >= 0, got {self.bk_value_dim!r}")
+        if self.bk_value_dim and not self.causal:
+            raise ValueError("bk_value_dim > 0 needs causal=True (the causal solve)")
+        if self.mixer == "attention" and self.d_model % self.attention_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by attention_heads="
+                f"{self.attention_heads}"
+            )
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
@@ -71,6 +91,7 @@ class ModelConfig:
             ("bk_method", BKMethod),
             ("unembedding", Unembedding),
             ("output", Output),
+            ("mixer", Mixer),
         ):
             if getattr(self, name) not in get_args(allowed):
                 raise ValueError(
@@ -190,11 +211,26 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        values = upgrade_dict(values)
         model = dict(values["model"])
         model["z_imag"] = tuple(model["z_imag"])
-        if "adaptive_cutoffs" in model:
-            model["adaptive_cutoffs"] = tuple(model["adaptive_cutoffs"])
+        model["adaptive_cutoffs"] = tuple(model["adaptive_cutoffs"])
         return cls(**{**values, "model": ModelConfig(**model)})
+
+
+def upgrade_dict(values: dict) -> dict:
+    """A `TrainConfig.to_dict()` written by an older version, in today's fields.
+
+    `use_bk: false` became `mixer: "none"`; fields added since take their
+    defaults, which give the older behaviour."""
+    model = dict(values.get("model", {}))
+    if "use_bk" in model:
+        model["mixer"] = "bk" if model.pop("use_bk") else "none"
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"
+    }
+    model = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, **model}
+    return {**values, "model": model}
 
 
 def field_help(cls) -> dict[str, str]:

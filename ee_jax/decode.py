@@ -34,7 +34,7 @@ from ee_jax.early_exit import (
     halting_loop,
 )
 from ee_jax.flops import exit_flops, tail_use_of
-from ee_jax.model import EarlyExitLM, check_tokens
+from ee_jax.model import EarlyExitLM, check_tokens, initial_bk_state
 
 
 @flax.struct.dataclass
@@ -42,14 +42,15 @@ class DecodeState:
     """Everything a decoding step needs from the previous ones."""
 
     position: jax.Array  # [] int32: positions decoded so far (index of the next one)
-    bk_state: jax.Array  # [L, B, H] complex64: previous causal G entry per layer and head
+    # Per layer, the BK state of the previous position (`model.initial_bk_state`):
+    # (G [L, B, H], solved values y [L, B, H, P]) complex64.
+    bk_state: tuple[jax.Array, jax.Array]
 
     @classmethod
     def make(cls, config: ModelConfig, batch: int) -> "DecodeState":
-        return cls(
-            position=jnp.zeros((), jnp.int32),
-            bk_state=jnp.zeros((config.n_layers, batch, config.bk_heads), jnp.complex64),
-        )
+        layers = lambda x: jnp.broadcast_to(x, (config.n_layers, *x.shape))  # noqa: E731
+        state = jax.tree.map(layers, initial_bk_state(config, batch))
+        return cls(position=jnp.zeros((), jnp.int32), bk_state=state)
 
 
 def decode_step(
@@ -78,8 +79,10 @@ def decode_step(
     hidden = apply(tokens, state.position, method=EarlyExitLM.embed_position)  # [B, D]
 
     def run_block(hidden, layer, bk_state):
-        after, layer_state = apply(hidden, bk_state[layer], layer, method=EarlyExitLM.block_step)
-        return after, bk_state.at[layer].set(layer_state)
+        after, layer_state = apply(
+            hidden, _at(bk_state, layer), layer, method=EarlyExitLM.block_step
+        )
+        return after, _set(bk_state, layer, layer_state)
 
     halt = halting_loop(
         apply,
@@ -92,8 +95,10 @@ def decode_step(
     )
 
     def propagate(layer, bk_state):  # layers every token skipped
-        layer_state = apply(halt.hidden, bk_state[layer], layer, method=EarlyExitLM.block_propagate)
-        return bk_state.at[layer].set(layer_state)
+        layer_state = apply(
+            halt.hidden, _at(bk_state, layer), layer, method=EarlyExitLM.block_propagate
+        )
+        return _set(bk_state, layer, layer_state)
 
     bk_state = jax.lax.fori_loop(halt.layer, config.n_layers, propagate, halt.block_state)
     output = exit_outputs(apply, config, halt, output_fn)
@@ -104,6 +109,15 @@ def decode_step(
 _jitted_step = jax.jit(decode_step, static_argnums=(0, 5))
 
 
+def _at(layered, layer):
+    """Layer `layer` of a pytree with a leading layer axis."""
+    return jax.tree.map(lambda x: x[layer], layered)
+
+
+def _set(layered, layer, value):
+    return jax.tree.map(lambda x, v: x.at[layer].set(v), layered, value)
+
+
 def check_decodable(config: ModelConfig) -> None:
     """Raises ValueError unless the model can be decoded token by token.
 
@@ -111,6 +125,12 @@ def check_decodable(config: ModelConfig) -> None:
     model (causal=False) every position's G also depends on later positions, which
     a decoder has not seen, so the decoded outputs would not be the model's.
     """
+    if config.mixer == "attention":
+        raise ValueError(
+            'token-by-token decoding is built for the recurrent mixers ("bk", "none"); '
+            'this model\'s mixer is "attention", which would need a key-value cache. '
+            "Score it with the batched evaluation (evaluate, early_exit_forward) instead"
+        )
     if not config.causal:
         raise ValueError(
             "token-by-token decoding needs a causal model (causal=True); this one is "

@@ -4,9 +4,14 @@ FLOPs count 2 per multiply-add of the matrix products plus the elementwise work
 that scales with the output size (softmax); O(D) elementwise terms (LayerNorms,
 GELU, residual adds) are left out: they are a few percent of a block at D = 64.
 
-    block       = 2*D*H (potentials) + BK_CORE*H (scan, x2 if bidirectional)
-                + 2*2H*D (BK projection) + 2*D*E (router)
-                + top_k * (2*D*2D + 2*2D*D) (experts)
+    block       = mixer + 2*D*E (router) + top_k * (2*D*2D + 2*2D*D) (experts)
+    mixer "bk"  = 2*D*H (potentials) + BK_CORE*H (scan, x2 if bidirectional)
+                + 2*D*H*P (values) + BK_SOLVE*H*P (value recurrence)
+                + 2*2H(1+P)*D (projection); P = bk_value_dim
+    "attention" = 2*4*D*D (q, k, v, output projections) + 4*n*D (scores and
+                  weighted values over n = (N+1)/2 positions, the average context
+                  of an N-position window) + 3*n*A (softmax over A heads)
+    "none"      = 0
     head        = (2*D + 3) * S, S = c_1 + K head outputs (S = V for a full output;
                   3 for max, exp, sum of the softmax)
     tail_k      = 2*D*d_k + (2*d_k + 3) * n_k (projection, then cluster k's softmax)
@@ -18,9 +23,11 @@ GELU, residual adds) are left out: they are a few percent of a block at D = 64.
                   the tails it evaluates where the head leaves the decision open are
                   not counted: the wall-clock benchmarks include them); 2*D for
                   "learned" (a Dense(1)); 6*D for "state_saturation" (cosine)
-    propagate   = 2*D*H + BK_CORE*H: a skipped layer under "freeze" still feeds an
-                  exited token's potential to the BK recurrence (context for later
-                  tokens); under "compute" a skipped layer costs a whole block.
+    propagate   = 2*D*H(1+P) + (BK_CORE + BK_SOLVE*P)*H for "bk": a skipped layer
+                  under "freeze" still feeds an exited token's potential and values
+                  to the BK recurrence (context for later tokens); 2*2*D*D for
+                  "attention" (keys and values of the frozen state); 0 for "none".
+                  Under "compute" a skipped layer costs a whole block.
 
     full depth              = L*block + output
     exit at depth l         = l*block + min(l, L-1)*check + skipped(l) + extra(l)
@@ -35,15 +42,26 @@ import numpy as np
 from ee_jax.config import ExitMeasure, ModelConfig
 
 BK_CORE = 20  # FLOPs of one position of the scalar pivot recurrence (complex arithmetic)
+BK_SOLVE = 14  # FLOPs of one value of the solve: y = a y + g u (complex, u real)
+
+
+def mixer_flops(config: ModelConfig) -> tuple[float, float]:
+    """(FLOPs of the sequence mixer per token, of its update for a skipped token)."""
+    d, h, p = config.d_model, config.bk_heads, config.bk_value_dim
+    if config.mixer == "bk":
+        recurrence = (BK_CORE * (1 if config.causal else 2) + BK_SOLVE * p) * h
+        propagate = 2 * d * h * (1 + p) + recurrence
+        return propagate + 2 * 2 * h * (1 + p) * d, propagate
+    if config.mixer == "attention":
+        context = (config.n_seq + 1) / 2
+        return 2 * 4 * d * d + 4 * context * d + 3 * context * config.attention_heads, 4 * d * d
+    return 0.0, 0.0
 
 
 def block_flops(config: ModelConfig) -> float:
-    d, h = config.d_model, config.bk_heads
-    bk = 0.0
-    if config.use_bk:
-        bk = 2 * d * h + BK_CORE * h * (1 if config.causal else 2) + 2 * 2 * h * d
+    d = config.d_model
     experts = config.top_k * (2 * d * 2 * d + 2 * 2 * d * d)
-    return bk + 2 * d * config.num_experts + experts
+    return mixer_flops(config)[0] + 2 * d * config.num_experts + experts
 
 
 def output_flops(config: ModelConfig, tail_use=None) -> tuple[float, float]:
@@ -88,7 +106,7 @@ def exit_flops(
         ExitMeasure.LEARNED: 2.0 * d,
         ExitMeasure.STATE_SATURATION: 6.0 * d,
     }[ExitMeasure(measure)]
-    propagate = (2.0 * d + BK_CORE) * config.bk_heads if config.use_bk else 0.0
+    propagate = mixer_flops(config)[1]
     skip_cost = propagate if exited_state == "freeze" else block
     depth = np.arange(1, n_layers + 1, dtype=np.float64)
     per_depth = depth * block + np.minimum(depth, n_layers - 1) * check

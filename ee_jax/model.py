@@ -22,7 +22,13 @@ import numpy as np
 from flax import linen as nn
 
 from ee_jax import adaptive
-from ee_jax.bk_core import causal_step, resolvent_diagonal
+from ee_jax.bk_core import (
+    causal_initial_state,
+    causal_solve,
+    causal_solve_step,
+    causal_step,
+    resolvent_diagonal,
+)
 from ee_jax.config import ModelConfig
 from ee_jax.moe import MoEFeedForward
 
@@ -34,58 +40,125 @@ def head_z(config: ModelConfig) -> jax.Array:
     return jnp.asarray(config.z_real + 1j * imag, jnp.complex64)
 
 
+BKState = tuple[jax.Array, jax.Array]  # (G of the previous position [B, H], y [B, H, P])
+
+
 class BKLayer(nn.Module):
-    """Sequence mixing through the resolvent diagonal of T = H0 + diag(v(x))."""
+    """Sequence mixing through the resolvent of T = H0 + diag(v(x)), one T per head.
+
+    Reads the causal (or bidirectional) diagonal G_ii of every head and, with
+    bk_value_dim = P > 0, the causal solve y_i = [(T[:i+1, :i+1] - zI)^-1 u[:i+1]]_i
+    of P learned values u per head and token (`bk_core.causal_solve`): a linear
+    recurrence with the data-dependent decay -G_ii, so a head carries P numbers
+    of context instead of one.
+    """
 
     config: ModelConfig
 
     def setup(self):
-        self.potential = nn.Dense(self.config.bk_heads, name="potential")
-        self.project = nn.Dense(self.config.d_model, name="project")
+        config = self.config
+        self.potential = nn.Dense(config.bk_heads, name="potential")
+        if config.bk_value_dim:
+            self.values = nn.Dense(config.bk_heads * config.bk_value_dim, name="values")
+        self.project = nn.Dense(config.d_model, name="project")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, N, D] normalised input -> [B, N, D] BK features."""
+        config = self.config
         diag = jnp.swapaxes(self.potentials(x), -1, -2)  # [B, H, N]
-        off = jnp.float32(self.config.h0_offdiagonal)
-        z = jnp.broadcast_to(head_z(self.config), diag.shape[:-1])  # [B, H]
-        green = resolvent_diagonal(
-            diag, off, off, z, causal=self.config.causal, method=self.config.bk_method
-        )  # [B, H, N]
-        return self.features_to_output(jnp.swapaxes(green, -1, -2))
+        off = jnp.float32(config.h0_offdiagonal)
+        z = jnp.broadcast_to(head_z(config), diag.shape[:-1])  # [B, H]
+        if not config.bk_value_dim:
+            green = resolvent_diagonal(
+                diag, off, off, z, causal=config.causal, method=config.bk_method
+            )  # [B, H, N]
+            return self.features_to_output((jnp.swapaxes(green, -1, -2), None))
+        values = jnp.moveaxis(self.value_vectors(x), 1, 2)  # [B, H, N, P]
+        green, solved = causal_solve(diag, off, off, z, values, method=config.bk_method)
+        return self.features_to_output((jnp.swapaxes(green, -1, -2), jnp.moveaxis(solved, 2, 1)))
 
-    def step(self, x: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """One position of the causal core: x [B, D], state [B, H] (the previous
-        position's G per head, zero before the first) -> (G [B, H], new state)."""
-        coupling = jnp.float32(self.config.h0_offdiagonal) ** 2
-        return causal_step(state, self.potentials(x), coupling, head_z(self.config))
+    def step(self, x: jax.Array, state: BKState) -> tuple[jax.Array, BKState]:
+        """One position of the causal core: x [B, D], state (G [B, H], y [B, H, P]) of
+        the previous position (zeros before the first) -> (features [B, D], new state)."""
+        state = self.recur(x, state)
+        return self.features_to_output(state), state
+
+    def recur(self, x: jax.Array, state: BKState) -> BKState:
+        """The state update of `step` alone (no output projection)."""
+        off = jnp.float32(self.config.h0_offdiagonal)
+        z = head_z(self.config)
+        if not self.config.bk_value_dim:
+            return causal_step(state[0], self.potentials(x), off * off, z)[0], state[1]
+        return causal_solve_step(
+            state, self.potentials(x), off, off * off, z, self.value_vectors(x)
+        )[0]
 
     def potentials(self, x: jax.Array) -> jax.Array:
         """Diagonal of T per head: H0's diagonal plus the learned potential; [..., H]."""
         return self.config.h0_diagonal + self.potential(x)
 
-    def features_to_output(self, green: jax.Array) -> jax.Array:
-        """[..., H] complex diagonal entries -> [..., D] via [Re, Im] of Im(z) * G.
+    def value_vectors(self, x: jax.Array) -> jax.Array:
+        """Values u per head; [..., H, P]."""
+        config = self.config
+        return self.values(x).reshape(*x.shape[:-1], config.bk_heads, config.bk_value_dim)
+
+    def features_to_output(self, readout) -> jax.Array:
+        """(G [..., H], y [..., H, P] or None) complex -> [..., D] via [Re, Im] of Im(z) * G
+        (and of Im(z) * y).
 
         For a real potential T is symmetric, so |G_ii| <= 1 / Im(z): scaling by
         Im(z) puts every head in the unit disk whatever its z (unscaled, a head
-        with Im z = 0.05 reaches 20 and dominated the first gradients).
+        with Im z = 0.05 reaches 20 and dominated the first gradients); likewise
+        |Im(z) y_i| <= |u[:i+1]|_2.
         """
-        green = green * head_z(self.config).imag
-        features = jnp.concatenate([green.real, green.imag], axis=-1)  # [..., 2H]
+        green, solved = readout
+        imag = head_z(self.config).imag  # [H]
+        parts = [green * imag]
+        if self.config.bk_value_dim:
+            parts.append((solved * imag[:, None]).reshape(*solved.shape[:-2], -1))
+        features = jnp.concatenate([p.real for p in parts] + [p.imag for p in parts], -1)
         return self.project(features)
 
 
-class BKBlock(nn.Module):
-    """Pre-norm residual block: MoE FFN plus scaled BK features on LN(h)."""
+def initial_bk_state(config: ModelConfig, batch: int) -> BKState:
+    """`BKLayer.step`'s state before the first position: zeros, ([B, H], [B, H, P])."""
+    h = config.bk_heads
+    return (
+        causal_initial_state((batch, h)),
+        jnp.zeros((batch, h, config.bk_value_dim), jnp.complex64),
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    """The "attention" mixer: causal multi-head self-attention (flax's
+    `nn.MultiHeadDotProductAttention`, Vaswani et al. 2017), D -> D."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, N, D] normalised input -> [B, N, D]."""
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:-1], jnp.int32))  # [B, 1, N, N]
+        attention = nn.MultiHeadDotProductAttention(
+            num_heads=self.config.attention_heads, deterministic=True, name="attention"
+        )
+        return attention(x, x, mask=mask)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: MoE FFN plus the scaled sequence mixer on LN(h)."""
 
     config: ModelConfig
 
     def setup(self):
+        mixer = self.config.mixer
         self.norm = nn.LayerNorm(name="norm")
         self.moe = MoEFeedForward(self.config.num_experts, self.config.top_k, name="moe")
-        if self.config.use_bk:
+        if mixer == "bk":
             self.bk = BKLayer(self.config, name="bk")
             self.bk_scale = self.param("bk_scale", nn.initializers.ones, ())
+        if mixer == "attention":
+            self.attention = CausalSelfAttention(self.config, name="attention")
         self.dropout = nn.Dropout(self.config.dropout)
 
     def __call__(
@@ -97,25 +170,27 @@ class BKBlock(nn.Module):
         """
         x = self.norm(h)
         update, balance_loss = self.moe(x, mask)
-        if self.config.use_bk:
+        if self.config.mixer == "bk":
             update = update + self.bk_scale * self.bk(x)
+        if self.config.mixer == "attention":
+            update = update + self.attention(x)
         return h + self.dropout(update, deterministic=deterministic), balance_loss
 
-    def step(self, h: jax.Array, bk_state: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The block at one position when decoding: h [B, D], bk_state [B, H]."""
+    def step(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, BKState]:
+        """The block at one position when decoding: h [B, D], bk_state ([B, H], [B, H, P])."""
         x = self.norm(h)
         update, _ = self.moe(x)
-        if self.config.use_bk:
-            green, bk_state = self.bk.step(x, bk_state)
-            update = update + self.bk_scale * self.bk.features_to_output(green)
+        if self.config.mixer == "bk":
+            features, bk_state = self.bk.step(x, bk_state)
+            update = update + self.bk_scale * features
         return h + update, bk_state
 
-    def propagate(self, h: jax.Array, bk_state: jax.Array) -> jax.Array:
-        """A skipped block's BK state update for an exited token (norm, potentials
-        and the scalar recurrence; no MoE): later tokens still see it as context."""
-        if not self.config.use_bk:
+    def propagate(self, h: jax.Array, bk_state: BKState) -> BKState:
+        """A skipped block's BK state update for an exited token (norm, potentials,
+        values and the recurrence; no MoE): later tokens still see it as context."""
+        if self.config.mixer != "bk":
             return bk_state
-        return self.bk.step(self.norm(h), bk_state)[1]
+        return self.bk.recur(self.norm(h), bk_state)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -230,7 +305,7 @@ class EarlyExitLM(nn.Module):
         self.tail_projections, self.tail_kernels, self.tail_biases = projections, kernels, biases
 
     def _init_blocks(self, rng: jax.Array):
-        block = BKBlock(self.config, parent=None)
+        block = Block(self.config, parent=None)
         dummy = jnp.zeros((1, 1, self.config.d_model))
         init = lambda key: block.init(key, dummy)["params"]  # noqa: E731
         return jax.vmap(init)(jax.random.split(rng, self.config.n_layers))
@@ -254,7 +329,7 @@ class EarlyExitLM(nn.Module):
 
     def _apply_block(self, params, h, layer, dropout_rng, mask):
         """One block with its own (unstacked) parameters; see `block`."""
-        block = BKBlock(self.config, parent=None)
+        block = Block(self.config, parent=None)
         if dropout_rng is None:
             return block.apply({"params": params}, h, True, mask)
         rngs = {"dropout": jax.random.fold_in(dropout_rng, layer)}
@@ -281,17 +356,17 @@ class EarlyExitLM(nn.Module):
             h = h + tail * in_cluster[..., None]
         return h
 
-    def block_step(self, h: jax.Array, bk_state: jax.Array, layer):
-        """Block `layer` at one position: ([B, D], [B, H]) -> ([B, D], [B, H])."""
+    def block_step(self, h: jax.Array, bk_state: BKState, layer):
+        """Block `layer` at one position: ([B, D], BK state) -> ([B, D], BK state)."""
         params = jax.tree.map(lambda p: p[layer], self.blocks)
-        block = BKBlock(self.config, parent=None)
-        return block.apply({"params": params}, h, bk_state, method=BKBlock.step)
+        block = Block(self.config, parent=None)
+        return block.apply({"params": params}, h, bk_state, method=Block.step)
 
-    def block_propagate(self, h: jax.Array, bk_state: jax.Array, layer) -> jax.Array:
-        """Block `layer`'s BK state update only: ([B, D], [B, H]) -> [B, H]."""
+    def block_propagate(self, h: jax.Array, bk_state: BKState, layer) -> BKState:
+        """Block `layer`'s BK state update only: ([B, D], BK state) -> BK state."""
         params = jax.tree.map(lambda p: p[layer], self.blocks)
-        block = BKBlock(self.config, parent=None)
-        return block.apply({"params": params}, h, bk_state, method=BKBlock.propagate)
+        block = Block(self.config, parent=None)
+        return block.apply({"params": params}, h, bk_state, method=Block.propagate)
 
     def exit_features(self, h: jax.Array, layer) -> jax.Array:
         """Exit `layer`'s LayerNorm of the hidden state; [..., D]."""

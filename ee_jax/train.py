@@ -32,7 +32,7 @@ from ee_jax.checkpoint import (
     save_vocab,
     write_atomic,
 )
-from ee_jax.config import TrainConfig
+from ee_jax.config import TrainConfig, upgrade_dict
 from ee_jax.data import Batch, Corpus, LMStream, Vocabulary, load_wikitext2, train_batch
 from ee_jax.losses import exit_weights, lm_loss, tail_capacities
 from ee_jax.model import EarlyExitLM
@@ -369,7 +369,7 @@ def _check_config(workdir: pathlib.Path, config: TrainConfig, allow_change: bool
         recorded = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError as error:
         raise CheckpointError(f"{path} cannot be read: {error}") from error
-    changes = config_changes(recorded, current)
+    changes = config_changes(upgrade_dict(recorded) if recorded else {}, current)
     if set(changes) - BOOKKEEPING_FIELDS and not allow_change:
         listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
         raise CheckpointError(

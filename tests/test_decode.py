@@ -27,6 +27,7 @@ from ee_jax.model import EarlyExitLM
 
 CONFIG = tiny()
 ADAPTIVE = CONFIG.replace(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
+VALUES = ADAPTIVE.replace(bk_value_dim=3)  # the BK solve of value vectors
 V = CONFIG.vocab_size
 BAD_IDS = r"token ids must be in \[0, vocab_size=97\)"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @functools.cache
 def model_and_tokens(output="full"):
-    config = {"full": CONFIG, "adaptive": ADAPTIVE}[output]
+    config = {"full": CONFIG, "adaptive": ADAPTIVE, "values": VALUES}[output]
     model = EarlyExitLM(config)
     tokens = jax.random.randint(jax.random.key(3), (2, config.n_seq), 0, config.vocab_size)
     params = dict(model.init(jax.random.key(1), tokens)["params"])
@@ -58,6 +59,8 @@ def setup():
         ("full", "state_saturation"),
         ("adaptive", "softmax_max"),
         ("adaptive", "learned"),
+        ("values", "softmax_max"),
+        ("values", "state_saturation"),
     ],
 )
 def test_decoding_equals_the_parallel_loop_with_frozen_exits(output, measure):
@@ -105,7 +108,7 @@ def test_generate_rejects_bad_arguments(setup):
         generate(model, variables, tokens[:, :2], 2, jax.random.key(0), threshold=2.0)
 
 
-@pytest.mark.parametrize("output", ["full", "adaptive"])
+@pytest.mark.parametrize("output", ["full", "adaptive", "values"])
 def test_streaming_evaluation_matches_the_parallel_evaluation(output):
     from ee_jax.evaluate import real_loop_row
 
@@ -281,20 +284,27 @@ def test_sampling_without_top_k_matches_the_softmax():
 # ------------------------------------------------------------ bidirectional models
 
 
-def test_decoding_a_bidirectional_model_raises(setup, monkeypatch):
-    # Given a bidirectional model (same parameter shapes as the causal one).
+@pytest.mark.parametrize(
+    "changes, message", [(dict(causal=False), "causal"), (dict(mixer="attention"), "attention")]
+)
+def test_decoding_a_bidirectional_or_attention_model_raises(setup, monkeypatch, changes, message):
+    # Given a bidirectional model (same parameter shapes as the causal one), or an
+    # attention model (decoding has no key-value cache).
     _, variables, tokens = setup
-    model = EarlyExitLM(CONFIG.replace(causal=False))
+    config = CONFIG.replace(**changes)
+    model = EarlyExitLM(config)
+    if config.mixer == "attention":
+        variables = model.init(jax.random.key(0), tokens)
     stream = make_lm_stream(np.arange(40) % V, 2, CONFIG.n_seq, eos_id=0)
     # Then decode_step itself refuses it (at trace time), and so does every entry point.
-    with pytest.raises(ValueError, match="causal"):
-        decode_step(model, variables, DecodeState.make(CONFIG, 2), tokens[:, 0], 0.5)
+    with pytest.raises(ValueError, match=message):
+        decode_step(model, variables, DecodeState.make(config, 2), tokens[:, 0], 0.5)
     monkeypatch.setattr(decode, "_jitted_step", no_computation)
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(ValueError, match=message):
         decode_sequence(model, variables, tokens, 0.5)
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(ValueError, match=message):
         generate(model, variables, tokens[:, :4], 2, jax.random.key(0))
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(ValueError, match=message):
         stream_evaluate(model, variables, stream, 0.5, progress=False)
 
 

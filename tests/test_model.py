@@ -41,6 +41,10 @@ def init(config, tokens, seed=0):
         (dict(bk_method="dense"), "bk_method"),
         (dict(unembedding="tie"), "unembedding"),
         (dict(bk_heads=0), "bk_heads"),
+        (dict(mixer="lstm"), "mixer"),
+        (dict(bk_value_dim=-1), "bk_value_dim"),
+        (dict(bk_value_dim=2, causal=False), "bk_value_dim"),
+        (dict(mixer="attention", attention_heads=3), "attention_heads"),
     ],
 )
 def test_config_rejects_invalid_values_naming_the_field(changes, field):
@@ -307,6 +311,11 @@ def test_bk_heads_give_independent_systems(tokens):
     blocks = variables["params"]["blocks"]
     chex.assert_shape(blocks["bk"]["potential"]["kernel"], (config.n_layers, config.d_model, 3))
     chex.assert_shape(blocks["bk"]["project"]["kernel"], (config.n_layers, 6, config.d_model))
+    config = config.replace(bk_value_dim=2)  # [Re, Im] of G and of 2 values, per head
+    model, variables = init(config, tokens)
+    blocks = variables["params"]["blocks"]
+    chex.assert_shape(blocks["bk"]["values"]["kernel"], (config.n_layers, config.d_model, 6))
+    chex.assert_shape(blocks["bk"]["project"]["kernel"], (config.n_layers, 18, config.d_model))
 
 
 def test_seed_preset_matches_the_original():
@@ -318,17 +327,63 @@ def test_seed_preset_matches_the_original():
     assert isinstance(config, ModelConfig)
 
 
-@pytest.mark.parametrize("use_bk", [True, False])
-def test_only_the_bk_features_carry_context(tokens, use_bk):
-    # Given a change of token t, when the model runs with and without BK features,
-    # then later positions see it only through the BK core (the MoE is per token).
-    config = CONFIG.replace(use_bk=use_bk)
+MIXERS = {
+    "bk": CONFIG,
+    "bk_values": CONFIG.replace(bk_value_dim=3),
+    "attention": CONFIG.replace(mixer="attention", attention_heads=2),
+    "none": CONFIG.replace(mixer="none"),
+}
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+def test_only_the_mixer_carries_context_and_only_forward(tokens, mixer):
+    # Given a change of token t, when the model runs with each sequence mixer,
+    # then earlier positions never change, and later ones change only through the
+    # mixer (the MoE is per token).
+    config = MIXERS[mixer]
     model, variables = init(config, tokens)
     t = 4
     changed = tokens.at[:, t].set((tokens[:, t] + 1) % config.vocab_size)
     before, after = model.apply(variables, tokens), model.apply(variables, changed)
     later = float(jnp.max(jnp.abs(before[:, t + 1 :] - after[:, t + 1 :])))
-    assert (later > 1e-3) if use_bk else (later == 0.0)
+    np.testing.assert_array_equal(before[:, :t], after[:, :t])
+    assert (later == 0.0) if mixer == "none" else (later > 1e-3)
+
+
+def test_attention_mixer_is_flax_attention_with_a_causal_mask(tokens):
+    # The mixer of block 0 equals an independent softmax(QK^T/sqrt(d))V with
+    # masked future positions, from the same parameters.
+    config = MIXERS["attention"]
+    model, variables = init(config, tokens)
+    from ee_jax.model import CausalSelfAttention
+
+    params = jax.tree.map(lambda p: p[0], variables["params"]["blocks"])["attention"]
+    x = jax.random.normal(jax.random.key(5), (BATCH, config.n_seq, config.d_model))
+    out = CausalSelfAttention(config).apply({"params": params}, x)
+    p = params["attention"]
+    q, k, v = (
+        np.einsum("bnd,dhk->bnhk", x, p[name]["kernel"]) + p[name]["bias"]
+        for name in ("query", "key", "value")
+    )
+    scores = np.einsum("bnhk,bmhk->bhnm", q, k) / np.sqrt(q.shape[-1])
+    n = config.n_seq
+    scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    mixed = np.einsum("bhnm,bmhk->bnhk", weights, v)
+    reference = np.einsum("bnhk,hkd->bnd", mixed, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(out, reference, atol=1e-5)
+
+
+def test_old_configs_with_use_bk_read_as_a_mixer():
+    from ee_jax.config import TrainConfig
+
+    for use_bk, mixer in ((True, "bk"), (False, "none")):
+        values = TrainConfig(model=CONFIG).to_dict()
+        del values["model"]["mixer"], values["model"]["bk_value_dim"]
+        values["model"]["use_bk"] = use_bk
+        config = TrainConfig.from_dict(values)
+        assert config.model.mixer == mixer and config.model.bk_value_dim == 0
 
 
 def joint_loss(model, variables, tokens, targets, mask):
