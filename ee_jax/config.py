@@ -159,6 +159,7 @@ class TrainConfig:
     exit_weighting: ExitWeighting = "uniform"  # loss weight of each exit: uniform/linear/final
     balance_weight: float = 0.01  # weight of the MoE load-balancing loss
     exit_token_fraction: float = 1.0  # fraction of positions scoring the exits before the last
+    classifier_token_fraction: float = 1.0  # of positions training exit classifiers (<= above)
     seed: int = 0  # initialisation, dropout and nothing else
     log_every: int = 50  # steps between metric rows (metrics leave the device only then)
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
@@ -184,10 +185,9 @@ class TrainConfig:
         for name in ("learning_rate", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 < self.exit_token_fraction <= 1.0:
-            raise ValueError(
-                f"exit_token_fraction must be in (0, 1], got {self.exit_token_fraction}"
-            )
+        for name in ("exit_token_fraction", "classifier_token_fraction"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in ("weight_decay", "balance_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -65,7 +65,7 @@ def _window_nll_sums(model: EarlyExitLM, params, inputs, targets, mask):
     n_layers = model.config.n_layers
     states, _ = model.apply(params, inputs, method=EarlyExitLM.hidden_states)
     states = states.reshape(n_layers, inputs.size, -1)  # [L, B*N, D]
-    nll, _ = exit_nll(model, params, states, targets.reshape(-1), range(n_layers))  # [L, B*N]
+    nll = exit_nll(model, params, states, targets.reshape(-1), range(n_layers))  # [L, B*N]
     return jnp.sum(nll * mask.reshape(-1), axis=1), jnp.sum(mask)
 
 

@@ -61,18 +61,16 @@ def exit_nll(
     targets: jax.Array,
     layers,
     capacities=None,
-    with_argmax: bool = True,
-):
-    """Per-token NLL and argmax of the exits in `layers` from hidden states.
+) -> jax.Array:
+    """Per-token NLL of the exits in `layers` from hidden states.
 
     Args:
       states: [K, T, D] hidden states of T tokens after each scored block;
       targets: [T]; layers: the K 0-based exits they belong to (static);
       capacities: static tail-cluster gather sizes (`tail_capacities`), or None.
-      with_argmax: False skips the argmax (then None).
 
     Returns:
-      (nll [K, T], argmax [K, T] or None) of each exit's full (exact) distribution.
+      nll [K, T] of each exit's full (exact) distribution.
     """
     scored = []
     # A Python loop (L is small): a lax.map here made the backward pass replay the
@@ -82,11 +80,10 @@ def exit_nll(
         output = model.apply(params, layer, method=EarlyExitLM.output_layer)
         scored.append(
             adaptive.training_nll_and_argmax(
-                output, features, targets, tail_capacities=capacities, with_argmax=with_argmax
-            )
+                output, features, targets, tail_capacities=capacities, with_argmax=False
+            )[0]
         )
-    nll = jnp.stack([nll for nll, _ in scored])
-    return nll, jnp.stack([argmax for _, argmax in scored]) if with_argmax else None
+    return jnp.stack(scored)
 
 
 def lm_loss(
@@ -102,6 +99,7 @@ def lm_loss(
     exit_token_fraction: float = 1.0,
     sample_rng: jax.Array | None = None,
     tail_capacities: tuple[int, ...] | None = None,
+    classifier_token_fraction: float = 1.0,
 ) -> tuple[jax.Array, dict]:
     """The joint training loss and its parts.
 
@@ -118,6 +116,10 @@ def lm_loss(
     random subset of that fraction of the B*N positions (the same subset for
     all of them, drawn from `sample_rng`): an unbiased estimate of their loss at
     a fraction of the vocabulary-projection cost, which dominates training.
+    The classifiers are trained on the first classifier_token_fraction * B*N
+    positions of that subset (all of it when the fraction is larger): their
+    target needs every exit's exact argmax, which evaluates tail clusters for
+    most tokens of a trained adaptive softmax.
 
     Args:
       params: {"params": ...}; tokens, targets: [B, N] ids; mask: [B, N] (1 = scored).
@@ -137,14 +139,12 @@ def lm_loss(
     )
     states = states.reshape(n_layers, total, -1)  # [L, T, D]
     targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)  # [T]
-    # The final argmax (the classifiers' target) is needed on the sampled positions only.
-    final_nll, _ = exit_nll(
-        model, params, states[-1:], targets, [n_layers - 1], tail_capacities, with_argmax=False
-    )
+    final_nll = exit_nll(model, params, states[-1:], targets, [n_layers - 1], tail_capacities)
     sample = jnp.arange(total)
-    if exit_token_fraction < 1.0:
+    if min(exit_token_fraction, classifier_token_fraction) < 1.0:
         count = max(1, int(round(exit_token_fraction * total)))
         sample = jax.random.permutation(sample_rng, total)[:count]  # [S]
+    classified = min(len(sample), max(1, int(round(classifier_token_fraction * total))))
     early = np.flatnonzero(np.asarray(weights)[:-1])  # exits before the last, scored
     loss = weights[-1] * _masked_mean(final_nll[0], mask) + balance_weight * balance.mean()
     per_exit = jnp.full(n_layers, jnp.nan).at[-1].set(_masked_mean(final_nll[0], mask))
@@ -153,23 +153,24 @@ def lm_loss(
         capacities = tail_capacities
         if capacities is not None and exit_token_fraction < 1.0:
             capacities = tuple(min(c, len(sample)) for c in capacities)
-        nll, argmax = exit_nll(
+        nll = exit_nll(
             model, params, states[early][:, sample], targets[sample], early.tolist(), capacities
         )
         early_loss = jax.vmap(_masked_mean, (0, None))(nll, mask[sample])  # [K]
         loss = loss + jnp.dot(jnp.asarray(weights)[early], early_loss)
         per_exit = per_exit.at[jnp.asarray(early)].set(early_loss)
     if len(early) == n_layers - 1:
-        final = jax.lax.stop_gradient(states[-1, sample])  # [S, D]
-        features = model.apply(params, final, n_layers - 1, method=EarlyExitLM.exit_features)
-        output = model.apply(params, n_layers - 1, method=EarlyExitLM.output_layer)
-        final_argmax, _ = adaptive.exact_argmax(jax.lax.stop_gradient(output), features)  # [S]
-        agrees = (argmax == final_argmax).astype(jnp.float32)  # [L-1, S]
+        positions = sample[:classified]  # [C]
+        frozen = jax.lax.stop_gradient(states[:, positions])  # [L, C, D]
+        argmax = jnp.stack(
+            [_exact_argmax(model, params, h, layer) for layer, h in enumerate(frozen)]
+        )
+        agrees = (argmax[:-1] == argmax[-1]).astype(jnp.float32)  # [L-1, C]
         logits = jax.vmap(
             lambda h, layer: model.apply(params, h, layer, method=EarlyExitLM.exit_classifier)
-        )(states[:-1, sample], jnp.arange(n_layers - 1))  # [L-1, S]
+        )(frozen[:-1], jnp.arange(n_layers - 1))  # [L-1, C]
         bce = optax.sigmoid_binary_cross_entropy(logits, agrees)
-        classifier_loss = jax.vmap(_masked_mean, (0, None))(bce, mask[sample]).mean()
+        classifier_loss = jax.vmap(_masked_mean, (0, None))(bce, mask[positions]).mean()
         loss = loss + classifier_loss
     metrics = {
         "exit_nll": per_exit,
@@ -177,6 +178,13 @@ def lm_loss(
         "classifier_loss": classifier_loss,
     }
     return loss, metrics
+
+
+def _exact_argmax(model: EarlyExitLM, params, h: jax.Array, layer: int) -> jax.Array:
+    """Exit `layer`'s exact argmax of hidden states h [C, D] (no gradient); [C]."""
+    features = model.apply(params, h, layer, method=EarlyExitLM.exit_features)
+    output = jax.lax.stop_gradient(model.apply(params, layer, method=EarlyExitLM.output_layer))
+    return adaptive.exact_argmax(output, jax.lax.stop_gradient(features))[0]
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

@@ -101,6 +101,7 @@ def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = No
             balance_weight=config.balance_weight,
             dropout_rng=rngs["dropout"],
             exit_token_fraction=config.exit_token_fraction,
+            classifier_token_fraction=config.classifier_token_fraction,
             sample_rng=rngs["sample"],
             tail_capacities=capacities,
         )

@@ -242,21 +242,28 @@ def test_argmax_ties_take_the_lowest_id_across_clusters():
 # ---------------------------------------------------------------- the training loss
 
 
-def materialised_loss(model, v, tokens, targets, mask, weights):
-    """The joint loss from every exit's full log-probabilities [L, B, N, V]."""
+def materialised_loss(model, v, tokens, targets, mask, weights, sample=None, classified=None):
+    """The joint loss from every exit's full log-probabilities [L, T, V]: the early
+    exits scored on positions `sample`, the classifiers on `classified` (default all)."""
     states, balance = model.apply(v, tokens, True, mask, method=EarlyExitLM.hidden_states)
+    states = states.reshape(CONFIG.n_layers, -1, states.shape[-1])  # [L, T, D]
+    targets, mask = targets.reshape(-1), mask.reshape(-1)
+    sample = jnp.arange(targets.size) if sample is None else sample
+    classified = sample if classified is None else classified
     log_probs = jax.vmap(
         lambda h, layer: model.apply(v, h, layer, method=EarlyExitLM.exit_log_probs)
-    )(states, jnp.arange(CONFIG.n_layers))
-    nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], -1)[..., 0]  # [L, B, N]
-    per_exit = jnp.sum(nll * mask, axis=(1, 2)) / mask.sum()
-    argmax = jnp.argmax(log_probs, -1)
+    )(states, jnp.arange(CONFIG.n_layers))  # [L, T, V]
+    nll = -jnp.take_along_axis(log_probs, targets[None, :, None], -1)[..., 0]  # [L, T]
+    final = jnp.sum(nll[-1] * mask) / mask.sum()
+    early = jnp.sum(nll[:-1, sample] * mask[sample], axis=1) / mask[sample].sum()
+    argmax = jnp.argmax(log_probs[:, classified], -1)
     agrees = (argmax[:-1] == argmax[-1]).astype(jnp.float32)
     classifier = jax.vmap(
         lambda h, layer: model.apply(v, h, layer, method=EarlyExitLM.exit_classifier)
-    )(states[:-1], jnp.arange(CONFIG.n_layers - 1))
+    )(states[:-1, classified], jnp.arange(CONFIG.n_layers - 1))
     bce = optax.sigmoid_binary_cross_entropy(classifier, agrees)
-    classifier_loss = (jnp.sum(bce * mask, axis=(1, 2)) / mask.sum()).mean()
+    classifier_loss = (jnp.sum(bce * mask[classified], axis=1) / mask[classified].sum()).mean()
+    per_exit = jnp.concatenate([early, final[None]])
     return jnp.dot(weights, per_exit) + 0.01 * balance.mean() + classifier_loss
 
 
@@ -293,6 +300,44 @@ def test_training_loss_and_gradients_equal_a_materialised_log_softmax(unembeddin
         model, variables, tokens, targets, mask, weights
     )
     # Then loss and gradients agree with the materialised reference.
+    np.testing.assert_allclose(got_loss, want_loss, rtol=TOLERANCE["float32"])
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        w = functools.reduce(lambda t, k: t[k.key], path, want)
+        scale = float(jnp.abs(w).max())
+        np.testing.assert_allclose(g, w, atol=1e-5 * max(scale, 1e-6), err_msg=str(path))
+
+
+def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions():
+    # Given early exits scored on half the positions and the classifiers trained
+    # on an eighth (the first of the same random permutation).
+    model, variables = model_and_variables("shared")
+    tokens = random_tokens(5, batch=4)
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = jnp.ones_like(tokens).at[2, 5:].set(0)
+    weights = exit_weights(CONFIG.n_layers, "uniform")
+    rng = jax.random.key(11)
+    total = tokens.size
+    order = jax.random.permutation(rng, total)
+
+    def loss(v):
+        return lm_loss(
+            model,
+            v,
+            tokens,
+            targets,
+            mask,
+            weights=weights,
+            balance_weight=0.01,
+            exit_token_fraction=0.5,
+            classifier_token_fraction=0.125,
+            sample_rng=rng,
+        )[0]
+
+    got_loss, got = jax.jit(jax.value_and_grad(loss))(variables)
+    sample, classified = order[: total // 2], order[: total // 8]
+    want_loss, want = jax.value_and_grad(materialised_loss, argnums=1)(
+        model, variables, tokens, targets, mask, weights, sample, classified
+    )
     np.testing.assert_allclose(got_loss, want_loss, rtol=TOLERANCE["float32"])
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = functools.reduce(lambda t, k: t[k.key], path, want)
