@@ -61,9 +61,12 @@ def decode_step(
     threshold,
     measure: str = "softmax_max",
     output_fn=adaptive.logits,
+    compact: bool = True,
 ):
     """Feeds one token per sequence; returns (output [B, ...], exit depth [B] int32,
-    confidence [B], new state). Pure: jit with model, measure and output_fn static.
+    confidence [B], new state). Pure: jit with model, measure, output_fn and compact
+    static. compact: the MoE and exit check of a block run only on the rows still
+    active (`early_exit.halting_loop`).
 
     output_fn(output layer, exit features [B, D]) -> [B, ...] is what each token's
     exit head computes: by default its logits [B, V] (`adaptive.logits`); a
@@ -78,11 +81,11 @@ def decode_step(
     config = model.config
     hidden = apply(tokens, state.position, method=EarlyExitLM.embed_position)  # [B, D]
 
-    def run_block(hidden, layer, bk_state):
-        after, layer_state = apply(
-            hidden, _at(bk_state, layer), layer, method=EarlyExitLM.block_step
+    def mix_block(hidden, layer, bk_state):
+        x, mixed, layer_state = apply(
+            "mix_step", layer, hidden, _at(bk_state, layer), method=EarlyExitLM.block_part
         )
-        return after, _set(bk_state, layer, layer_state)
+        return x, mixed, _set(bk_state, layer, layer_state)
 
     halt = halting_loop(
         apply,
@@ -91,7 +94,8 @@ def decode_step(
         threshold,
         measure,
         "freeze",
-        run_block,
+        mix_block,
+        compact,
     )
 
     def propagate(layer, bk_state):  # layers every token skipped
@@ -106,7 +110,7 @@ def decode_step(
     return output, halt.exit_depth, halt.confidence, new_state
 
 
-_jitted_step = jax.jit(decode_step, static_argnums=(0, 5))
+_jitted_step = jax.jit(decode_step, static_argnums=(0, 5), static_argnames=("compact",))
 
 
 def _at(layered, layer):

@@ -74,6 +74,7 @@ def early_exit_forward(
     *,
     measure: str = "softmax_max",
     exited_state: ExitedState = "freeze",
+    compact: bool = True,
 ) -> tuple[jax.Array, ExitInfo]:
     """Runs the model with per-token early exit.
 
@@ -88,6 +89,10 @@ def early_exit_forward(
       exited_state: "freeze" copies an exited token's hidden state unchanged to
         deeper blocks, which still read it as context (what token-by-token
         decoding does); "compute" keeps updating it (as the original did).
+      compact: under "freeze", run each block's MoE and exit check only on the
+        tokens still active, gathered into a static size (`halting_loop`); the
+        sequence mixer still runs on every token. False: the masked loop, which
+        computes every token at every layer it runs. Same results either way.
 
     Returns:
       (logits [B, N, V] of each token's exit head, ExitInfo).
@@ -100,7 +105,14 @@ def early_exit_forward(
     measure = check_exit_options(threshold, measure, exited_state)
     check_tokens(tokens, model.config)
     return _jitted_early_exit(
-        model, variables, tokens, jnp.float32(threshold), measure, exited_state
+        model,
+        variables,
+        tokens,
+        jnp.float32(threshold),
+        measure,
+        exited_state,
+        output_fn=None,
+        compact=compact,
     )
 
 
@@ -133,45 +145,95 @@ def check_stream(stream, config: ModelConfig) -> None:
 
 
 def early_exit_loop(
-    model, variables, tokens, threshold, measure, exited_state, output_fn=adaptive.logits
+    model,
+    variables,
+    tokens,
+    threshold,
+    measure,
+    exited_state,
+    output_fn=adaptive.logits,
+    compact: bool = True,
 ):
-    """The halting loop over a sequence (pure; jit with model, measure, exited_state
-    and output_fn static). Returns (output_fn of each token's exit features at its
-    exit head [B, N, ...], ExitInfo); see `exit_outputs` and `decode.decode_step`."""
+    """The halting loop over a sequence (pure; jit with model, measure, exited_state,
+    output_fn and compact static). Returns (output_fn of each token's exit features at
+    its exit head [B, N, ...], ExitInfo); see `exit_outputs` and `decode.decode_step`."""
+    output_fn = adaptive.logits if output_fn is None else output_fn
     apply = functools.partial(model.apply, variables)
     hidden = apply(tokens, method=EarlyExitLM.embed)
 
-    def run_block(hidden, layer, block_state):
-        return apply(hidden, layer, method=EarlyExitLM.block)[0], block_state
+    def mix_block(hidden, layer, block_state):
+        return *apply("mix", layer, hidden, method=EarlyExitLM.block_part), block_state
 
     state = halting_loop(
-        apply, model.config, HaltState.make(hidden), threshold, measure, exited_state, run_block
+        apply,
+        model.config,
+        HaltState.make(hidden),
+        threshold,
+        measure,
+        exited_state,
+        mix_block,
+        compact,
     )
     output = exit_outputs(apply, model.config, state, output_fn)
     return output, exit_info(model.config, state, measure, exited_state)
 
 
+COMPACT_SIZES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)  # fractions of the tokens
+
+
 def halting_loop(
-    apply, config: ModelConfig, state: HaltState, threshold, measure, exited_state, run_block
+    apply,
+    config: ModelConfig,
+    state: HaltState,
+    threshold,
+    measure,
+    exited_state,
+    mix_block,
+    compact: bool = True,
 ) -> HaltState:
     """Runs blocks while some token has not exited; shared by sequences and decoding.
+
+    A block is split into its sequence mixer, run on every token (exited tokens
+    still feed their frozen state to later tokens), and the per-token rest: the
+    MoE FFN and the exit check. With `compact` (and "freeze") the per-token rest
+    runs only on the active tokens, gathered into the smallest of the static sizes
+    COMPACT_SIZES x T that holds them (`adaptive.on_selected`: one `lax.switch`
+    branch runs), so layer savings of a batch become time before its deepest
+    token exits. Otherwise every token is computed (the masked loop).
 
     Args:
       apply: `model.apply` with the variables bound.
       state: the initial carry (`HaltState.make` of the embeddings).
-      run_block: (hidden, layer, block_state) -> (hidden after the block, block_state).
+      mix_block: (hidden, layer, block_state) -> (LN(hidden), mixer output,
+        block_state) of block `layer` (`Block.mix` / `Block.mix_step`).
     """
     measure = ExitMeasure(measure)
     can_exit_early = threshold < 1.0
+    compact = compact and exited_state == "freeze"
 
     def cond_fn(state: HaltState) -> jax.Array:
         return (state.layer < config.n_layers) & ~jnp.all(state.exited)
 
     def body_fn(state: HaltState) -> HaltState:
         layer = state.layer
-        after, block_state = run_block(state.hidden, layer, state.block_state)
-        features = apply(after, layer, method=EarlyExitLM.exit_features)
-        confidence = _confidence(apply, measure, state.hidden, after, features, layer, threshold)
+        x, mixed, block_state = mix_block(state.hidden, layer, state.block_state)
+
+        def per_token(inputs):  # [T, D] each -> after, features [T, D], confidence [T]
+            before, x, mixed = inputs
+            after = before + apply("feed_forward", layer, x, method=EarlyExitLM.block_part) + mixed
+            features = apply(after, layer, method=EarlyExitLM.exit_features)
+            confidence = _confidence(apply, measure, before, after, features, layer, threshold)
+            return after, features, confidence
+
+        tokens = state.exited.shape
+        flat = [a.reshape(-1, a.shape[-1]) for a in (state.hidden, x, mixed)]
+        if compact:
+            empty = (flat[0], jnp.zeros_like(flat[0]), jnp.zeros(flat[0].shape[0]))
+            active = ~state.exited.reshape(-1)
+            outputs = adaptive.on_selected(per_token, tuple(flat), active, COMPACT_SIZES, empty)
+        else:
+            outputs = per_token(tuple(flat))
+        after, features, confidence = (o.reshape(*tokens, *o.shape[1:]) for o in outputs)
         exits = ((confidence >= threshold) & can_exit_early) | (layer == config.n_layers - 1)
         newly = exits & ~state.exited
         if exited_state == "freeze":
@@ -200,7 +262,9 @@ def exit_info(config: ModelConfig, state: HaltState, measure, exited_state) -> E
     )
 
 
-_jitted_early_exit = jax.jit(early_exit_loop, static_argnums=(0, 4, 5))
+_jitted_early_exit = jax.jit(
+    early_exit_loop, static_argnums=(0, 4, 5), static_argnames=("output_fn", "compact")
+)
 
 
 def _confidence(apply, measure, before, after, features, layer, threshold) -> jax.Array:

@@ -168,22 +168,31 @@ class Block(nn.Module):
 
         mask [B, N] (1 = real token) weights the balance loss only; default all.
         """
-        x = self.norm(h)
+        x, mixed = self.mix(h)
         update, balance_loss = self.moe(x, mask)
-        if self.config.mixer == "bk":
-            update = update + self.bk_scale * self.bk(x)
-        if self.config.mixer == "attention":
-            update = update + self.attention(x)
-        return h + self.dropout(update, deterministic=deterministic), balance_loss
+        return h + self.dropout(update + mixed, deterministic=deterministic), balance_loss
 
-    def step(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, BKState]:
-        """The block at one position when decoding: h [B, D], bk_state ([B, H], [B, H, P])."""
+    def mix(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The sequence part of the block: h [B, N, D] -> (LN(h), mixer output), both
+        [B, N, D]. The rest, h + MoE(LN(h)) + mixer output, is per token."""
         x = self.norm(h)
-        update, _ = self.moe(x)
         if self.config.mixer == "bk":
-            features, bk_state = self.bk.step(x, bk_state)
-            update = update + self.bk_scale * features
-        return h + update, bk_state
+            return x, self.bk_scale * self.bk(x)
+        if self.config.mixer == "attention":
+            return x, self.attention(x)
+        return x, jnp.zeros_like(x)
+
+    def mix_step(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
+        """`mix` at one position when decoding: h [B, D] -> (LN(h), mixer output, state)."""
+        x = self.norm(h)
+        if self.config.mixer != "bk":
+            return x, jnp.zeros_like(x), bk_state
+        features, bk_state = self.bk.step(x, bk_state)
+        return x, self.bk_scale * features, bk_state
+
+    def feed_forward(self, x: jax.Array) -> jax.Array:
+        """The MoE FFN of normalised tokens x [..., D] -> [..., D] (inference)."""
+        return self.moe(x)[0]
 
     def propagate(self, h: jax.Array, bk_state: BKState) -> BKState:
         """A skipped block's BK state update for an exited token (norm, potentials,
@@ -356,11 +365,12 @@ class EarlyExitLM(nn.Module):
             h = h + tail * in_cluster[..., None]
         return h
 
-    def block_step(self, h: jax.Array, bk_state: BKState, layer):
-        """Block `layer` at one position: ([B, D], BK state) -> ([B, D], BK state)."""
+    def block_part(self, method: str, layer, *args):
+        """Block `layer`'s `Block.<method>` ("mix", "mix_step" or "feed_forward") on
+        args: the pieces of a block the compacted halting loop runs separately."""
         params = jax.tree.map(lambda p: p[layer], self.blocks)
         block = Block(self.config, parent=None)
-        return block.apply({"params": params}, h, bk_state, method=Block.step)
+        return block.apply({"params": params}, *args, method=getattr(Block, method))
 
     def block_propagate(self, h: jax.Array, bk_state: BKState, layer) -> BKState:
         """Block `layer`'s BK state update only: ([B, D], BK state) -> BK state."""

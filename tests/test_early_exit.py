@@ -116,6 +116,47 @@ def test_while_loop_matches_eager_reference(output, measure, exited_state):
             assert int(info.layers_run) == int(expected_depth.max())
 
 
+MIXERS = {
+    "bk_values": ADAPTIVE.replace(bk_value_dim=2),
+    "attention": ADAPTIVE.replace(mixer="attention", attention_heads=2),
+    "none": ADAPTIVE.replace(mixer="none"),
+}
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("measure", ["softmax_max", "learned"])
+def test_compacted_loop_equals_the_masked_loop_and_the_eager_reference(mixer, measure):
+    # Given each mixer and thresholds from "almost everyone exits at once" to
+    # "almost no one": active-token counts that take several gather sizes.
+    model = EarlyExitLM(MIXERS[mixer])
+    tokens = random_tokens(4, batch=4)
+    variables = model.init(jax.random.key(4), tokens)
+    params = dict(variables["params"])
+    params["classifier_kernel"] = jax.random.normal(
+        jax.random.key(5), params["classifier_kernel"].shape
+    )
+    variables = {"params": params}
+    _, info = early_exit_forward(model, variables, tokens, 0.0, measure=measure)
+    confidence = np.asarray(info.confidence)
+    for q in (0.05, 0.5, 0.97):
+        threshold = float(np.quantile(confidence, q))
+        # When the compacted loop (the default), the masked loop and the reference run.
+        logits, info = early_exit_forward(model, variables, tokens, threshold, measure=measure)
+        masked_logits, masked = early_exit_forward(
+            model, variables, tokens, threshold, measure=measure, compact=False
+        )
+        expected_logits, expected_depth = reference_early_exit(
+            model, variables, tokens, threshold, measure, "freeze"
+        )
+        # Then all three agree.
+        np.testing.assert_array_equal(info.exit_depth, masked.exit_depth)
+        np.testing.assert_array_equal(info.exit_depth, expected_depth)
+        np.testing.assert_allclose(logits, masked_logits, atol=TOLERANCE["float32"])
+        np.testing.assert_allclose(logits, expected_logits, atol=TOLERANCE["float32"])
+        np.testing.assert_allclose(info.confidence, masked.confidence, atol=TOLERANCE["float32"])
+        assert int(info.layers_run) == int(masked.layers_run)
+
+
 @pytest.mark.parametrize("measure", ["softmax_max", "softmax_margin"])
 def test_threshold_one_is_the_full_forward_and_zero_is_the_first_exit(measure):
     model, variables = model_and_variables(0)
