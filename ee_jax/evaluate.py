@@ -210,7 +210,9 @@ def time_early_exit(
 
     Returns:
       {"forward_ms": ..., "windows": ..., "batch_size": B, threshold: {"ms", "speedup",
-      "layers_run"}} with speedup = forward_ms / ms.
+      "masked_ms", "masked_speedup", "layers_run"}} with speedup = forward_ms / ms;
+      "ms" is the compacted halting loop (the default), "masked_ms" the masked one
+      (`early_exit_forward(..., compact=False)`), timed side by side.
 
     Raises:
       ValueError: a stream the model cannot read (`check_stream`).
@@ -236,13 +238,18 @@ def time_early_exit(
         "batch_size": int(batches[0].inputs.shape[0]),
     }
     for threshold in thresholds:
-        ms = median_ms(
-            lambda t, th=threshold: early_exit_forward(model, params, t, th, measure=measure)
-        )
+        row = {}
+        for name, compact in (("ms", True), ("masked_ms", False)):
+            row[name] = median_ms(
+                lambda t, th=threshold, c=compact: early_exit_forward(
+                    model, params, t, th, measure=measure, compact=c
+                )
+            )
         _, info = early_exit_forward(model, params, batches[0].inputs, threshold, measure=measure)
         result[float(threshold)] = {
-            "ms": ms,
-            "speedup": result["forward_ms"] / ms,
+            **row,
+            "speedup": result["forward_ms"] / row["ms"],
+            "masked_speedup": result["forward_ms"] / row["masked_ms"],
             "layers_run": int(info.layers_run),
         }
     return result
