@@ -273,7 +273,7 @@ def train_preset(name: str, vocab_size: int) -> TrainConfig:
 
     tiny: tests and the offline notebooks; seconds on a CPU; says nothing about quality.
     cpu:  the main job on a 2-core CPU: D = 128, L = 6, BK with value solves,
-          adaptive-softmax exits, 5,000 steps (about 5 epochs of WikiText-2
+          adaptive-softmax exits, 4,500 steps (about 4.4 epochs of WikiText-2
           train); docs/results/preset/ has the runs that chose it, the README
           its measured time.
     gpu:  Colab GPU/TPU: a wider model, 10 epochs; not run on this project's machines.
@@ -309,7 +309,7 @@ TRAIN_PRESETS = {
             output="adaptive",
         ),
         batch_size=16,
-        steps=5000,
+        steps=4500,
         learning_rate=5e-3,
         warmup_steps=100,
         log_every=50,

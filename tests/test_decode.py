@@ -365,3 +365,9 @@ def test_stream_cli_checks_the_model_and_skips_untrained_classifiers():
         script.check_stream_flags(
             script.parse_args(["--workdir", "w", "--batch_size", "0"]), script_config()
         )
+    with pytest.raises(ValueError, match="repeats"):
+        script.check_stream_flags(
+            script.parse_args(["--workdir", "w", "--repeats", "0"]), script_config()
+        )
+    with pytest.raises(ValueError, match="attention"):
+        script.check_stream_flags(args, script_config(mixer="attention"))
