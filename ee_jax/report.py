@@ -120,6 +120,47 @@ def training_table(runs: dict[str, list[dict]], every: int) -> str:
     return "\n".join(lines)
 
 
+def training_seconds(rows: list[dict], tokens_per_step: int) -> float:
+    """Training wall time from metrics.jsonl rows: every row's steps since the previous
+    row at its logged tokens/s, plus the compile time of the first step (evaluation
+    and checkpoint restores not included)."""
+    seconds, previous = 0.0, 0
+    for row in rows:
+        if row.get("compile_s") is not None:
+            seconds += row["compile_s"]
+        elif row.get("tokens_per_s"):
+            seconds += (row["step"] - previous) * tokens_per_step / row["tokens_per_s"]
+        previous = row["step"]
+    return seconds
+
+
+def comparison_table(runs: dict[str, dict]) -> str:
+    """One row per trained run: mixer, parameters, steps, median train tokens/s,
+    training minutes (`training_seconds`), and every exit's valid and test perplexity.
+
+    runs: {name: {"config": TrainConfig, "params": int, "rows": metrics rows,
+    "valid": [L] or None, "test": [L] or None}}.
+    """
+    lines = [
+        "| run | mixer | parameters | steps | train tokens/s (median) | training min "
+        "| valid ppl, final exit | test ppl, exits 1..L |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, run in runs.items():
+        config, rows = run["config"], run["rows"]
+        rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+        minutes = training_seconds(rows, config.batch_size * config.model.n_seq) / 60
+        test = " / ".join(f"{p:.1f}" for p in run["test"]) if run["test"] else "-"
+        valid = f"{run['valid'][-1]:.1f}" if run["valid"] else "-"
+        rate = f"{np.median(rates):,.0f}" if rates else "-"
+        steps = rows[-1]["step"] if rows else 0
+        lines.append(
+            f"| {name} | {config.model.mixer} | {run['params']:,} | {steps} "
+            f"| {rate} | {minutes:.1f} | {valid} | {test} |"
+        )
+    return "\n".join(lines)
+
+
 def _floats(rows: list[dict], key: str) -> np.ndarray:
     """rows[i][key] as one float array ([R] or [R, L]); null (None) entries become NaN."""
     return np.asarray([row[key] for row in rows], float)

@@ -32,7 +32,7 @@ from ee_jax.checkpoint import (
     save_vocab,
     write_atomic,
 )
-from ee_jax.config import TrainConfig, upgrade_dict
+from ee_jax.config import ModelConfig, TrainConfig, upgrade_dict
 from ee_jax.data import Batch, Corpus, LMStream, Vocabulary, load_wikitext2, train_batch
 from ee_jax.losses import exit_weights, lm_loss, tail_capacities
 from ee_jax.model import EarlyExitLM
@@ -69,6 +69,13 @@ def step_keys(keys: dict[str, jax.Array], step) -> dict[str, jax.Array]:
     """The keys of training step `step` (`train_step`'s rngs): each named key
     but "init" folded with the step."""
     return {name: jax.random.fold_in(keys[name], step) for name in ("dropout", "sample")}
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Number of parameters of `EarlyExitLM(config)` (shapes only, nothing computed)."""
+    tokens = jax.ShapeDtypeStruct((1, config.n_seq), jnp.int32)
+    shapes = jax.eval_shape(EarlyExitLM(config).init, jax.random.key(0), tokens)
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
 
 
 def init_state(config: TrainConfig) -> TrainState:

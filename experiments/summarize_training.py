@@ -1,16 +1,20 @@
-r"""Summarise training runs: a Markdown table of their metrics and a PNG curve.
+r"""Summarise training runs: Markdown tables of their metrics and a PNG curve.
 
-    python experiments/summarize_training.py runs/cpu runs/cpu_nobk \
-        --every 250 --out docs/results/training
+    python experiments/summarize_training.py runs/cpu_bk runs/cpu_attention \
+        runs/cpu_none --every 250 --out docs/results/mixers
 
-Reads each run's metrics.jsonl; writes training.md and training.png into --out.
+Reads each run's config.json and metrics.jsonl, and valid_exit_ppl.json /
+test_exit_ppl.json when the training script wrote them; writes comparison.md (one
+row per run: mixer, parameters, steps, median train tokens/s, training minutes,
+every exit's perplexity), training.md (metrics per --every steps) and
+training.png into --out.
 """
 
 import json
 import pathlib
 import sys
 
-from ee_jax import cli, report
+from ee_jax import cli, report, train
 
 
 def main(argv=None) -> int:
@@ -19,20 +23,34 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=250, help="table row every this many steps")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
-    runs = {}
-    for workdir in args.workdirs:
-        path = pathlib.Path(workdir) / "metrics.jsonl"
+    runs, compared = {}, {}
+    for workdir in map(pathlib.Path, args.workdirs):
+        path = workdir / "metrics.jsonl"
         if not path.is_file():
             return cli.report_error(FileNotFoundError(f"{path} does not exist"))
-        lines = path.read_text().splitlines()
-        runs[pathlib.Path(workdir).name] = [json.loads(line) for line in lines]
+        runs[workdir.name] = [json.loads(line) for line in path.read_text().splitlines()]
+        if (workdir / "config.json").is_file():
+            config = train.config_from_workdir(workdir)
+            compared[workdir.name] = {
+                "config": config,
+                "params": train.parameter_count(config.model),
+                "rows": runs[workdir.name],
+                **{split: _exit_ppl(workdir, split) for split in ("valid", "test")},
+            }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    comparison = report.comparison_table(compared)
     table = report.training_table(runs, args.every)
+    (out / "comparison.md").write_text(comparison + "\n")
     (out / "training.md").write_text(table + "\n")
     report.plot_training(runs, out / "training.png")
-    print(table)
+    print(comparison, table, sep="\n\n")
     return 0
+
+
+def _exit_ppl(workdir: pathlib.Path, split: str) -> list[float] | None:
+    path = workdir / f"{split}_exit_ppl.json"
+    return json.loads(path.read_text())["exit_ppl"] if path.is_file() else None
 
 
 if __name__ == "__main__":

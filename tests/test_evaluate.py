@@ -297,6 +297,28 @@ def test_training_summary_reads_null_metrics_as_nan(tmp_path):
     assert (tmp_path / "training.png").stat().st_size > 1000
 
 
+def test_comparison_table_counts_parameters_and_training_minutes():
+    # Given a run's rows: a compile step, then 50 and 100 steps at 1,000 and 500
+    # tokens/s with 100 tokens a step.
+    from ee_jax.config import TrainConfig
+    from ee_jax.train import parameter_count
+
+    config = TrainConfig(model=tiny(), batch_size=4).replace(n_seq=25)
+    rows = [
+        {"step": 1, "tokens_per_s": None, "compile_s": 10.0},
+        {"step": 51, "tokens_per_s": 1000.0, "compile_s": None},
+        {"step": 151, "tokens_per_s": 500.0, "compile_s": None},
+    ]
+    assert report.training_seconds(rows, 100) == 10.0 + 5.0 + 20.0
+    # The parameter count is that of the initialised model.
+    variables = EarlyExitLM(config.model).init(jax.random.key(0), np.zeros((1, 25), np.int32))
+    count = parameter_count(config.model)
+    assert count == sum(x.size for x in jax.tree.leaves(variables))
+    run = {"config": config, "params": count, "rows": rows, "valid": [9.0, 8.0], "test": None}
+    line = report.comparison_table({"r": run}).splitlines()[2]
+    assert line == f"| r | bk | {count:,} | 151 | 750 | 0.6 | 8.0 | - |"
+
+
 def no_computation(*args, **kwargs):
     raise AssertionError("the model ran before the stream was checked")
 
