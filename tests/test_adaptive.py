@@ -282,24 +282,25 @@ def test_training_loss_and_gradients_equal_a_materialised_log_softmax(unembeddin
     if capacities == "tight":  # what training computes from the data
         capacities = tail_capacities(CONFIG, np.asarray(targets)[None], np.asarray(mask)[None])
 
+    # When both are differentiated, then loss and gradients agree.
+    assert_loss_and_gradients_match(
+        (model, variables, tokens, targets, mask, weights), dict(tail_capacities=capacities)
+    )
+
+
+def assert_loss_and_gradients_match(arguments, options, sample=None, classified=None):
+    """`lm_loss` with `options` against `materialised_loss` on the same arguments."""
+    model, variables, tokens, targets, mask, weights = arguments
+
     def loss(v):
         return lm_loss(
-            model,
-            v,
-            tokens,
-            targets,
-            mask,
-            weights=weights,
-            balance_weight=0.01,
-            tail_capacities=capacities,
+            model, v, tokens, targets, mask, weights=weights, balance_weight=0.01, **options
         )[0]
 
-    # When both are differentiated.
     got_loss, got = jax.jit(jax.value_and_grad(loss))(variables)
     want_loss, want = jax.jit(jax.value_and_grad(materialised_loss, argnums=1), static_argnums=0)(
-        model, variables, tokens, targets, mask, weights
+        *arguments, sample, classified
     )
-    # Then loss and gradients agree with the materialised reference.
     np.testing.assert_allclose(got_loss, want_loss, rtol=TOLERANCE["float32"])
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = functools.reduce(lambda t, k: t[k.key], path, want)
@@ -319,30 +320,13 @@ def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions():
     total = tokens.size
     order = jax.random.permutation(rng, total)
 
-    def loss(v):
-        return lm_loss(
-            model,
-            v,
-            tokens,
-            targets,
-            mask,
-            weights=weights,
-            balance_weight=0.01,
-            exit_token_fraction=0.5,
-            classifier_token_fraction=0.125,
-            sample_rng=rng,
-        )[0]
-
-    got_loss, got = jax.jit(jax.value_and_grad(loss))(variables)
-    sample, classified = order[: total // 2], order[: total // 8]
-    want_loss, want = jax.value_and_grad(materialised_loss, argnums=1)(
-        model, variables, tokens, targets, mask, weights, sample, classified
+    options = dict(exit_token_fraction=0.5, classifier_token_fraction=0.125, sample_rng=rng)
+    assert_loss_and_gradients_match(
+        (model, variables, tokens, targets, mask, weights),
+        options,
+        sample=order[: total // 2],
+        classified=order[: total // 8],
     )
-    np.testing.assert_allclose(got_loss, want_loss, rtol=TOLERANCE["float32"])
-    for path, g in jax.tree_util.tree_leaves_with_path(got):
-        w = functools.reduce(lambda t, k: t[k.key], path, want)
-        scale = float(jnp.abs(w).max())
-        np.testing.assert_allclose(g, w, atol=1e-5 * max(scale, 1e-6), err_msg=str(path))
 
 
 def test_tail_capacities_count_the_most_targets_of_a_cluster_per_batch():
