@@ -14,14 +14,14 @@ $(STAMP): pyproject.toml
 
 # The main job: train the cpu preset on WikiText-2 (resuming runs/cpu if it exists),
 # then evaluate early exit on the test set (batched, then token-by-token decoding at
-# B = 1 and B = 8 on its first 16,384 tokens). Data: $(EE_JAX_DATA_DIR) or DATA_DIR=...
+# B = 1 and B = 8 on its first 8,192 tokens). Data: $(EE_JAX_DATA_DIR) or DATA_DIR=...
 DATA_DIR ?= $(EE_JAX_DATA_DIR)
 WORKDIR ?= runs/cpu
 DATA_FLAG = $(if $(DATA_DIR),--data_dir $(DATA_DIR),)
 run: $(STAMP)
 	$(VENV)/bin/python experiments/train_wikitext2.py --preset cpu --workdir $(WORKDIR) --report_test true $(DATA_FLAG)
 	$(VENV)/bin/python experiments/eval_early_exit.py --workdir $(WORKDIR) $(DATA_FLAG)
-	$(VENV)/bin/python experiments/stream_early_exit.py --workdir $(WORKDIR) --max_tokens 16384 $(DATA_FLAG)
+	$(VENV)/bin/python experiments/stream_early_exit.py --workdir $(WORKDIR) --max_tokens 8192 --measures softmax_max softmax_margin learned state_saturation $(DATA_FLAG)
 
 # The whole test suite, two worker processes (pytest-xdist; a test file stays on one
 # worker, so its module fixtures and compiled shapes are shared).

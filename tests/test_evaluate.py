@@ -21,6 +21,8 @@ CONFIG = tiny()
 CONFIGS = {
     "full": CONFIG,
     "adaptive": CONFIG.replace(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0),
+    "attention": CONFIG.replace(mixer="attention", attention_heads=2),
+    "none": CONFIG.replace(mixer="none"),
 }
 BAD_IDS = r"token ids must be in \[0, vocab_size=97\)"
 THRESHOLDS = [0.0, 0.012, 0.02, 0.03, 0.05, 1.0]
@@ -60,7 +62,7 @@ def reference_nll_sums(logits_fn, stream) -> np.ndarray:
     return total
 
 
-@pytest.mark.parametrize("output", ["full", "adaptive"])
+@pytest.mark.parametrize("output", ["full", "adaptive", "attention", "none"])
 def test_every_token_is_scored_once_and_full_depth_equals_the_plain_forward(output):
     # Given a model and a split.
     model, params, ids, stream, scores = model_and_split(output)
@@ -349,6 +351,25 @@ def test_streams_with_bad_ids_raise_before_the_model_runs(
     # Then every evaluation taking a stream raises the checker's error up front.
     with pytest.raises(ValueError, match=BAD_IDS):
         run(model, params, stream)
+
+
+def test_the_whole_evaluation_runs_for_an_attention_model():
+    # Sweeps, calibration, the real halting loop and its timing need no decoding.
+    model, params, ids, *_ = model_and_split("attention")
+    stream = make_lm_stream(ids[:300], 4, CONFIG.n_seq, eos_id=0)
+    results = evaluate.evaluate_checkpoint(
+        model,
+        params,
+        stream,
+        stream,
+        thresholds=[0.02, 1.0],
+        measures=["softmax_max", "learned"],
+        timing_windows=1,
+        progress=False,
+    )
+    assert set(results["calibration"]) == set(results["timing"]) == {"softmax_max", "learned"}
+    for row in results["real_loop"]:
+        assert row["total_tokens"] == 300
 
 
 def test_untrained_exit_classifiers_are_skipped_and_said_so(setup, capsys):
