@@ -220,7 +220,11 @@ def halting_loop(
 
         def per_token(inputs):  # [T, D] each -> after, features [T, D], confidence [T]
             before, x, mixed = inputs
-            after = before + apply("feed_forward", layer, x, method=EarlyExitLM.block_part) + mixed
+            # The same sum as Block.__call__, h + (MoE + mixer), so that the loop's
+            # hidden states equal the training path's bit for bit (exit decisions
+            # at a threshold must not flip on rounding).
+            update = apply("feed_forward", layer, x, method=EarlyExitLM.block_part)
+            after = before + (update + mixed)
             features = apply(after, layer, method=EarlyExitLM.exit_features)
             confidence = _confidence(apply, measure, before, after, features, layer, threshold)
             return after, features, confidence

@@ -123,8 +123,10 @@ MIXERS = {
 }
 
 
-@pytest.mark.parametrize("mixer", list(MIXERS))
-@pytest.mark.parametrize("measure", ["softmax_max", "learned"])
+@pytest.mark.parametrize(
+    "mixer, measure",
+    [("bk_values", "softmax_max"), ("attention", "learned"), ("none", "softmax_max")],
+)
 def test_compacted_loop_equals_the_masked_loop_and_the_eager_reference(mixer, measure):
     # Given each mixer and thresholds from "almost everyone exits at once" to
     # "almost no one": active-token counts that take several gather sizes.
