@@ -218,14 +218,8 @@ def _head(layer: OutputLayer, x: jax.Array, second: bool = True, index: bool = T
     Without `second` the second value is -inf, without `index` the argmax is 0
     (each a reduction fewer).
     """
-    return _head_from_logits(head_logits(layer, x), layer.head_words, second, index)
-
-
-def _head_from_logits(
-    logits: jax.Array, words: int, second: bool = True, index: bool = True, normaliser=None
-):
-    if normaliser is None:
-        normaliser = jax.nn.logsumexp(logits, axis=-1)  # [T]
+    logits, words = head_logits(layer, x), layer.head_words
+    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [T]
     if second:
         first, runner_up, index = _top_two(logits[:, :words])
     else:
@@ -362,68 +356,48 @@ def _tail_nll(layer, x, targets, cluster, capacities) -> jax.Array:
 # ---------------------------------------------------------------- training loss
 
 
-def training_nll_and_argmax(
+def training_nll(
     layer: OutputLayer,
     x: jax.Array,
     targets: jax.Array,
     *,
     tail_capacities: tuple[int, ...] | None = None,
-    argmax_capacity=None,
-    with_argmax: bool = True,
-) -> tuple[jax.Array, jax.Array | None]:
-    """-log p(target) [T] (differentiable) and the exact argmax [T] int32.
+) -> jax.Array:
+    """-log p(target) [T], differentiable.
 
     The head is scored a chunk of tokens at a time, each chunk's logits
     recomputed in the backward pass (`jax.checkpoint`) instead of stored: for a
     full output over V = 33,278 that is what keeps the step in cache. Each tail
     cluster is evaluated only on the tokens whose target lies in it (gathered
-    into `tail_capacities[k]`, exact beyond it) and, without gradient, on the
-    tokens where it can hold the argmax.
+    into `tail_capacities[k]`, exact beyond it).
 
     Args:
       x: [T, D] exit features; targets: [T] ids in [0, V).
       tail_capacities: static gather size per tail cluster (e.g. the most targets
         a training batch has in it, `losses.tail_capacities`); default `gather_sizes`.
-      argmax_capacity: `gather_sizes` capacity of the argmax's tail evaluations.
-      with_argmax: False skips the argmax (returned as None).
     """
     tail_capacities = [None] * layer.n_tails if tail_capacities is None else list(tail_capacities)
     cluster = cluster_of(layer, targets)
     head_target = _head_target(layer, targets, cluster)
-    nll, best, cluster_log_probs = _chunked_head(layer, x, head_target)
-    nll = nll + _tail_nll(layer, x, targets, cluster, tail_capacities)
-    if not with_argmax:
-        return nll, None
-    frozen = jax.lax.stop_gradient((layer, x))
-    _, _, argmax = _add_tails(
-        frozen[0], frozen[1], cluster_log_probs, best, lambda p, b: p > b[0], argmax_capacity
+    return _chunked_head_nll(layer, x, head_target) + _tail_nll(
+        layer, x, targets, cluster, tail_capacities
     )
-    return nll, argmax
 
 
-def _chunked_head(layer: OutputLayer, x: jax.Array, head_target: jax.Array):
-    """Head NLL [T], and without gradient the best head word (`_head` without
-    second) and the cluster log-probabilities [T, K], a chunk of tokens at a time."""
+def _chunked_head_nll(layer: OutputLayer, x: jax.Array, head_target: jax.Array) -> jax.Array:
+    """Head NLL [T] of each token's head target, a chunk of tokens at a time."""
     total, width = x.shape
     size = layer.head_kernel.shape[0]
     chunk = min(total, max(64, CHUNK_ELEMENTS // size))
     padded = -(-total // chunk) * chunk
     x_chunks = jnp.pad(x, ((0, padded - total), (0, 0))).reshape(-1, chunk, width)
     y_chunks = jnp.pad(head_target, (0, padded - total)).reshape(-1, chunk)
-    words = layer.head_words
 
     @jax.checkpoint
     def score(inputs):
         features, target = inputs  # [C, D], [C]
         logits = head_logits(layer, features)  # [C, c_1 + K]
         normaliser = jax.nn.logsumexp(logits, axis=-1)
-        nll = normaliser - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
-        frozen, frozen_normaliser = jax.lax.stop_gradient((logits, normaliser))
-        clusters, best = _head_from_logits(
-            frozen, words, second=False, normaliser=frozen_normaliser
-        )
-        return nll, best, clusters
+        return normaliser - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
 
-    nll, best, clusters = jax.lax.map(score, (x_chunks, y_chunks))
-    unchunk = lambda a: a.reshape(padded, *a.shape[2:])[:total]  # noqa: E731
-    return unchunk(nll), jax.tree.map(unchunk, best), unchunk(clusters)
+    return jax.lax.map(score, (x_chunks, y_chunks)).reshape(padded)[:total]

@@ -100,7 +100,7 @@ def decode_step(
 
     def propagate(layer, bk_state):  # layers every token skipped
         layer_state = apply(
-            halt.hidden, _at(bk_state, layer), layer, method=EarlyExitLM.block_propagate
+            "propagate", layer, halt.hidden, _at(bk_state, layer), method=EarlyExitLM.block_part
         )
         return _set(bk_state, layer, layer_state)
 

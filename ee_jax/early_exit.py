@@ -111,7 +111,6 @@ def early_exit_forward(
         jnp.float32(threshold),
         measure,
         exited_state,
-        output_fn=None,
         compact=compact,
     )
 
@@ -157,7 +156,6 @@ def early_exit_loop(
     """The halting loop over a sequence (pure; jit with model, measure, exited_state,
     output_fn and compact static). Returns (output_fn of each token's exit features at
     its exit head [B, N, ...], ExitInfo); see `exit_outputs` and `decode.decode_step`."""
-    output_fn = adaptive.logits if output_fn is None else output_fn
     apply = functools.partial(model.apply, variables)
     hidden = apply(tokens, method=EarlyExitLM.embed)
 

@@ -1,6 +1,6 @@
 """Training losses: every exit's cross-entropy without materialising [B, N, V].
 
-Each exit is scored by `adaptive.training_nll_and_argmax`: the head a chunk of
+Each exit is scored by `adaptive.training_nll`: the head a chunk of
 tokens at a time (recomputed in the backward pass), and for an adaptive output
 each tail cluster only on the tokens whose target lies in it.
 """
@@ -78,11 +78,7 @@ def exit_nll(
     for h, layer in zip(states, layers, strict=True):
         features = model.apply(params, h, layer, method=EarlyExitLM.exit_features)
         output = model.apply(params, layer, method=EarlyExitLM.output_layer)
-        scored.append(
-            adaptive.training_nll_and_argmax(
-                output, features, targets, tail_capacities=capacities, with_argmax=False
-            )[0]
-        )
+        scored.append(adaptive.training_nll(output, features, targets, tail_capacities=capacities))
     return jnp.stack(scored)
 
 

@@ -366,17 +366,12 @@ class EarlyExitLM(nn.Module):
         return h
 
     def block_part(self, method: str, layer, *args):
-        """Block `layer`'s `Block.<method>` ("mix", "mix_step" or "feed_forward") on
-        args: the pieces of a block the compacted halting loop runs separately."""
+        """Block `layer`'s `Block.<method>` ("mix", "mix_step", "feed_forward" or
+        "propagate") on args: the pieces of a block the halting loop and decoding
+        run separately."""
         params = jax.tree.map(lambda p: p[layer], self.blocks)
         block = Block(self.config, parent=None)
         return block.apply({"params": params}, *args, method=getattr(Block, method))
-
-    def block_propagate(self, h: jax.Array, bk_state: BKState, layer) -> BKState:
-        """Block `layer`'s BK state update only: ([B, D], BK state) -> BK state."""
-        params = jax.tree.map(lambda p: p[layer], self.blocks)
-        block = Block(self.config, parent=None)
-        return block.apply({"params": params}, h, bk_state, method=Block.propagate)
 
     def exit_features(self, h: jax.Array, layer) -> jax.Array:
         """Exit `layer`'s LayerNorm of the hidden state; [..., D]."""

@@ -353,11 +353,10 @@ def test_streams_with_bad_ids_raise_before_the_model_runs(
         run(model, params, stream)
 
 
-def test_the_whole_evaluation_runs_for_an_attention_model():
-    # Sweeps, calibration, the real halting loop and its timing need no decoding.
-    model, params, ids, *_ = model_and_split("attention")
-    stream = make_lm_stream(ids[:300], 4, CONFIG.n_seq, eos_id=0)
-    results = evaluate.evaluate_checkpoint(
+def small_evaluation(model, params, stream, **options):
+    """`evaluate_checkpoint` on one stream (as valid and test), two thresholds, the
+    softmax_max and learned measures, one timing window."""
+    return evaluate.evaluate_checkpoint(
         model,
         params,
         stream,
@@ -366,7 +365,15 @@ def test_the_whole_evaluation_runs_for_an_attention_model():
         measures=["softmax_max", "learned"],
         timing_windows=1,
         progress=False,
+        **options,
     )
+
+
+def test_the_whole_evaluation_runs_for_an_attention_model():
+    # Sweeps, calibration, the real halting loop and its timing need no decoding.
+    model, params, ids, *_ = model_and_split("attention")
+    stream = make_lm_stream(ids[:300], 4, CONFIG.n_seq, eos_id=0)
+    results = small_evaluation(model, params, stream)
     assert set(results["calibration"]) == set(results["timing"]) == {"softmax_max", "learned"}
     for row in results["real_loop"]:
         assert row["total_tokens"] == 300
@@ -381,17 +388,7 @@ def test_untrained_exit_classifiers_are_skipped_and_said_so(setup, capsys):
     assert evaluate.untrained_measures("linear", CONFIG.n_layers) == {}
     assert "learned" in evaluate.untrained_measures("final", CONFIG.n_layers)
     # When the checkpoint is evaluated with the learned measure requested.
-    results = evaluate.evaluate_checkpoint(
-        model,
-        params,
-        stream,
-        stream,
-        thresholds=[0.02, 1.0],
-        measures=["softmax_max", "learned"],
-        exit_weighting="final",
-        timing_windows=1,
-        progress=False,
-    )
+    results = small_evaluation(model, params, stream, exit_weighting="final")
     # Then it is not evaluated, a note says why, and the results record it.
     assert "note: not evaluating the 'learned' measure" in capsys.readouterr().out
     assert results["measures"] == ["softmax_max"] and results["exit_weighting"] == "final"
