@@ -1,6 +1,7 @@
 """Early-exit evaluation: internal consistency on a small model and corpus, and
 against references computed from the plain forward's and the halting loop's logits."""
 
+import collections
 import contextlib
 import functools
 
@@ -206,9 +207,12 @@ def test_a_second_evaluation_with_the_same_model_traces_nothing(setup, name):
         run(EarlyExitLM(CONFIG), other_params, other_split)
     # Then nothing is traced again: the jitted functions are built once, the model static.
     assert second == [], second
-    # And the first run traced each of the evaluation's jitted functions at most once.
-    ours = [name for name in first if name in JITTED]
-    assert len(ours) == len(set(ours)), first
+    # And the first run traced each of the evaluation's jitted functions at most once
+    # per program: the timing runs the halting loop compacted and masked (a static
+    # argument), so two programs.
+    programs = {"early_exit_loop": 2} if name == "time_early_exit" else {}
+    ours = collections.Counter(f for f in first if f in JITTED)
+    assert all(count <= programs.get(f, 1) for f, count in ours.items()), first
 
 
 def test_oracle_and_calibration(setup):
@@ -244,9 +248,13 @@ def test_report_writes_tables_and_plots(setup, tmp_path):
         timing_windows=2,
         progress=False,
     )
+    # The exit speedup is measured against the same loop at threshold 1.0, timed once.
+    timing = results["timing"]["softmax_max"]
+    assert timing["full_loop_ms"] == timing[1.0]["ms"] and timing[1.0]["exit_speedup"] == 1.0
     path = report.write_report(results, tmp_path)
     text = path.read_text()
     assert "| softmax_max | 1.00 |" in text and "oracle" in text
+    assert "vs the loop at threshold 1.0" in text
     for name in (
         "exit_distribution.png",
         "ppl_vs_layer_speedup.png",
