@@ -61,13 +61,11 @@ def timing_table(results: dict) -> str:
     for measure, timing in results["timing"].items():
         for threshold, row in timing.items():
             if isinstance(row, dict):
-                # Results written before exit_speedup existed still render.
-                exit_speedup = f"{row['exit_speedup']:.2f}x" if "exit_speedup" in row else "-"
                 lines.append(
                     f"| {measure} | {float(threshold):.2f} | {row['ms']:.0f} "
                     f"| {row['masked_ms']:.0f} | {timing['forward_ms']:.0f} "
                     f"| {row['speedup']:.2f}x | {row['masked_speedup']:.2f}x "
-                    f"| {exit_speedup} | {row['layers_run']} |"
+                    f"| {row['exit_speedup']:.2f}x | {row['layers_run']} |"
                 )
     return "\n".join(lines)
 
