@@ -9,6 +9,7 @@ from typing import Literal, get_args
 BKMethod = Literal["auto", "associative", "sequential"]
 Unembedding = Literal["per_exit", "shared", "tied"]
 ExitWeighting = Literal["uniform", "linear", "final"]
+ClassifierTarget = Literal["agreement", "loss_gap"]
 Output = Literal["full", "adaptive"]
 Mixer = Literal["bk", "attention", "none"]
 
@@ -19,7 +20,7 @@ class ExitMeasure(enum.StrEnum):
     SOFTMAX_MAX = "softmax_max"  # max softmax probability of the exit's logits
     SOFTMAX_MARGIN = "softmax_margin"  # top-1 minus top-2 probability
     STATE_SATURATION = "state_saturation"  # cosine(hidden before, hidden after the block)
-    LEARNED = "learned"  # sigmoid of a per-exit classifier on the hidden state
+    LEARNED = "learned"  # sigmoid of a per-exit classifier (TrainConfig.classifier_target)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,6 +161,7 @@ class TrainConfig:
     balance_weight: float = 0.01  # weight of the MoE load-balancing loss
     exit_token_fraction: float = 1.0  # fraction of positions scoring the exits before the last
     classifier_token_fraction: float = 1.0  # of positions training exit classifiers (<= above)
+    classifier_target: ClassifierTarget = "agreement"  # what the learned exit measure predicts
     seed: int = 0  # initialisation, dropout and nothing else
     log_every: int = 50  # steps between metric rows (metrics leave the device only then)
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
@@ -191,11 +193,14 @@ class TrainConfig:
         for name in ("weight_decay", "balance_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.exit_weighting not in get_args(ExitWeighting):
-            raise ValueError(
-                f"exit_weighting must be one of {get_args(ExitWeighting)}, got "
-                f"{self.exit_weighting!r}"
-            )
+        for name, choices in (
+            ("exit_weighting", ExitWeighting),
+            ("classifier_target", ClassifierTarget),
+        ):
+            if getattr(self, name) not in get_args(choices):
+                raise ValueError(
+                    f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}"
+                )
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed; ModelConfig fields go to `model`."""
@@ -274,8 +279,8 @@ def train_preset(name: str, vocab_size: int) -> TrainConfig:
     tiny: tests and the offline notebooks; seconds on a CPU; says nothing about quality.
     cpu:  the main job on a 2-core CPU: D = 128, L = 6, BK with value solves,
           adaptive-softmax exits, 4,500 steps (about 4.4 epochs of WikiText-2
-          train); docs/results/preset/ has the runs that chose it, the README
-          its measured time.
+          train), learned exits regressing the loss gap; docs/results/preset/
+          has the runs that chose it, the README its measured time.
     gpu:  Colab GPU/TPU: a wider model, 10 epochs; not run on this project's machines.
     """
     if name not in TRAIN_PRESETS:
@@ -315,7 +320,8 @@ TRAIN_PRESETS = {
         log_every=50,
         checkpoint_every=250,
         exit_token_fraction=0.25,
-        classifier_token_fraction=1 / 16,
+        classifier_token_fraction=0.25,
+        classifier_target="loss_gap",
     ),
     "gpu": lambda vocab_size: TrainConfig(
         model=ModelConfig(

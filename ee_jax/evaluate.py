@@ -326,10 +326,10 @@ def untrained_measures(exit_weighting: str, n_layers: int) -> dict[str, str]:
     """Measures whose parameters a run with this exit weighting never trained: {measure:
     why}.
 
-    The learned exit classifiers are trained to predict "exit l agrees with the final
-    exit", which needs every exit's argmax: `losses.lm_loss` trains them only when
-    every exit before the last has a non-zero loss weight ("final" scores the last
-    exit alone). Untrained, they keep their initial output and say nothing.
+    The learned exit classifiers compare every exit with the final one (their
+    argmax, or their target NLL): `losses.lm_loss` trains them only when every exit
+    before the last has a non-zero loss weight ("final" scores the last exit alone).
+    Untrained, they keep their initial output and say nothing.
     """
     weights = exit_weights(n_layers, exit_weighting)  # [L]
     unscored = (np.flatnonzero(weights[:-1] == 0) + 1).tolist()  # 1-based exits

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from ee_jax import adaptive
-from ee_jax.config import ExitWeighting, ModelConfig
+from ee_jax.config import ClassifierTarget, ExitWeighting, ModelConfig
 from ee_jax.model import EarlyExitLM
 
 
@@ -96,26 +96,40 @@ def lm_loss(
     sample_rng: jax.Array | None = None,
     tail_capacities: tuple[int, ...] | None = None,
     classifier_token_fraction: float = 1.0,
+    classifier_target: ClassifierTarget = "agreement",
 ) -> tuple[jax.Array, dict]:
     """The joint training loss and its parts.
 
-    loss = sum_l weights[l] * CE_l + balance_weight * mean_l(balance_l) + BCE_exit,
+    loss = sum_l weights[l] * CE_l + balance_weight * mean_l(balance_l) + C_exit,
     where CE_l is exit l's mean cross-entropy over masked tokens, balance_l block
-    l's MoE balance loss with router statistics over masked tokens, and BCE_exit
-    trains the learned exit classifiers to predict "exit l's argmax equals the
-    final exit's argmax" (their input is stop-gradient: the backbone is not
-    trained by it). Exits whose weight is 0 are not scored at all, and then the
-    classifiers (which need every exit's argmax) are not trained: with "final"
-    weighting the step does the work of an ordinary single-head LM.
+    l's MoE balance loss with router statistics over masked tokens, and C_exit
+    trains the learned exit classifiers (their input is stop-gradient: the
+    backbone is not trained by it), averaged over exits 1..L-1, for
+    `classifier_target`:
+
+    - "agreement": binary cross-entropy of sigmoid(a_l) against "exit l's argmax
+      equals the final exit's argmax" (the consistency target of CALM, Schuster
+      et al. 2022, arXiv 2207.07061).
+    - "loss_gap": squared error of g_l = -log sigmoid(a_l) = softplus(-a_l) >= 0
+      against the observed gap nll_l - nll_L of the target (stop-gradient). Its
+      minimiser is the expected gap, the log-perplexity a token adds by exiting
+      at l, so the confidence sigmoid(a_l) = exp(-g_l) is the predicted
+      perplexity ratio p_l(target) / p_L(target) and a threshold t allows about
+      -log t nats per exiting token. It needs no argmax: the gaps come from the
+      NLLs the loss computes anyway.
+
+    Exits whose weight is 0 are not scored at all, and then the classifiers
+    (which need every exit) are not trained: with "final" weighting the step
+    does the work of an ordinary single-head LM.
 
     With exit_token_fraction < 1 the exits before the last are scored on a
     random subset of that fraction of the B*N positions (the same subset for
     all of them, drawn from `sample_rng`): an unbiased estimate of their loss at
     a fraction of the vocabulary-projection cost, which dominates training.
     The classifiers are trained on the first classifier_token_fraction * B*N
-    positions of that subset (all of it when the fraction is larger): their
-    target needs every exit's exact argmax, which evaluates tail clusters for
-    most tokens of a trained adaptive softmax.
+    positions of that subset (all of it when the fraction is larger): the
+    "agreement" target needs every exit's exact argmax, which evaluates tail
+    clusters for most tokens of a trained adaptive softmax.
 
     Args:
       params: {"params": ...}; tokens, targets: [B, N] ids; mask: [B, N] (1 = scored).
@@ -128,6 +142,11 @@ def lm_loss(
       (loss [], metrics: "exit_nll" [L] (nan for unscored exits), "balance_loss" [],
       "classifier_loss" []).
     """
+    if classifier_target not in get_args(ClassifierTarget):
+        raise ValueError(
+            f"classifier_target must be one of {get_args(ClassifierTarget)}, "
+            f"got {classifier_target!r}"
+        )
     n_layers, total = model.config.n_layers, tokens.size
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     states, balance = model.apply(
@@ -158,15 +177,19 @@ def lm_loss(
     if len(early) == n_layers - 1:
         positions = sample[:classified]  # [C]
         frozen = jax.lax.stop_gradient(states[:, positions])  # [L, C, D]
-        argmax = jnp.stack(
-            [_exact_argmax(model, params, h, layer) for layer, h in enumerate(frozen)]
-        )
-        agrees = (argmax[:-1] == argmax[-1]).astype(jnp.float32)  # [L-1, C]
         logits = jax.vmap(
             lambda h, layer: model.apply(params, h, layer, method=EarlyExitLM.exit_classifier)
         )(frozen[:-1], jnp.arange(n_layers - 1))  # [L-1, C]
-        bce = optax.sigmoid_binary_cross_entropy(logits, agrees)
-        classifier_loss = jax.vmap(_masked_mean, (0, None))(bce, mask[positions]).mean()
+        if classifier_target == "loss_gap":
+            gap = jax.lax.stop_gradient(nll[:, :classified] - final_nll[:, positions])
+            errors = optax.squared_error(-jax.nn.log_sigmoid(logits), gap)  # [L-1, C]
+        else:
+            argmax = jnp.stack(
+                [_exact_argmax(model, params, h, layer) for layer, h in enumerate(frozen)]
+            )
+            agrees = (argmax[:-1] == argmax[-1]).astype(jnp.float32)  # [L-1, C]
+            errors = optax.sigmoid_binary_cross_entropy(logits, agrees)
+        classifier_loss = jax.vmap(_masked_mean, (0, None))(errors, mask[positions]).mean()
         loss = loss + classifier_loss
     metrics = {
         "exit_nll": per_exit,

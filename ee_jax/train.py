@@ -109,6 +109,7 @@ def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = No
             dropout_rng=rngs["dropout"],
             exit_token_fraction=config.exit_token_fraction,
             classifier_token_fraction=config.classifier_token_fraction,
+            classifier_target=config.classifier_target,
             sample_rng=rngs["sample"],
             tail_capacities=capacities,
         )

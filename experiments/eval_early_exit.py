@@ -20,7 +20,25 @@ from ee_jax import cli
 from ee_jax.config import ExitMeasure
 from ee_jax.data import make_lm_stream
 
-DEFAULT_THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0]
+DEFAULT_THRESHOLDS = [
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.85,
+    0.9,
+    0.92,
+    0.94,
+    0.95,
+    0.96,
+    0.97,
+    0.975,
+    0.98,
+    0.985,
+    0.99,
+    0.995,
+    1.0,
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -242,9 +242,12 @@ def test_argmax_ties_take_the_lowest_id_across_clusters():
 # ---------------------------------------------------------------- the training loss
 
 
-def materialised_loss(model, v, tokens, targets, mask, weights, sample=None, classified=None):
+def materialised_loss(
+    model, v, tokens, targets, mask, weights, sample=None, classified=None, target="agreement"
+):
     """The joint loss from every exit's full log-probabilities [L, T, V]: the early
-    exits scored on positions `sample`, the classifiers on `classified` (default all)."""
+    exits scored on positions `sample`, the classifiers on `classified` (default all)
+    with `classifier_target` = `target`."""
     states, balance = model.apply(v, tokens, True, mask, method=EarlyExitLM.hidden_states)
     states = states.reshape(CONFIG.n_layers, -1, states.shape[-1])  # [L, T, D]
     targets, mask = targets.reshape(-1), mask.reshape(-1)
@@ -256,13 +259,17 @@ def materialised_loss(model, v, tokens, targets, mask, weights, sample=None, cla
     nll = -jnp.take_along_axis(log_probs, targets[None, :, None], -1)[..., 0]  # [L, T]
     final = jnp.sum(nll[-1] * mask) / mask.sum()
     early = jnp.sum(nll[:-1, sample] * mask[sample], axis=1) / mask[sample].sum()
-    argmax = jnp.argmax(log_probs[:, classified], -1)
-    agrees = (argmax[:-1] == argmax[-1]).astype(jnp.float32)
     classifier = jax.vmap(
         lambda h, layer: model.apply(v, h, layer, method=EarlyExitLM.exit_classifier)
     )(states[:-1, classified], jnp.arange(CONFIG.n_layers - 1))
-    bce = optax.sigmoid_binary_cross_entropy(classifier, agrees)
-    classifier_loss = (jnp.sum(bce * mask[classified], axis=1) / mask[classified].sum()).mean()
+    if target == "agreement":
+        argmax = jnp.argmax(log_probs[:, classified], -1)
+        agrees = (argmax[:-1] == argmax[-1]).astype(jnp.float32)
+        errors = optax.sigmoid_binary_cross_entropy(classifier, agrees)
+    else:  # the predicted gap softplus(-a) against the observed NLL gap
+        gap = jax.lax.stop_gradient(nll[:-1, classified] - nll[-1, classified])
+        errors = (jax.nn.softplus(-classifier) - gap) ** 2
+    classifier_loss = (jnp.sum(errors * mask[classified], axis=1) / mask[classified].sum()).mean()
     per_exit = jnp.concatenate([early, final[None]])
     return jnp.dot(weights, per_exit) + 0.01 * balance.mean() + classifier_loss
 
@@ -290,6 +297,7 @@ def test_training_loss_and_gradients_equal_a_materialised_log_softmax(unembeddin
 
 def assert_loss_and_gradients_match(arguments, options, sample=None, classified=None):
     """`lm_loss` with `options` against `materialised_loss` on the same arguments."""
+    target = options.get("classifier_target", "agreement")
     model, variables, tokens, targets, mask, weights = arguments
 
     def loss(v):
@@ -298,9 +306,9 @@ def assert_loss_and_gradients_match(arguments, options, sample=None, classified=
         )[0]
 
     got_loss, got = jax.jit(jax.value_and_grad(loss))(variables)
-    want_loss, want = jax.jit(jax.value_and_grad(materialised_loss, argnums=1), static_argnums=0)(
-        *arguments, sample, classified
-    )
+    want_loss, want = jax.jit(
+        jax.value_and_grad(materialised_loss, argnums=1), static_argnums=(0, 8)
+    )(*arguments, sample, classified, target)
     np.testing.assert_allclose(got_loss, want_loss, rtol=TOLERANCE["float32"])
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = functools.reduce(lambda t, k: t[k.key], path, want)
@@ -308,9 +316,10 @@ def assert_loss_and_gradients_match(arguments, options, sample=None, classified=
         np.testing.assert_allclose(g, w, atol=1e-5 * max(scale, 1e-6), err_msg=str(path))
 
 
-def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions():
+@pytest.mark.parametrize("classifier_target", ["agreement", "loss_gap"])
+def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions(classifier_target):
     # Given early exits scored on half the positions and the classifiers trained
-    # on an eighth (the first of the same random permutation).
+    # on an eighth (the first of the same random permutation), for either target.
     model, variables = model_and_variables("shared")
     tokens = random_tokens(5, batch=4)
     targets = jnp.roll(tokens, -1, axis=1)
@@ -320,7 +329,12 @@ def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions():
     total = tokens.size
     order = jax.random.permutation(rng, total)
 
-    options = dict(exit_token_fraction=0.5, classifier_token_fraction=0.125, sample_rng=rng)
+    options = dict(
+        exit_token_fraction=0.5,
+        classifier_token_fraction=0.125,
+        sample_rng=rng,
+        classifier_target=classifier_target,
+    )
     assert_loss_and_gradients_match(
         (model, variables, tokens, targets, mask, weights),
         options,
