@@ -9,6 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def format_threshold(threshold: float) -> str:
+    """A threshold for a table: two decimals, three when the third is not 0
+    (0.5 -> "0.50", 0.975 -> "0.975", also from its float32 0.97500002)."""
+    text = f"{threshold:.3f}"
+    return text[:-1] if text.endswith("0") else text
+
+
 def sweep_table(results: dict) -> str:
     """The threshold sweep (and oracle) as a Markdown table."""
     lines = [
@@ -22,7 +29,7 @@ def sweep_table(results: dict) -> str:
     ]
     for row in rows:
         distribution = " / ".join(f"{100 * share:.0f}" for share in row["exit_distribution"])
-        threshold = "-" if row["measure"] == "oracle" else f"{row['threshold']:.2f}"
+        threshold = "-" if row["measure"] == "oracle" else format_threshold(row["threshold"])
         lines.append(
             f"| {row['measure']} | {threshold} | {row['ppl']:.1f} | {row['ppl_change_pct']:+.1f}% "
             f"| {100 * row['top1_agreement']:.1f}% | {row['avg_exit_layer']:.2f} "
@@ -43,7 +50,8 @@ def calibration_table(results: dict) -> str:
     real = {row["measure"]: row for row in results["real_loop"]}
     for measure, row in results["calibration"].items():
         lines.append(
-            f"| {measure} | {row['threshold']:.2f} | {row['valid']['ppl_change_pct']:+.1f}% "
+            f"| {measure} | {format_threshold(row['threshold'])} "
+            f"| {row['valid']['ppl_change_pct']:+.1f}% "
             f"| {row['test']['ppl_change_pct']:+.1f}% | {row['test']['avg_exit_layer']:.2f} "
             f"| {row['test']['layer_speedup']:.2f}x | {real[measure]['ppl']:.1f} "
             f"| {real[measure]['avg_exit_layer']:.2f} |"
@@ -62,7 +70,7 @@ def timing_table(results: dict) -> str:
         for threshold, row in timing.items():
             if isinstance(row, dict):
                 lines.append(
-                    f"| {measure} | {float(threshold):.2f} | {row['ms']:.0f} "
+                    f"| {measure} | {format_threshold(float(threshold))} | {row['ms']:.0f} "
                     f"| {row['masked_ms']:.0f} | {timing['forward_ms']:.0f} "
                     f"| {row['speedup']:.2f}x | {row['masked_speedup']:.2f}x "
                     f"| {row['exit_speedup']:.2f}x | {row['layers_run']} |"
@@ -188,7 +196,7 @@ def _plot_distribution(results, path):
     rows = [row for row in results["sweep"] if row["measure"] == results["sweep"][0]["measure"]]
     figure, axis = plt.subplots(figsize=(7, 4))
     bottom = [0.0] * len(rows)
-    labels = [f"{row['threshold']:.2f}" for row in rows]
+    labels = [format_threshold(row["threshold"]) for row in rows]
     for depth in range(len(rows[0]["exit_distribution"])):
         shares = [row["exit_distribution"][depth] for row in rows]
         axis.bar(labels, shares, bottom=bottom, label=f"exit {depth + 1}")

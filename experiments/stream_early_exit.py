@@ -19,7 +19,7 @@ import statistics
 import sys
 
 import ee_jax
-from ee_jax import cli
+from ee_jax import cli, report
 from ee_jax.config import ExitMeasure
 from ee_jax.data import make_lm_stream
 
@@ -155,7 +155,8 @@ def main(argv=None) -> int:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['batch_size']} | {row['measure']} | {row['threshold']:.2f} "
+            f"| {row['batch_size']} | {row['measure']} "
+            f"| {report.format_threshold(row['threshold'])} "
             f"| {row['ppl']:.1f} | {row['avg_exit_layer']:.2f} | {row['tokens_per_s']:.0f} "
             f"| {row['measured_speedup']:.2f}x | {row['flops_speedup']:.2f}x "
             f"| {row['measured_speedup'] / row['flops_speedup']:.2f} |"

@@ -263,6 +263,13 @@ def test_report_writes_tables_and_plots(setup, tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_thresholds_are_shown_with_the_digits_that_tell_them_apart():
+    # Calibration grids mix 0.97, 0.975 and 0.98; results store float32 values.
+    for threshold in (0.5, 0.97, 0.975, 0.98, 0.995, 1.0):
+        shown = report.format_threshold(float(np.float32(threshold)))
+        assert float(shown) == threshold and len(shown.split(".")[1]) in (2, 3)
+
+
 def test_training_summary_averages_each_window_of_logged_rows(tmp_path):
     # Given two runs' metrics rows logged every 25 steps.
     def row(step, nll):
