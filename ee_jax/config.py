@@ -341,5 +341,6 @@ TRAIN_PRESETS = {
         log_every=100,
         checkpoint_every=1000,
         eval_batch_size=64,
+        classifier_target="loss_gap",  # exited earlier than "agreement" on the cpu preset
     ),
 }
