@@ -386,6 +386,30 @@ def test_old_configs_with_use_bk_read_as_a_mixer():
         assert config.model.mixer == mixer and config.model.bk_value_dim == 0
 
 
+def test_old_runs_keep_the_agreement_classifiers_and_bad_targets_are_refused():
+    from ee_jax.config import TrainConfig
+
+    # A run saved before classifier_target existed trained agreement classifiers.
+    values = TrainConfig(model=CONFIG, classifier_target="loss_gap").to_dict()
+    del values["classifier_target"]
+    assert TrainConfig.from_dict(values).classifier_target == "agreement"
+    with pytest.raises(ValueError, match="classifier_target must be one of"):
+        TrainConfig(model=CONFIG, classifier_target="gap")
+    model = EarlyExitLM(CONFIG)
+    tokens = jnp.zeros((1, CONFIG.n_seq), jnp.int32)
+    with pytest.raises(ValueError, match="classifier_target must be one of"):
+        lm_loss(
+            model,
+            {},
+            tokens,
+            tokens,
+            tokens,
+            weights=np.ones(CONFIG.n_layers),
+            balance_weight=0.0,
+            classifier_target="gap",
+        )
+
+
 def joint_loss(model, variables, tokens, targets, mask):
     return lm_loss(
         model,
