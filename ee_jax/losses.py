@@ -112,11 +112,12 @@ def lm_loss(
       et al. 2022, arXiv 2207.07061).
     - "loss_gap": squared error of g_l = -log sigmoid(a_l) = softplus(-a_l) >= 0
       against the observed gap nll_l - nll_L of the target (stop-gradient). Its
-      minimiser is the expected gap, the log-perplexity a token adds by exiting
-      at l, so the confidence sigmoid(a_l) = exp(-g_l) is the predicted
-      perplexity ratio p_l(target) / p_L(target) and a threshold t allows about
-      -log t nats per exiting token. It needs no argmax: the gaps come from the
-      NLLs the loss computes anyway.
+      minimiser is max(0, expected gap), the log-perplexity a token adds by
+      exiting at l (0 where exiting is expected to cost nothing), so the
+      confidence sigmoid(a_l) = exp(-g_l) is the predicted probability ratio
+      p_l(target) / p_L(target) (in geometric mean: 1 / the perplexity factor
+      of exiting) and a threshold t allows about -log t nats per exiting token.
+      It needs no argmax: the gaps come from the NLLs the loss computes anyway.
 
     Exits whose weight is 0 are not scored at all, and then the classifiers
     (which need every exit) are not trained: with "final" weighting the step

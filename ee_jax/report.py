@@ -10,10 +10,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def format_threshold(threshold: float) -> str:
-    """A threshold for a table: two decimals, three when the third is not 0
-    (0.5 -> "0.50", 0.975 -> "0.975", also from its float32 0.97500002)."""
-    text = f"{threshold:.3f}"
-    return text[:-1] if text.endswith("0") else text
+    """A threshold for a table: at least two decimals, up to six (0.5 -> "0.50",
+    0.975 -> "0.975", also from its float32 0.97500002; 0.9995 -> "0.9995", never
+    "1.00", which reads as the never-exit threshold)."""
+    whole, decimals = f"{threshold:.6f}".split(".")
+    return f"{whole}.{decimals.rstrip('0').ljust(2, '0')}"
 
 
 def sweep_table(results: dict) -> str:
