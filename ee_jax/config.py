@@ -14,6 +14,12 @@ Output = Literal["full", "adaptive"]
 Mixer = Literal["bk", "attention", "none"]
 
 
+def check_choice(name: str, value, choices) -> None:
+    """Raises ValueError unless `value` is one of the Literal type `choices`."""
+    if value not in get_args(choices):
+        raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
+
+
 class ExitMeasure(enum.StrEnum):
     """How confident a token is after a block (see `ee_jax.early_exit`)."""
 
@@ -94,10 +100,7 @@ class ModelConfig:
             ("output", Output),
             ("mixer", Mixer),
         ):
-            if getattr(self, name) not in get_args(allowed):
-                raise ValueError(
-                    f"{name} must be one of {get_args(allowed)}, got {getattr(self, name)!r}"
-                )
+            check_choice(name, getattr(self, name), allowed)
         if self.output == "adaptive":
             self._check_adaptive()
 
@@ -193,14 +196,8 @@ class TrainConfig:
         for name in ("weight_decay", "balance_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name, choices in (
-            ("exit_weighting", ExitWeighting),
-            ("classifier_target", ClassifierTarget),
-        ):
-            if getattr(self, name) not in get_args(choices):
-                raise ValueError(
-                    f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}"
-                )
+        check_choice("exit_weighting", self.exit_weighting, ExitWeighting)
+        check_choice("classifier_target", self.classifier_target, ClassifierTarget)
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed; ModelConfig fields go to `model`."""

@@ -13,7 +13,7 @@ let some tokens exit.
 """
 
 import functools
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import flax.struct
 import jax
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ee_jax import adaptive
-from ee_jax.config import ExitMeasure, ModelConfig
+from ee_jax.config import ExitMeasure, ModelConfig, check_choice
 from ee_jax.flops import exit_flops
 from ee_jax.model import EarlyExitLM, check_tokens
 
@@ -123,10 +123,7 @@ def check_exit_options(threshold, measure: str, exited_state: str) -> ExitMeasur
         raise ValueError(
             f"measure must be one of {[m.value for m in ExitMeasure]}, got {measure!r}"
         )
-    if exited_state not in get_args(ExitedState):
-        raise ValueError(
-            f"exited_state must be one of {get_args(ExitedState)}, got {exited_state!r}"
-        )
+    check_choice("exited_state", exited_state, ExitedState)
     return ExitMeasure(measure)
 
 

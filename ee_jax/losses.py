@@ -5,15 +5,13 @@ tokens at a time (recomputed in the backward pass), and for an adaptive output
 each tail cluster only on the tokens whose target lies in it.
 """
 
-from typing import get_args
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from ee_jax import adaptive
-from ee_jax.config import ClassifierTarget, ExitWeighting, ModelConfig
+from ee_jax.config import ClassifierTarget, ExitWeighting, ModelConfig, check_choice
 from ee_jax.model import EarlyExitLM
 
 
@@ -23,8 +21,7 @@ def exit_weights(n_layers: int, scheme: ExitWeighting) -> np.ndarray:
     "uniform": 1/L each; "linear": proportional to depth (CALM); "final": the
     last exit only (the original's training objective).
     """
-    if scheme not in get_args(ExitWeighting):
-        raise ValueError(f"exit weighting must be one of {get_args(ExitWeighting)}, got {scheme!r}")
+    check_choice("exit_weighting", scheme, ExitWeighting)
     raw = {
         "uniform": np.ones(n_layers),
         "linear": np.arange(1, n_layers + 1, dtype=np.float64),
@@ -143,11 +140,7 @@ def lm_loss(
       (loss [], metrics: "exit_nll" [L] (nan for unscored exits), "balance_loss" [],
       "classifier_loss" []).
     """
-    if classifier_target not in get_args(ClassifierTarget):
-        raise ValueError(
-            f"classifier_target must be one of {get_args(ClassifierTarget)}, "
-            f"got {classifier_target!r}"
-        )
+    check_choice("classifier_target", classifier_target, ClassifierTarget)
     n_layers, total = model.config.n_layers, tokens.size
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     states, balance = model.apply(
