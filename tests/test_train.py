@@ -121,10 +121,18 @@ def straight_run(corpus_dir, tmp_path_factory):
     return straight
 
 
-def start_and_wait_for_checkpoint(workdir, corpus_dir, **popen):
+def saved_steps(workdir) -> list[int]:
+    # Orbax writes a step under a temporary name and renames it when complete.
+    folder = workdir / "checkpoints"
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def start_and_wait_for_checkpoint(workdir, corpus_dir, after_step=0, **popen):
+    """Starts (or resumes) the CLI run in workdir; returns once it saved a step > after_step."""
     process = run_cli(workdir, corpus_dir, *KILL_FLAGS, background=True, **popen)
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "20").is_dir() and time.time() < deadline:
+    while not any(s > after_step for s in saved_steps(workdir)) and time.time() < deadline:
         time.sleep(0.02)
     return process
 
@@ -137,42 +145,44 @@ def assert_same_run(workdir, straight):
     assert comparable_rows(workdir) == comparable_rows(straight)
 
 
-def test_resume_after_kill_equals_uninterrupted_run(corpus_dir, straight_run, tmp_path):
-    # Given an uninterrupted run (straight_run).
-    # When a second run is killed (SIGKILL) after its first checkpoint, then resumed.
-    killed = tmp_path / "killed"
-    process = start_and_wait_for_checkpoint(killed, corpus_dir)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed_from = train_lib.Checkpointer(killed / "checkpoints").latest_step()
-    assert resumed_from is not None and resumed_from < 400
-    assert run_cli(killed, corpus_dir, *KILL_FLAGS).returncode == 0
-    # Then parameters and logged metrics are identical to the uninterrupted run's.
-    assert_same_run(killed, straight_run)
-
-
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
-def test_interrupt_saves_the_current_step_and_says_how_to_resume(
-    signal_number, corpus_dir, straight_run, tmp_path
-):
-    # Given a run interrupted (Ctrl-C or SIGTERM) after its first checkpoint.
-    workdir = tmp_path / "interrupted"
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = start_and_wait_for_checkpoint(workdir, corpus_dir, stderr=stderr)
+def interrupt_between_checkpoints(workdir, corpus_dir, signal_number, after_step, log):
+    """(Re)starts the run, sends signal_number between two checkpoints, checks how it
+    stopped (exit code, no traceback, the saved step, the resume command); returns that step."""
+    with open(log, "w") as stderr:
+        process = start_and_wait_for_checkpoint(workdir, corpus_dir, after_step, stderr=stderr)
         time.sleep(0.3)  # somewhere between two checkpoints
         process.send_signal(signal_number)
         code = process.wait(timeout=300)
-    stderr = (tmp_path / "stderr.txt").read_text()
-    # Then it exits non-zero without a traceback, with the saved step and the resume command.
+    stderr = log.read_text()
     assert code == 128 + signal_number, stderr[-3000:]
     assert "Traceback" not in stderr
     step = int(re.search(r"stopped at step (\d+)", stderr).group(1))
-    assert 20 < step < 400
+    assert after_step < step < 400
     assert train_lib.Checkpointer(workdir / "checkpoints").latest_step() == step
     command = re.search(r"resume with: (.*)", stderr).group(1)
     assert "train_wikitext2.py" in command and str(workdir) in command
-    # And resuming gives exactly the uninterrupted run.
+    return step
+
+
+def test_kill_and_interrupts_resume_to_the_uninterrupted_run(corpus_dir, straight_run, tmp_path):
+    # Given an uninterrupted run (straight_run), and the same run killed (SIGKILL)
+    # after its first checkpoint.
+    workdir = tmp_path / "run"
+    process = start_and_wait_for_checkpoint(workdir, corpus_dir)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = train_lib.Checkpointer(workdir / "checkpoints").latest_step()
+    assert killed_at is not None and killed_at < 400
+    # When it is resumed and interrupted (SIGTERM, then Ctrl-C's SIGINT) between two
+    # checkpoints, each time exiting non-zero without a traceback, with the step it
+    # saved on the way out and the command that resumes it,
+    step = killed_at
+    for number, signal_number in enumerate([signal.SIGTERM, signal.SIGINT]):
+        log = tmp_path / f"stderr{number}.txt"
+        step = interrupt_between_checkpoints(workdir, corpus_dir, signal_number, step, log)
+    # and is then resumed to the end.
     assert run_cli(workdir, corpus_dir, *KILL_FLAGS).returncode == 0
+    # Then parameters and logged metrics are identical to the uninterrupted run's.
     assert_same_run(workdir, straight_run)
 
 
