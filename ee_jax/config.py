@@ -275,9 +275,9 @@ def train_preset(name: str, vocab_size: int) -> TrainConfig:
 
     tiny: tests and the offline notebooks; seconds on a CPU; says nothing about quality.
     cpu:  the main job on a 2-core CPU: D = 128, L = 6, BK with value solves,
-          adaptive-softmax exits, 4,500 steps (about 4.4 epochs of WikiText-2
-          train), learned exits regressing the loss gap; docs/results/preset/
-          has the runs that chose it, the README its measured time.
+          adaptive-softmax exits weighted linearly in depth, 5,500 steps (about
+          5.4 epochs of WikiText-2 train), learned exits regressing the loss gap;
+          docs/results/preset/ has the runs that chose it, the README its measured time.
     gpu:  Colab GPU/TPU: a wider model, 10 epochs; not run on this project's machines.
     """
     if name not in TRAIN_PRESETS:
@@ -311,11 +311,12 @@ TRAIN_PRESETS = {
             output="adaptive",
         ),
         batch_size=16,
-        steps=4500,
+        steps=5500,
         learning_rate=5e-3,
         warmup_steps=100,
         log_every=50,
         checkpoint_every=250,
+        exit_weighting="linear",
         exit_token_fraction=0.25,
         classifier_token_fraction=0.25,
         classifier_target="loss_gap",
