@@ -133,15 +133,29 @@ def _window_scores(model: EarlyExitLM, params, inputs, targets):
     }
 
 
-def exit_depths(scores: ExitScores, measure: str, threshold: float) -> np.ndarray:
+def exit_depths(scores: ExitScores, measure: str, threshold) -> np.ndarray:
     """0-based exit layer of every token under exited_state="compute"; [T].
 
-    A token exits at the first layer whose confidence >= threshold (never early
-    for threshold 1.0, as in `early_exit_forward`), else at the last layer.
+    threshold: one float for every exit, or an [L-1] array with one per early exit
+    (a decaying schedule, as CALM, Schuster et al. 2022, section 3.2). A token exits
+    at the first layer l < L-1 whose confidence >= threshold[l] (never where the
+    threshold is 1.0, as in `early_exit_forward`), else at the last layer.
+
+    Raises:
+      ValueError: an array threshold whose shape is not [L-1].
     """
-    confident = scores.confidence[measure] >= threshold
-    confident &= threshold < 1.0
-    confident[-1] = True
+    n_layers = scores.nll.shape[0]
+    thresholds = np.asarray(threshold, np.float64)
+    if thresholds.ndim:
+        if thresholds.shape != (n_layers - 1,):
+            raise ValueError(
+                f"per-exit thresholds must have shape ({n_layers - 1},), got {thresholds.shape}"
+            )
+    else:
+        thresholds = np.full(n_layers - 1, thresholds)
+    confident = scores.confidence[measure][:-1] >= thresholds[:, None]
+    confident &= (thresholds < 1.0)[:, None]
+    confident = np.concatenate([confident, np.ones((1, scores.tokens), bool)])
     return np.argmax(confident, axis=0)
 
 

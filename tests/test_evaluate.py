@@ -99,6 +99,39 @@ def test_sweep_rows_are_consistent(setup, measure):
         assert row["layer_speedup"] == pytest.approx(CONFIG.n_layers / row["avg_exit_layer"])
 
 
+def eager_exit_depths(confidence, thresholds) -> list[int]:
+    """The first early exit whose confidence [L, T] reaches its threshold (never at
+    1.0), else the last; one token at a time."""
+    n_layers, tokens = confidence.shape
+    depths = []
+    for token in range(tokens):
+        depth = n_layers - 1
+        for layer, threshold in enumerate(thresholds):
+            if threshold < 1.0 and confidence[layer, token] >= threshold:
+                depth = layer
+                break
+        depths.append(depth)
+    return depths
+
+
+def test_per_exit_thresholds_match_an_eager_loop(setup):
+    *_, scores = setup
+    confidence = scores.confidence["softmax_max"]
+    # Exit 1 at its 70% quantile, exit 2 at its 20%: all three depths occur.
+    thresholds = np.array([np.quantile(confidence[0], 0.7), np.quantile(confidence[1], 0.2)])
+    depths = evaluate.exit_depths(scores, "softmax_max", thresholds)
+    np.testing.assert_array_equal(depths, eager_exit_depths(confidence, thresholds))
+    assert set(depths) == {0, 1, 2}
+    never = np.array([thresholds[0], 1.0])  # 1.0: exit 2 is never taken
+    depths = evaluate.exit_depths(scores, "softmax_max", never)
+    np.testing.assert_array_equal(depths, eager_exit_depths(confidence, never))
+    assert set(depths) == {0, 2}
+    single = evaluate.exit_depths(scores, "softmax_max", 0.02)
+    np.testing.assert_array_equal(single, eager_exit_depths(confidence, [0.02, 0.02]))
+    with pytest.raises(ValueError, match="per-exit thresholds must have shape"):
+        evaluate.exit_depths(scores, "softmax_max", np.full(CONFIG.n_layers, 0.5))
+
+
 def halting_loop_reference(model, params, stream, threshold, measure, exited_state):
     """(summed target NLL, ExitStats) of `early_exit_forward`'s logits over `stream`,
     scored by optax."""

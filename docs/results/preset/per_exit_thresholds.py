@@ -17,21 +17,15 @@ import numpy as np
 
 import ee_jax
 from ee_jax.data import make_lm_stream
-from ee_jax.evaluate import collect_exit_scores
+from ee_jax.evaluate import collect_exit_scores, exit_depths
 from ee_jax.flops import exit_flops
 
 MEASURE, TOLERANCE_PCT = "learned", 2.0
 GRID = np.round(np.arange(0.5, 1.0, 0.0025), 4)
 
 
-def depths_of(confidence, thresholds):
-    """0-based exit of every token: the first exit l < L-1 with confidence >= thresholds[l]."""
-    confident = confidence >= np.append(thresholds, -np.inf)[:, None]
-    return np.argmax(confident, axis=0)
-
-
 def summary(scores, config, thresholds):
-    depths = depths_of(scores.confidence[MEASURE], thresholds)
+    depths = exit_depths(scores, MEASURE, thresholds)
     nll = scores.nll[depths, np.arange(scores.tokens)].mean()
     per_depth, full = exit_flops(config, MEASURE, "freeze", scores.tail_use)
     return {
