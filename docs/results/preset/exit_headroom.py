@@ -6,30 +6,30 @@ classifiers, offline on a trained run's frozen parameters.
    most +2% test perplexity. The mean NLL is a sum over tokens, so the Lagrangian
    relaxation min_l flops_l + lam * nll_l per token, with lam bisected, solves it
    (up to one token's rounding). No halting rule that cannot see the target does
-   better; the bound says how much of the gap is the halting rule's.
-2. Learned exits as the run trains them (LN + Dense(1) regressing the loss gap
-   nll_l - nll_L, CALM-style learned check) against an MLP on the same input
-   (LN + Dense(H) + GELU + Dense(1)), both fitted here by least squares with optax
-   on the first 217,646 train tokens, threshold calibrated on valid for at most +2%,
-   checked on test. The MLP's check costs 2*D*H + 2*H FLOPs instead of 2*D.
+   better, so the bound says how much room the cost model leaves.
+2. Halting rules regressing the loss gap nll_l - nll_L per exit l < L on the
+   layer-normalised hidden state, as the run's learned exit does: LN + Dense(1)
+   (its form), and MLPs LN + Dense(H) + GELU + Dense(1), fitted here by least
+   squares with optax (`FITS`: on the first 217,646 train tokens or on the first
+   half of valid); a token halts at the first exit whose predicted gap is <= a
+   threshold calibrated on the second half of valid (at most +2%), checked on
+   test. An MLP's check costs 2*D*H + 2*H FLOPs instead of 2*D.
 
     EE_JAX_DATA_DIR=../shared/data/wikitext-2 \
         python docs/results/preset/exit_headroom.py runs/cpu_bk_linear
 """
 
-import functools
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from loss_gap_probe import collect, halting_depths  # the session-6 probe beside this file
 
 import ee_jax
-from ee_jax import adaptive
 from ee_jax.data import make_lm_stream
 from ee_jax.flops import exit_flops, tail_use_of
-from ee_jax.model import EarlyExitLM
 
 TOLERANCE = np.log1p(0.02)  # +2% perplexity, in mean nats
 # (split fitted on, MLP width (0: linear), Adam steps of 4,096 tokens)
@@ -41,30 +41,6 @@ FITS = [
     ("valid_fit", 32, 300),
     ("valid_fit", 128, 300),
 ]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def window_states(model, params, inputs, targets):
-    """Every exit's hidden state [L, B*N, D] and target NLL [L, B*N]."""
-    states, _ = model.apply(params, inputs, method=EarlyExitLM.hidden_states)
-    states = states.reshape(model.config.n_layers, inputs.size, -1)
-    nll = []
-    for layer in range(model.config.n_layers):
-        output = model.apply(params, layer, method=EarlyExitLM.output_layer)
-        x = model.apply(params, states[layer], layer, method=EarlyExitLM.exit_features)
-        nll.append(adaptive.target_nll(output, x, targets.reshape(-1)))
-    return states, jnp.stack(nll)
-
-
-def collect(model, params, stream):
-    states, nll = [], []
-    for index in range(len(stream)):
-        batch = stream.window(index)
-        s, n = jax.device_get(window_states(model, params, batch.inputs, batch.targets))
-        keep = batch.mask.reshape(-1)
-        states.append(s[:, keep].astype(np.float32))
-        nll.append(n[:, keep].astype(np.float64))
-    return np.concatenate(states, axis=1), np.concatenate(nll, axis=1)
 
 
 def oracle(nll, per_depth):
@@ -146,12 +122,6 @@ def fit_gap_regressor(states, gaps, hidden, seed=0, steps=3000, batch=4096):
     return lambda layer, h: np.asarray(predict(fitted[layer], jnp.asarray(h)))
 
 
-def regressor_depths(predicted, threshold):
-    """First exit whose predicted gap [L-1, T] <= threshold, else the last; [T]."""
-    confident = np.concatenate([predicted <= threshold, np.ones((1, predicted.shape[1]), bool)])
-    return np.argmax(confident, axis=0)
-
-
 def main(workdir: str) -> None:
     ee_jax.enable_compilation_cache()
     model, variables, vocab, train_config = ee_jax.load_run(workdir)
@@ -165,10 +135,14 @@ def main(workdir: str) -> None:
         ("valid", corpus.valid[half:]),
         ("test", corpus.test),
     ):
+        nll, states, _ = collect(model, variables, ids, vocab.eos_id, size)
         stream = make_lm_stream(ids, size, config.n_seq, eos_id=vocab.eos_id)
-        splits[split] = (*collect(model, variables, stream), tail_use_of(config, stream.targets, stream.mask))
-        print(f"{split}: {splits[split][1].shape[1]} tokens, exit ppl "
-              f"{np.round(np.exp(splits[split][1].mean(1)), 1)}", flush=True)
+        splits[split] = (states, nll, tail_use_of(config, stream.targets, stream.mask))
+        print(
+            f"{split}: {splits[split][1].shape[1]} tokens, exit ppl "
+            f"{np.round(np.exp(splits[split][1].mean(1)), 1)}",
+            flush=True,
+        )
     test_states, test_nll, test_tails = splits["test"]
     per_depth, _ = exit_flops(config, "learned", "freeze", test_tails)
     print("oracle (test):", oracle(test_nll, per_depth))
@@ -183,16 +157,19 @@ def main(workdir: str) -> None:
         grid = np.linspace(-0.2, 0.5, 701)
         chosen = grid[0]
         for threshold in grid:
-            depths = regressor_depths(valid_pred, threshold)
+            depths = halting_depths(valid_pred, threshold, at_least=False)
             if summary(valid_nll, per_depth, depths)["ppl_change_pct"] <= 100 * np.expm1(TOLERANCE):
                 chosen = threshold
         check = 2.0 * config.d_model * (hidden or 1) + 2.0 * hidden
         depth = np.arange(1, config.n_layers + 1)
         cost = per_depth + np.minimum(depth, config.n_layers - 1) * (check - 2.0 * config.d_model)
-        row = summary(test_nll, cost, regressor_depths(test_pred, chosen))
-        valid_row = summary(valid_nll, cost, regressor_depths(valid_pred, chosen))
-        print(f"fit on {fit_split}, hidden {hidden}, {steps} steps: threshold {chosen:.4f} valid {valid_row['ppl_change_pct']:.2f}% "
-              f"test {row}", flush=True)
+        row = summary(test_nll, cost, halting_depths(test_pred, chosen, at_least=False))
+        valid_row = summary(valid_nll, cost, halting_depths(valid_pred, chosen, at_least=False))
+        print(
+            f"fit on {fit_split}, hidden {hidden}, {steps} steps: threshold {chosen:.4f} "
+            f"valid {valid_row['ppl_change_pct']:.2f}% test {row}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
