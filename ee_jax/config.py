@@ -165,6 +165,7 @@ class TrainConfig:
     exit_token_fraction: float = 1.0  # fraction of positions scoring the exits before the last
     classifier_token_fraction: float = 1.0  # of positions training exit classifiers (<= above)
     classifier_target: ClassifierTarget = "agreement"  # what the learned exit measure predicts
+    distillation_weight: float = 0.0  # of the early exits' head KL to the last exit (losses)
     seed: int = 0  # initialisation, dropout and nothing else
     log_every: int = 50  # steps between metric rows (metrics leave the device only then)
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
@@ -193,7 +194,7 @@ class TrainConfig:
         for name in ("exit_token_fraction", "classifier_token_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("weight_decay", "balance_weight"):
+        for name in ("weight_decay", "balance_weight", "distillation_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_choice("exit_weighting", self.exit_weighting, ExitWeighting)

@@ -94,10 +94,12 @@ def lm_loss(
     tail_capacities: tuple[int, ...] | None = None,
     classifier_token_fraction: float = 1.0,
     classifier_target: ClassifierTarget = "agreement",
+    distillation_weight: float = 0.0,
 ) -> tuple[jax.Array, dict]:
     """The joint training loss and its parts.
 
-    loss = sum_l weights[l] * CE_l + balance_weight * mean_l(balance_l) + C_exit,
+    loss = sum_l weights[l] * CE_l + balance_weight * mean_l(balance_l) + C_exit
+           + distillation_weight * mean_{l<L} KL_l,
     where CE_l is exit l's mean cross-entropy over masked tokens, balance_l block
     l's MoE balance loss with router statistics over masked tokens, and C_exit
     trains the learned exit classifiers (their input is stop-gradient: the
@@ -115,6 +117,15 @@ def lm_loss(
       p_l(target) / p_L(target) (in geometric mean: 1 / the perplexity factor
       of exiting) and a threshold t allows about -log t nats per exiting token.
       It needs no argmax: the gaps come from the NLLs the loss computes anyway.
+
+    KL_l is the self-distillation term of multi-exit networks (Phuong & Lampert
+    2019, "Distillation-based training for multi-exit architectures"), here on the
+    head of the output layer: KL(q_L || q_l) between the last exit's head
+    distribution q_L = softmax(head logits) over the c_1 head words and K cluster
+    tokens (stop-gradient teacher) and exit l's, on the positions scoring the early
+    exits. It is the head's share of the full KL (the chain rule adds each cluster's
+    expected tail KL), at the cost of one head per exit, no tail. It pulls the early
+    exits toward the last one, which is what lets tokens exit early at a small cost.
 
     Exits whose weight is 0 are not scored at all, and then the classifiers
     (which need every exit) are not trained: with "final" weighting the step
@@ -138,7 +149,8 @@ def lm_loss(
 
     Returns:
       (loss [], metrics: "exit_nll" [L] (nan for unscored exits), "balance_loss" [],
-      "classifier_loss" []).
+      "classifier_loss" [], "distillation_loss" [] (mean_l KL_l; 0 when not
+      computed)).
     """
     check_choice("classifier_target", classifier_target, ClassifierTarget)
     n_layers, total = model.config.n_layers, tokens.size
@@ -157,7 +169,7 @@ def lm_loss(
     early = np.flatnonzero(np.asarray(weights)[:-1])  # exits before the last, scored
     loss = weights[-1] * _masked_mean(final_nll[0], mask) + balance_weight * balance.mean()
     per_exit = jnp.full(n_layers, jnp.nan).at[-1].set(_masked_mean(final_nll[0], mask))
-    classifier_loss = jnp.zeros(())
+    classifier_loss = distillation_loss = jnp.zeros(())
     if len(early):
         capacities = tail_capacities
         if capacities is not None and exit_token_fraction < 1.0:
@@ -168,6 +180,11 @@ def lm_loss(
         early_loss = jax.vmap(_masked_mean, (0, None))(nll, mask[sample])  # [K]
         loss = loss + jnp.dot(jnp.asarray(weights)[early], early_loss)
         per_exit = per_exit.at[jnp.asarray(early)].set(early_loss)
+        if distillation_weight > 0:
+            distillation_loss = _head_distillation(
+                model, params, states[:, sample], early, mask[sample]
+            )
+            loss = loss + distillation_weight * distillation_loss
     if len(early) == n_layers - 1:
         positions = sample[:classified]  # [C]
         frozen = jax.lax.stop_gradient(states[:, positions])  # [L, C, D]
@@ -189,8 +206,26 @@ def lm_loss(
         "exit_nll": per_exit,
         "balance_loss": balance.mean(),
         "classifier_loss": classifier_loss,
+        "distillation_loss": distillation_loss,
     }
     return loss, metrics
+
+
+def _head_distillation(model: EarlyExitLM, params, states, early, mask) -> jax.Array:
+    """Mean over the exits in `early` of the masked mean KL(q_L || q_l) of their head
+    distributions (see `lm_loss`); states [L, S, D], mask [S]."""
+
+    def head_log_probs(layer: int) -> jax.Array:
+        features = model.apply(params, states[layer], layer, method=EarlyExitLM.exit_features)
+        output = model.apply(params, layer, method=EarlyExitLM.output_layer)
+        return jax.nn.log_softmax(adaptive.head_logits(output, features))  # [S, c_1 + K]
+
+    teacher = jax.lax.stop_gradient(head_log_probs(len(states) - 1))
+    kl = [
+        optax.losses.kl_divergence_with_log_targets(head_log_probs(layer), teacher)
+        for layer in early.tolist()
+    ]  # each [S]
+    return jnp.mean(jnp.stack([_masked_mean(k, mask) for k in kl]))
 
 
 def _exact_argmax(model: EarlyExitLM, params, h: jax.Array, layer: int) -> jax.Array:

@@ -110,6 +110,7 @@ def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = No
             exit_token_fraction=config.exit_token_fraction,
             classifier_token_fraction=config.classifier_token_fraction,
             classifier_target=config.classifier_target,
+            distillation_weight=config.distillation_weight,
             sample_rng=rngs["sample"],
             tail_capacities=capacities,
         )

@@ -243,11 +243,20 @@ def test_argmax_ties_take_the_lowest_id_across_clusters():
 
 
 def materialised_loss(
-    model, v, tokens, targets, mask, weights, sample=None, classified=None, target="agreement"
+    model,
+    v,
+    tokens,
+    targets,
+    mask,
+    weights,
+    sample=None,
+    classified=None,
+    target="agreement",
+    distillation=0.0,
 ):
     """The joint loss from every exit's full log-probabilities [L, T, V]: the early
     exits scored on positions `sample`, the classifiers on `classified` (default all)
-    with `classifier_target` = `target`."""
+    with `classifier_target` = `target`, and `distillation` times the head KL."""
     states, balance = model.apply(v, tokens, True, mask, method=EarlyExitLM.hidden_states)
     states = states.reshape(CONFIG.n_layers, -1, states.shape[-1])  # [L, T, D]
     targets, mask = targets.reshape(-1), mask.reshape(-1)
@@ -271,7 +280,21 @@ def materialised_loss(
         errors = (jax.nn.softplus(-classifier) - gap) ** 2
     classifier_loss = (jnp.sum(errors * mask[classified], axis=1) / mask[classified].sum()).mean()
     per_exit = jnp.concatenate([early, final[None]])
-    return jnp.dot(weights, per_exit) + 0.01 * balance.mean() + classifier_loss
+    loss = jnp.dot(weights, per_exit) + 0.01 * balance.mean() + classifier_loss
+    if distillation:
+        # The head's distribution by summing the full one: head words, then each
+        # cluster's total probability.
+        bounds = CONFIG.cluster_bounds
+        clusters = [
+            jax.nn.logsumexp(log_probs[..., low:high], axis=-1, keepdims=True)
+            for low, high in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        head = jnp.concatenate([log_probs[..., : bounds[0]], *clusters], axis=-1)[:, sample]
+        teacher = jax.lax.stop_gradient(head[-1])
+        kl = jnp.sum(jnp.exp(teacher) * (teacher - head[:-1]), axis=-1)  # [L-1, S]
+        kl = jnp.sum(kl * mask[sample], axis=1) / mask[sample].sum()
+        loss = loss + distillation * kl.mean()
+    return loss
 
 
 @pytest.mark.parametrize(
@@ -298,6 +321,7 @@ def test_training_loss_and_gradients_equal_a_materialised_log_softmax(unembeddin
 def assert_loss_and_gradients_match(arguments, options, sample=None, classified=None):
     """`lm_loss` with `options` against `materialised_loss` on the same arguments."""
     target = options.get("classifier_target", "agreement")
+    distillation = options.get("distillation_weight", 0.0)
     model, variables, tokens, targets, mask, weights = arguments
 
     def loss(v):
@@ -307,8 +331,8 @@ def assert_loss_and_gradients_match(arguments, options, sample=None, classified=
 
     got_loss, got = jax.jit(jax.value_and_grad(loss))(variables)
     want_loss, want = jax.jit(
-        jax.value_and_grad(materialised_loss, argnums=1), static_argnums=(0, 8)
-    )(*arguments, sample, classified, target)
+        jax.value_and_grad(materialised_loss, argnums=1), static_argnums=(0, 8, 9)
+    )(*arguments, sample, classified, target, distillation)
     np.testing.assert_allclose(got_loss, want_loss, rtol=TOLERANCE["float32"])
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = functools.reduce(lambda t, k: t[k.key], path, want)
@@ -316,8 +340,12 @@ def assert_loss_and_gradients_match(arguments, options, sample=None, classified=
         np.testing.assert_allclose(g, w, atol=1e-5 * max(scale, 1e-6), err_msg=str(path))
 
 
-@pytest.mark.parametrize("classifier_target", ["agreement", "loss_gap"])
-def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions(classifier_target):
+@pytest.mark.parametrize(
+    "classifier_target, distillation", [("agreement", 0.0), ("loss_gap", 0.0), ("loss_gap", 0.3)]
+)
+def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions(
+    classifier_target, distillation
+):
     # Given early exits scored on half the positions and the classifiers trained
     # on an eighth (the first of the same random permutation), for either target.
     model, variables = model_and_variables("shared")
@@ -334,6 +362,7 @@ def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions(cl
         classifier_token_fraction=0.125,
         sample_rng=rng,
         classifier_target=classifier_target,
+        distillation_weight=distillation,
     )
     assert_loss_and_gradients_match(
         (model, variables, tokens, targets, mask, weights),
