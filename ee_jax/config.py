@@ -165,7 +165,7 @@ class TrainConfig:
     exit_token_fraction: float = 1.0  # fraction of positions scoring the exits before the last
     classifier_token_fraction: float = 1.0  # of positions training exit classifiers (<= above)
     classifier_target: ClassifierTarget = "agreement"  # what the learned exit measure predicts
-    distillation_weight: float = 0.0  # of the early exits' head KL to the last exit (losses)
+    distillation_weight: float = 0.0  # weight of the early exits' head KL to the last (0: off)
     seed: int = 0  # initialisation, dropout and nothing else
     log_every: int = 50  # steps between metric rows (metrics leave the device only then)
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
@@ -224,16 +224,23 @@ class TrainConfig:
 def upgrade_dict(values: dict) -> dict:
     """A `TrainConfig.to_dict()` written by an older version, in today's fields.
 
-    `use_bk: false` became `mixer: "none"`; fields added since take their
-    defaults, which give the older behaviour."""
+    `use_bk: false` became `mixer: "none"`; fields added since (of the model and of
+    training) take their defaults, which give the older behaviour."""
     model = dict(values.get("model", {}))
     if "use_bk" in model:
         model["mixer"] = "bk" if model.pop("use_bk") else "none"
+    as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
     defaults = {
-        f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"
+        f.name: as_json(f.default)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name != "vocab_size"
     }
-    model = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, **model}
-    return {**values, "model": model}
+    training = {
+        f.name: f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    return {**training, **values, "model": {**defaults, **model}}
 
 
 def field_help(cls) -> dict[str, str]:

@@ -137,7 +137,9 @@ def exit_depths(scores: ExitScores, measure: str, threshold) -> np.ndarray:
     """0-based exit layer of every token under exited_state="compute"; [T].
 
     threshold: one float for every exit, or an [L-1] array with one per early exit
-    (a decaying schedule, as CALM, Schuster et al. 2022, section 3.2). A token exits
+    (a schedule over depth; CALM, Schuster et al. 2022, decays its threshold over
+    decoding steps instead). Compared in the confidences' dtype (float32), as the
+    halting loop compares them. A token exits
     at the first layer l < L-1 whose confidence >= threshold[l] (never where the
     threshold is 1.0, as in `early_exit_forward`), else at the last layer.
 
@@ -145,7 +147,7 @@ def exit_depths(scores: ExitScores, measure: str, threshold) -> np.ndarray:
       ValueError: an array threshold whose shape is not [L-1].
     """
     n_layers = scores.nll.shape[0]
-    thresholds = np.asarray(threshold, np.float64)
+    thresholds = np.asarray(threshold, scores.confidence[measure].dtype)
     if thresholds.ndim:
         if thresholds.shape != (n_layers - 1,):
             raise ValueError(

@@ -143,6 +143,10 @@ def lm_loss(
     Args:
       params: {"params": ...}; tokens, targets: [B, N] ids; mask: [B, N] (1 = scored).
       weights: [L] static exit weights (see `exit_weights`).
+      distillation_weight: >= 0, the weight of mean_l KL_l (0: not computed; nothing
+        either when no early exit is scored, e.g. "final" weighting). For a "full"
+        output the head is the whole vocabulary, so KL_l forms [S, V] logits per
+        exit on the S scored positions.
       tail_capacities: static gather size per tail cluster for the final exit's
         targets (`tail_capacities` of the training data); for the exits scored on a
         subset they are capped at its size. Default: `adaptive.gather_sizes`' ladder.

@@ -379,6 +379,23 @@ def test_vocabulary_is_recorded_and_every_loader_checks_it(corpus, tmp_path, mon
         train_lib.train(config, stream, tmp_path, vocab=corpus.vocab, progress=False)
 
 
+def test_a_run_recorded_before_newer_fields_resumes_with_their_defaults(corpus, tmp_path):
+    # Given a run stopped at step 2 whose config.json predates two training fields.
+    config = tiny_config(corpus, steps=4, warmup_steps=1, checkpoint_every=2, log_every=1)
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    train_lib.train(config, stream, tmp_path, stop_at_step=2, progress=False)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    del recorded["classifier_target"], recorded["distillation_weight"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    # When it resumes with today's defaults of those fields, then it finishes, and
+    # no setting is recorded as changed.
+    state = train_lib.train(config, stream, tmp_path, progress=False)
+    assert int(state.step) == 4
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not any("config_changes" in row for row in rows)
+    assert all(row["distillation_loss"] == 0.0 for row in rows)
+
+
 def test_resuming_with_other_settings_is_refused_unless_allowed(corpus, tmp_path):
     # Given a run stopped at step 2 of 4.
     config = tiny_config(corpus, steps=4, warmup_steps=1, checkpoint_every=2, log_every=1)

@@ -3,7 +3,8 @@
 Offline, on the exact per-token scores of a trained run (`collect_exit_scores`,
 depths as under exited_state="compute"): a single learned-exit threshold
 calibrated on valid for at most +2% perplexity, against one threshold per exit
-(CALM, Schuster et al. 2022, uses a schedule decaying with depth) chosen by
+(a schedule over depth; CALM, Schuster et al. 2022, decays its threshold over
+decoding steps instead) chosen by
 coordinate descent on valid to minimise the FLOPs of the "freeze" cost model
 (`ee_jax.flops`) within the same +2%; both checked on test.
 
