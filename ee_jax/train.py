@@ -479,9 +479,14 @@ def _log(path, step, metrics, tokens, seconds, compile_s=None, *, config_changes
         "exit_ppl": _finite(exit_ppl),
         **{
             name: _finite(metrics[name])[0]
-            for name in ("balance_loss", "classifier_loss", "grad_norm", "param_norm")
+            for name in (
+                "balance_loss",
+                "classifier_loss",
+                "distillation_loss",
+                "grad_norm",
+                "param_norm",
+            )
         },
-        "distillation_loss": _finite(metrics.get("distillation_loss", 0.0))[0],
         "tokens_per_s": tokens / seconds if tokens else None,
         "compile_s": compile_s,
     }

@@ -441,6 +441,7 @@ def test_metrics_write_null_for_unscored_exits(tmp_path):
         "exit_nll": np.array([np.nan, 1.0, np.inf], np.float32),
         "balance_loss": np.float32(np.nan),
         "classifier_loss": np.float32(0.5),
+        "distillation_loss": np.float32(0.0),
         "grad_norm": np.float32(1.0),
         "param_norm": np.float32(3.0),
     }
