@@ -73,8 +73,7 @@ def exit_nll(
     # A Python loop (L is small): a lax.map here made the backward pass replay the
     # checkpointed chunk scans once more per exit.
     for h, layer in zip(states, layers, strict=True):
-        features = model.apply(params, h, layer, method=EarlyExitLM.exit_features)
-        output = model.apply(params, layer, method=EarlyExitLM.output_layer)
+        output, features = _exit(model, params, h, layer)
         scored.append(adaptive.training_nll(output, features, targets, tail_capacities=capacities))
     return jnp.stack(scored)
 
@@ -220,8 +219,7 @@ def _head_distillation(model: EarlyExitLM, params, states, early, mask) -> jax.A
     distributions (see `lm_loss`); states [L, S, D], mask [S]."""
 
     def head_log_probs(layer: int) -> jax.Array:
-        features = model.apply(params, states[layer], layer, method=EarlyExitLM.exit_features)
-        output = model.apply(params, layer, method=EarlyExitLM.output_layer)
+        output, features = _exit(model, params, states[layer], layer)
         return jax.nn.log_softmax(adaptive.head_logits(output, features))  # [S, c_1 + K]
 
     teacher = jax.lax.stop_gradient(head_log_probs(len(states) - 1))
@@ -234,9 +232,16 @@ def _head_distillation(model: EarlyExitLM, params, states, early, mask) -> jax.A
 
 def _exact_argmax(model: EarlyExitLM, params, h: jax.Array, layer: int) -> jax.Array:
     """Exit `layer`'s exact argmax of hidden states h [C, D] (no gradient); [C]."""
+    output, features = jax.lax.stop_gradient(_exit(model, params, h, layer))
+    return adaptive.exact_argmax(output, features)[0]
+
+
+def _exit(
+    model: EarlyExitLM, params, h: jax.Array, layer
+) -> tuple[adaptive.OutputLayer, jax.Array]:
+    """Exit `layer`'s output weights and its LayerNorm features of h [..., D]."""
     features = model.apply(params, h, layer, method=EarlyExitLM.exit_features)
-    output = jax.lax.stop_gradient(model.apply(params, layer, method=EarlyExitLM.output_layer))
-    return adaptive.exact_argmax(output, jax.lax.stop_gradient(features))[0]
+    return model.apply(params, layer, method=EarlyExitLM.output_layer), features
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
