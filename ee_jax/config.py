@@ -283,9 +283,10 @@ def train_preset(name: str, vocab_size: int) -> TrainConfig:
 
     tiny: tests and the offline notebooks; seconds on a CPU; says nothing about quality.
     cpu:  the main job on a 2-core CPU: D = 128, L = 6, BK with value solves,
-          adaptive-softmax exits weighted linearly in depth, 5,500 steps (about
-          5.4 epochs of WikiText-2 train), learned exits regressing the loss gap;
-          docs/results/preset/ has the runs that chose it, the README its measured time.
+          adaptive-softmax exits weighted linearly in depth and distilled from the
+          last exit (weight 0.5), 5,500 steps (about 5.4 epochs of WikiText-2
+          train), learned exits regressing the loss gap; docs/results/preset/ has
+          the runs that chose it, the README its measured time.
     gpu:  Colab GPU/TPU: a wider model, 10 epochs; not run on this project's machines.
     """
     if name not in TRAIN_PRESETS:
@@ -328,6 +329,7 @@ TRAIN_PRESETS = {
         exit_token_fraction=0.25,
         classifier_token_fraction=0.25,
         classifier_target="loss_gap",
+        distillation_weight=0.5,
     ),
     "gpu": lambda vocab_size: TrainConfig(
         model=ModelConfig(
