@@ -31,7 +31,7 @@ TARGETS = (171.0, 172.0, 173.0, 174.0, 175.0, 176.0, 178.0, 180.0)
 def main(workdirs: list[str]) -> None:
     corpus = ee_jax.load_wikitext2()
     print(
-        f"| run | full depth | "
+        "| run | full depth | "
         + " | ".join(f"<= {t:.0f}: avg exit, FLOPs" for t in TARGETS)
         + " |\n|---|---:|"
         + "---|" * len(TARGETS)
