@@ -7,8 +7,8 @@ each target, the learned-exit threshold of the test sweep (`eval_early_exit.py`'
 results.json, depths and perplexity as under exited_state="compute") with the
 fewest blocks whose test perplexity is at most the target, and its FLOP speedup
 under the "freeze" cost model (`ee_jax.flops`, from the sweep's exit
-distribution). Reads the runs' WORKDIR/eval/results.json; needs the data only for
-the share of test targets in each tail cluster.
+distribution). Reads only the runs' WORKDIR/eval/results.json (sweep and config);
+needs the data only for the share of test targets in each tail cluster.
 
     EE_JAX_DATA_DIR=../shared/data/wikitext-2 python docs/results/preset/absolute_frontier.py \
         runs/cpu_bk_linear runs/cpu_bk_distill1
@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 import ee_jax
+from ee_jax.config import TrainConfig
 from ee_jax.data import make_lm_stream
 from ee_jax.flops import exit_flops, tail_use_of
 
@@ -37,15 +38,15 @@ def main(workdirs: list[str]) -> None:
         + "---|" * len(TARGETS)
     )
     for workdir in workdirs:
-        _, _, vocab, train_config = ee_jax.load_run(workdir)
+        results = json.loads((pathlib.Path(workdir) / "eval" / "results.json").read_text())
+        train_config = TrainConfig.from_dict(results["config"])
         config = train_config.model
         stream = make_lm_stream(
-            corpus.test, train_config.eval_batch_size, config.n_seq, eos_id=vocab.eos_id
+            corpus.test, train_config.eval_batch_size, config.n_seq, eos_id=corpus.vocab.eos_id
         )
         per_depth, full = exit_flops(
             config, MEASURE, "freeze", tail_use_of(config, stream.targets, stream.mask)
         )
-        results = json.loads((pathlib.Path(workdir) / "eval" / "results.json").read_text())
         sweep = [row for row in results["sweep"] if row["measure"] == MEASURE]
         cells = []
         for target in TARGETS:
