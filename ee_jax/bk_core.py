@@ -44,6 +44,8 @@ def resolvent_diagonal(
     *,
     causal: bool = False,
     method: Method = "associative",
+    initial: jax.Array | None = None,
+    link: tuple | None = None,
 ) -> jax.Array:
     """Diagonal of (T - zI)^-1 for tridiagonal T, or its causal counterpart.
 
@@ -58,6 +60,13 @@ def resolvent_diagonal(
         "sequential" (the same recurrences with lax.scan), "auto" (the faster
         of the two for the backend, see `resolve_method`) or "dense" (a
         jnp.linalg reference: O(N^3) bidirectional, O(N^4) causal; tests only).
+      initial: causal only, [...] complex: the state before position 0, i.e. the
+        last causal entry g_{-1} of a pass over the positions that precede these
+        (zeros: none precede). The result is then the causal diagonal of the
+        whole sequence (earlier and these positions) at these positions, so a
+        long sequence can be processed in chunks (`continue_pivots`).
+      link: with `initial`, (T[-1, 0], T[0, -1]): the off-diagonals joining the
+        previous position to position 0, each broadcastable to [...].
 
     Returns:
       [..., N] complex array: complex64 for float32/complex64 inputs, complex128
@@ -73,10 +82,17 @@ def resolvent_diagonal(
 
     Raises:
       ValueError: naming the argument, for mismatched shapes, N = 0, a dtype that
-        cannot be cast to complex, or an unknown method.
+        cannot be cast to complex, an unknown method, or `initial` without
+        causal=True or without `link`.
     """
     dtype = _check_inputs(diag, upper, lower, z, method)
     alpha, coupling = _shifted_diagonal_and_coupling(diag, upper, lower, z, dtype)
+    if initial is not None:
+        if not causal:
+            raise ValueError(
+                "initial needs causal=True: a bidirectional entry reads later positions"
+            )
+        alpha = continue_pivots(alpha, initial, link)
     method = resolve_method(method)
     if method == "dense":
         return _dense_diagonal(alpha, coupling, causal)
@@ -99,6 +115,8 @@ def causal_solve(
     values: jax.Array,
     *,
     method: Method = "associative",
+    initial: tuple[jax.Array, jax.Array] | None = None,
+    link: tuple | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Causal diagonal G_ii and causal solve y_i = [(T[:i+1, :i+1] - zI)^-1 u[:i+1]]_i.
 
@@ -106,10 +124,15 @@ def causal_solve(
       diag, upper, lower, z: T and z as in `resolvent_diagonal`.
       values: [..., N, P] value vectors u_i (P per system).
       method: "associative", "sequential" or "auto" (as in `resolvent_diagonal`).
+      initial: the state before position 0, (g_{-1} [...], y_{-1} [..., P]): the
+        last G and y of a pass over the preceding positions (zeros: none). The
+        outputs are then those of the whole sequence at these positions.
+      link: with `initial`, (T[-1, 0], T[0, -1]) as in `resolvent_diagonal`.
 
     Returns:
       (G [..., N], y [..., N, P]), complex: G is `resolvent_diagonal(...,
-      causal=True)`; y_i depends on positions <= i only.
+      causal=True)`; y_i depends on positions <= i only. The state after the
+      last position, to continue from, is (G[..., -1], y[..., -1, :]).
 
     The pivots are those of `resolvent_diagonal`; the solve is the linear
     recurrence y_i = a_i y_{i-1} + b_i with a_i = -T[i, i-1] G_ii and b_i = G_ii u_i
@@ -132,12 +155,18 @@ def causal_solve(
         )
     method = resolve_method(method)
     alpha, coupling = _shifted_diagonal_and_coupling(diag, upper, lower, z, dtype)
+    values = jnp.asarray(values).astype(dtype)
+    if initial is not None:
+        alpha = continue_pivots(alpha, initial[0], link)
+        # y_0 = G_00 (u_0 - T[0, -1] y_{-1}): the previous value enters through u_0.
+        previous = jnp.asarray(link[1]).astype(dtype)[..., None] * initial[1]  # [..., P]
+        values = values.at[..., 0, :].add(-previous)
     pivots = _sequential_pivots if method == "sequential" else _associative_pivots
     green = 1.0 / pivots(alpha, coupling, reverse=False)  # [..., N]
     lower = jnp.asarray(lower).astype(dtype)
     lower = jnp.broadcast_to(lower, (*coupling.shape[:-1], coupling.shape[-1] - 1))
     decay = -jnp.pad(lower, [(0, 0)] * (lower.ndim - 1) + [(1, 0)]) * green  # [..., N]
-    inputs = green[..., None] * jnp.asarray(values).astype(dtype)  # [..., N, P]
+    inputs = green[..., None] * values  # [..., N, P]
     if method == "sequential":
 
         def step(previous, xs):
@@ -155,6 +184,26 @@ def causal_solve(
 
     _, solved = lax.associative_scan(combine, (decay, inputs), axis=decay.ndim - 1)
     return green, solved
+
+
+def continue_pivots(alpha: jax.Array, initial: jax.Array, link) -> jax.Array:
+    """alpha = diag - z [..., N] with the previous pass folded into position 0.
+
+    The forward pivot of position 0 continuing a sequence is
+    d_0 = alpha_0 - T[-1, 0] T[0, -1] g_{-1} (g_{-1} = 1 / d_{-1}, the last causal
+    entry before it); with alpha_0 replaced by that value every later pivot of
+    either scan is the whole sequence's (the recurrence reads d_0 only).
+
+    Raises:
+      ValueError: `link` is not a pair (T[-1, 0], T[0, -1]).
+    """
+    if link is None or len(link) != 2:
+        raise ValueError(
+            "link must be the pair (T[-1, 0], T[0, -1]) joining the previous position to "
+            f"position 0 when an initial state is given, got {link!r}"
+        )
+    coupling = (jnp.asarray(link[0]) * jnp.asarray(link[1])).astype(alpha.dtype)
+    return alpha.at[..., 0].add(-coupling * jnp.asarray(initial).astype(alpha.dtype))
 
 
 def causal_solve_step(

@@ -12,6 +12,7 @@ ExitWeighting = Literal["uniform", "linear", "final"]
 ClassifierTarget = Literal["agreement", "loss_gap"]
 Output = Literal["full", "adaptive"]
 Mixer = Literal["bk", "attention", "none"]
+Position = Literal["learned", "none"]
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -36,7 +37,8 @@ class ModelConfig:
     vocab_size: int  # V, tokens are ids in [0, V)
     d_model: int = 64  # D, width of the residual stream
     n_layers: int = 4  # L, BK blocks, each followed by an exit head
-    n_seq: int = 128  # N, longest sequence (size of the position table)
+    n_seq: int = 128  # N, training window (and, for position "learned", longest sequence)
+    position: Position = "learned"  # "learned" table of n_seq positions, or "none" (any length)
     num_experts: int = 4  # E, experts in each MoE FFN
     top_k: int = 1  # experts each token is routed to
     dropout: float = 0.1  # dropout rate on embeddings and residual branches (training)
@@ -99,6 +101,7 @@ class ModelConfig:
             ("unembedding", Unembedding),
             ("output", Output),
             ("mixer", Mixer),
+            ("position", Position),
         ):
             check_choice(name, getattr(self, name), allowed)
         if self.output == "adaptive":
@@ -166,6 +169,7 @@ class TrainConfig:
     classifier_token_fraction: float = 1.0  # of positions training exit classifiers (<= above)
     classifier_target: ClassifierTarget = "agreement"  # what the learned exit measure predicts
     distillation_weight: float = 0.0  # weight of the early exits' head KL to the last (0: off)
+    carry_state: bool = False  # truncated BPTT: each window starts from the last one's state
     seed: int = 0  # initialisation, dropout and nothing else
     log_every: int = 50  # steps between metric rows (metrics leave the device only then)
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
@@ -197,6 +201,13 @@ class TrainConfig:
         for name in ("weight_decay", "balance_weight", "distillation_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.carry_state, bool):
+            raise ValueError(f"carry_state must be True or False, got {self.carry_state!r}")
+        if self.carry_state and (self.model.mixer == "attention" or not self.model.causal):
+            raise ValueError(
+                'carry_state=True needs a recurrent causal model (mixer "bk" or "none", '
+                f"causal=True), got mixer={self.model.mixer!r}, causal={self.model.causal}"
+            )
         check_choice("exit_weighting", self.exit_weighting, ExitWeighting)
         check_choice("classifier_target", self.classifier_target, ClassifierTarget)
 

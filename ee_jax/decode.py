@@ -9,18 +9,28 @@ its exited hidden state, at the cost of that layer's norm, potential
 projection and scalar recurrence (no MoE, no exit head). This is exactly
 exited_state="freeze": decoding a sequence reproduces
 `early_exit_forward(..., exited_state="freeze")` on the whole sequence.
+
+Generation reads the prompt in one parallel pass (`EarlyExitLM.hidden_states_from`,
+full depth: no prediction is made inside a prompt, so nothing exits there), then
+produces tokens in jitted `lax.scan`s over chunks of steps, each step one
+`decode_step` with per-token exits. The state (`DecodeState`) is all a
+continuation needs: it can be saved (`save_state`) and generation resumed later.
+For position "none" nothing bounds the length: work and memory per token are
+constant.
 """
 
 import functools
 import math
 import numbers
+import os
+import pathlib
 import time
+from collections.abc import Callable
 
-import flax.struct
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from ee_jax import adaptive
 from ee_jax.config import ModelConfig
@@ -33,24 +43,13 @@ from ee_jax.early_exit import (
     exit_outputs,
     halting_loop,
 )
+from ee_jax.evaluate import map_windows, protocol_name
 from ee_jax.flops import exit_flops, tail_use_of
-from ee_jax.model import EarlyExitLM, check_tokens, initial_bk_state
+from ee_jax.model import EarlyExitLM, RecurrentState, check_carry, check_tokens
 
-
-@flax.struct.dataclass
-class DecodeState:
-    """Everything a decoding step needs from the previous ones."""
-
-    position: jax.Array  # [] int32: positions decoded so far (index of the next one)
-    # Per layer, the BK state of the previous position (`model.initial_bk_state`):
-    # (G [L, B, H], solved values y [L, B, H, P]) complex64.
-    bk_state: tuple[jax.Array, jax.Array]
-
-    @classmethod
-    def make(cls, config: ModelConfig, batch: int) -> "DecodeState":
-        layers = lambda x: jnp.broadcast_to(x, (config.n_layers, *x.shape))  # noqa: E731
-        state = jax.tree.map(layers, initial_bk_state(config, batch))
-        return cls(position=jnp.zeros((), jnp.int32), bk_state=state)
+# Everything a decoding step needs from the previous ones: the model's recurrent
+# state (position and every layer's BK state), as a parallel pass leaves it.
+DecodeState = RecurrentState
 
 
 def decode_step(
@@ -110,9 +109,6 @@ def decode_step(
     return output, halt.exit_depth, halt.confidence, new_state
 
 
-_jitted_step = jax.jit(decode_step, static_argnums=(0, 5), static_argnames=("compact",))
-
-
 def _at(layered, layer):
     """Layer `layer` of a pytree with a leading layer axis."""
     return jax.tree.map(lambda x: x[layer], layered)
@@ -125,22 +121,12 @@ def _set(layered, layer, value):
 def check_decodable(config: ModelConfig) -> None:
     """Raises ValueError unless the model can be decoded token by token.
 
-    Decoding runs the causal recurrence (`bk_core.causal_step`): for a bidirectional
-    model (causal=False) every position's G also depends on later positions, which
-    a decoder has not seen, so the decoded outputs would not be the model's.
+    Decoding runs the causal recurrence (`bk_core.causal_step`), which needs what a
+    pass continuing from a state needs (`model.check_carry`): for a bidirectional
+    model every position's G also depends on later positions, which a decoder has
+    not seen, and the attention mixer would need a key-value cache.
     """
-    if config.mixer == "attention":
-        raise ValueError(
-            'token-by-token decoding is built for the recurrent mixers ("bk", "none"); '
-            'this model\'s mixer is "attention", which would need a key-value cache. '
-            "Score it with the batched evaluation (evaluate, early_exit_forward) instead"
-        )
-    if not config.causal:
-        raise ValueError(
-            "token-by-token decoding needs a causal model (causal=True); this one is "
-            "bidirectional (causal=False): each position also reads later positions, "
-            "which decoding has not seen yet"
-        )
+    check_carry(config)
 
 
 def decode_sequence(
@@ -162,14 +148,20 @@ def decode_sequence(
     check_tokens(tokens, model.config)
     tokens = jnp.asarray(tokens, jnp.int32)  # [B, N]; ids checked, so no value changes
     state = DecodeState.make(model.config, tokens.shape[0])
-    logits, depths = [], []
-    for position in range(tokens.shape[1]):
-        step_logits, depth, _, state = _jitted_step(
-            model, variables, state, tokens[:, position], jnp.float32(threshold), measure
-        )
-        logits.append(step_logits)
-        depths.append(depth)
-    return jnp.stack(logits, axis=1), jnp.stack(depths, axis=1)
+    return _decode_scan(model, variables, state, tokens, jnp.float32(threshold), measure)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _decode_scan(model, variables, state, tokens, threshold, measure):
+    """`decode_step` over the columns of tokens [B, N] in one scan: (logits [B, N, V],
+    depths [B, N])."""
+
+    def step(state, column):
+        logits, depth, _, state = decode_step(model, variables, state, column, threshold, measure)
+        return state, (logits, depth)
+
+    _, (logits, depths) = jax.lax.scan(step, state, tokens.T)  # [N, B, ...]
+    return jnp.swapaxes(logits, 0, 1), depths.T
 
 
 def generate(
@@ -183,48 +175,168 @@ def generate(
     measure: str = "softmax_max",
     temperature: float = 0.0,
     sample_top_k: int | None = None,
+    state: DecodeState | None = None,
+    stop_token: int | None = None,
+    chunk: int = 64,
+    on_chunk: Callable[[np.ndarray], None] | None = None,
+    return_state: bool = False,
 ):
     """Continues each [B, P] prompt by `steps` tokens with early exit.
 
-    temperature 0 is greedy; otherwise samples from softmax(logits / temperature),
-    restricted to the sample_top_k largest logits when given (`sample_tokens`).
+    The prompt is read in one parallel pass at full depth, from `state` (default:
+    the start of a text); then each new token is one `decode_step` with per-token
+    exits, `chunk` steps per jitted scan. temperature 0 is greedy; otherwise
+    samples from softmax(logits / temperature), restricted to the sample_top_k
+    largest logits when given (`sample_tokens`), with the key
+    `fold_in(rng, position of the token fed)`: the output does not depend on
+    `chunk`, and a generation resumed from a returned state continues exactly as
+    an uninterrupted one (pass the last token as the prompt and the same rng).
+
+    Args:
+      prompt: [B, P] ids, P >= 1 (after a returned state: its last token).
+      steps: new tokens per row, an integer >= 0; unbounded for position "none".
+      state: the state before the prompt (a returned or loaded `DecodeState`).
+      stop_token: a row stops at this id (e.g. `Vocabulary.eos_id`): later places
+        repeat it, and generation ends once every row has stopped.
+      chunk: steps per jitted scan (>= 1); on_chunk(tokens [B, n] np.int32) sees
+        each chunk's new tokens as soon as they exist (to print them).
+      return_state: also return the state after the last token fed (the last
+        generated token is not fed yet: continue with it as the prompt).
 
     Returns:
-      (tokens [B, P + steps] int32, exit depths [B, P + steps - 1] of every
-      prediction made, prompt positions included).
+      (tokens [B, P + S] int32, exit depths [B, S] of each new token), S <= steps
+      (less only with stop_token), plus the DecodeState with return_state.
 
     Raises:
-      ValueError: a bidirectional model, a bad prompt (`check_tokens`), steps not
-        an integer >= 0, P + steps - 1 > n_seq, bad sampling parameters
-        (`check_sampling`) or exit options; raised before any computation.
+      ValueError: a bidirectional or attention model, a bad prompt
+        (`check_tokens`), steps or chunk not an integer in range, a state of
+        another batch size or model, a "learned" position table too short for
+        the positions, bad sampling parameters (`check_sampling`), stop_token out
+        of range, or bad exit options; raised before any computation.
     """
     config = model.config
     threshold = config.confidence_threshold if threshold is None else threshold
     check_decodable(config)
     check_exit_options(threshold, measure, "freeze")
-    check_tokens(prompt, config)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    batch, prompt_length = np.shape(prompt)
-    if prompt_length + steps - 1 > config.n_seq:
-        raise ValueError(
-            f"prompt length {prompt_length} + steps {steps} - 1 must be at most "
-            f"n_seq={config.n_seq}"
-        )
+    check_tokens(prompt, config, stream=True)
+    _check_count("steps", steps, 0)
+    _check_count("chunk", chunk, 1)
     check_sampling(temperature, sample_top_k, config.vocab_size)
-    prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
-    state = DecodeState.make(config, batch)
-    tokens, depths = [prompt[:, i] for i in range(prompt_length)], []
-    for position in range(prompt_length + steps - 1):
-        logits, depth, _, state = _jitted_step(
-            model, variables, state, tokens[position], jnp.float32(threshold), measure
+    batch, prompt_length = np.shape(prompt)
+    state = DecodeState.make(config, batch) if state is None else state
+    check_state(state, config, batch)
+    start = int(state.position)
+    if config.position == "learned" and start + prompt_length + steps - 1 > config.n_seq:
+        raise ValueError(
+            f"positions {start}..{start + prompt_length + steps - 2} pass the position table: "
+            f"state position {start} + prompt length {prompt_length} + steps {steps} - 1 must "
+            f'be at most n_seq={config.n_seq} for position "learned"; a model with '
+            f'position "none" generates any length'
         )
-        depths.append(depth)
-        if position + 1 >= prompt_length:
-            key = jax.random.fold_in(rng, position)
-            tokens.append(sample_tokens(logits, key, temperature, sample_top_k))
-    depths = jnp.stack(depths, axis=1) if depths else jnp.zeros((batch, 0), jnp.int32)
-    return jnp.stack(tokens, axis=1), depths
+    if stop_token is not None:
+        _check_count("stop_token", stop_token, 0)
+        if stop_token >= config.vocab_size:
+            raise ValueError(f"stop_token must be in [0, {config.vocab_size}), got {stop_token}")
+    prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
+    if prompt_length > 1:
+        state = _prefill(model, variables, state, prompt[:, :-1])
+    options = dict(measure=measure, sample_top_k=sample_top_k)
+    scalars = (jnp.float32(threshold), jnp.float32(temperature), rng)
+    last, stopped = prompt[:, -1], np.zeros(batch, bool)
+    tokens, depths = [np.asarray(prompt)], []
+    for done in range(0, steps, chunk):
+        length = min(chunk, steps - done)
+        new, depth, state = _generate_chunk(
+            model, variables, state, last, *scalars, length, **options
+        )
+        new, last = np.asarray(new), new[:, -1]
+        if stop_token is not None:
+            new = _after_stop(new, stopped, stop_token)
+            stopped |= (new == stop_token).any(axis=1)
+        tokens.append(new)
+        depths.append(np.asarray(depth))
+        if on_chunk is not None:
+            on_chunk(new)
+        if stopped.all():
+            break
+    tokens = jnp.asarray(np.concatenate(tokens, axis=1))
+    depths = jnp.asarray(
+        np.concatenate(depths, axis=1) if depths else np.zeros((batch, 0)), jnp.int32
+    )
+    return (tokens, depths, state) if return_state else (tokens, depths)
+
+
+def _check_count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _after_stop(new: np.ndarray, stopped: np.ndarray, stop_token: int) -> np.ndarray:
+    """new [B, n] with every place after a row's first stop_token (this chunk or an
+    earlier one: `stopped` [B]) set to stop_token."""
+    seen = np.cumsum(new == stop_token, axis=1) > 0  # [B, n]: at or after a stop
+    after = np.concatenate([np.zeros_like(seen[:, :1]), seen[:, :-1]], axis=1) | stopped[:, None]
+    return np.where(after, stop_token, new)
+
+
+def check_state(state: DecodeState, config: ModelConfig, batch: int) -> None:
+    """Raises ValueError unless `state` is a `DecodeState` of this model for `batch` rows."""
+    expected = jax.eval_shape(lambda: DecodeState.make(config, batch))
+    if not isinstance(state, DecodeState):
+        raise ValueError(f"state must be a DecodeState, got {type(state).__name__}")
+    shapes = jax.tree.map(lambda x: (tuple(np.shape(x)), np.dtype(x.dtype)), (state, expected))
+    if shapes[0] != shapes[1]:
+        raise ValueError(
+            f"the state does not fit this model and batch of {batch} rows: its arrays are "
+            f"{jax.tree.leaves(shapes[0])}, this model needs {jax.tree.leaves(shapes[1])}"
+        )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(model: EarlyExitLM, variables, state: DecodeState, tokens) -> DecodeState:
+    """The state after tokens [B, N] read from `state` in one parallel pass."""
+    return model.apply(variables, tokens, state, method=EarlyExitLM.hidden_states_from)[2]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7), static_argnames=("measure", "sample_top_k"))
+def _generate_chunk(
+    model, variables, state, token, threshold, temperature, rng, length, *, measure, sample_top_k
+):
+    """`length` generation steps from `token` [B] in one scan: (new tokens [B, length],
+    their exit depths [B, length], state after feeding all but the last new token)."""
+
+    def step(carry, _):
+        state, token = carry
+        key = jax.random.fold_in(rng, state.position)
+        logits, depth, _, state = decode_step(model, variables, state, token, threshold, measure)
+        token = sample_tokens(logits, key, temperature, sample_top_k)
+        return (state, token), (token, depth)
+
+    (state, _), (tokens, depths) = jax.lax.scan(step, (state, token), length=length)
+    return tokens.T, depths.T, state
+
+
+def save_state(path: str | os.PathLike, state: DecodeState) -> None:
+    """Writes a decoding state to `path` (flax msgpack, written whole or not at all)."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(flax.serialization.to_bytes(jax.device_get(state)))
+    os.replace(temporary, path)
+
+
+def load_state(path: str | os.PathLike, config: ModelConfig, batch: int) -> DecodeState:
+    """The decoding state saved at `path` for this model and batch size.
+
+    Raises:
+      ValueError: the file is not a saved state of this model and batch size.
+    """
+    template = DecodeState.make(config, batch)
+    try:
+        state = flax.serialization.from_bytes(template, pathlib.Path(path).read_bytes())
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a decoding state of this model: {error}") from error
+    check_state(state, config, batch)
+    return jax.tree.map(jnp.asarray, state)
 
 
 def check_sampling(temperature, sample_top_k, vocab_size: int) -> None:
@@ -282,13 +394,16 @@ def stream_evaluate(
     threshold,
     *,
     measure: str = "softmax_max",
+    carry: bool = False,
     progress: bool = True,
 ) -> dict:
     """Scores every masked target of `stream` by decoding token by token.
 
-    Each window of `stream` (B independent rows, n_seq positions) is decoded from
-    a fresh state, as the parallel evaluation does, in one jitted scan over its
-    positions; each exit head scores only the target (for an adaptive output: the
+    Each window of `stream` (B rows, n_seq positions) is decoded in one jitted scan
+    over its positions, from a fresh state (carry False: the "window" protocol of
+    the parallel evaluation) or from the state the previous window of its row
+    ended in (carry True: the "continuous" protocol, each row one contiguous text);
+    each exit head scores only the target (for an adaptive output: the
     head and the target's cluster). Reports perplexity, exit statistics (with the
     FLOP-model speedup, tails counted at the stream's cluster shares) and the
     wall-clock seconds of the whole pass (compilation excluded: the first window
@@ -308,13 +423,20 @@ def stream_evaluate(
 
     threshold = jnp.float32(threshold)
     first = stream.window(0)
-    window = functools.partial(_stream_window, model, variables, measure=measure)
-    jax.block_until_ready(window(first.inputs, first.targets, first.mask, threshold))
-    stats, total = ExitStats.zeros(config.n_layers), 0.0
+    scan = functools.partial(_stream_window, model, variables, measure=measure)
+
+    def window(state, batch):
+        nll, depth, after = scan(state, batch.inputs, batch.targets, batch.mask, threshold)
+        return (nll, depth), after
+
+    jax.block_until_ready(window(DecodeState.make(config, first.inputs.shape[0]), first))
     start = time.perf_counter()
-    for index in tqdm(range(len(stream)), desc="stream", disable=not progress):
+    parts = map_windows(model, stream, window, carry=carry, desc="stream", progress=progress)
+    jax.block_until_ready(parts)
+    seconds = time.perf_counter() - start
+    stats, total = ExitStats.zeros(config.n_layers), 0.0
+    for index, (nll, depth) in enumerate(parts):
         batch = stream.window(index)
-        nll, depth = window(batch.inputs, batch.targets, batch.mask, threshold)
         total += float(nll)
         info = ExitInfo(
             exit_depth=depth,
@@ -324,11 +446,11 @@ def stream_evaluate(
             full_depth_flops=full,
         )
         stats = stats.update(info, batch.mask)
-    seconds = time.perf_counter() - start
     summary = stats.summary()
     return {
         "measure": measure,
         "threshold": float(threshold),
+        "protocol": protocol_name(carry),
         "batch_size": first.inputs.shape[0],
         "ppl": float(np.exp(total / summary["total_tokens"])),
         "seconds": seconds,
@@ -338,9 +460,12 @@ def stream_evaluate(
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="measure")
-def _stream_window(model: EarlyExitLM, variables, inputs, targets, mask, threshold, *, measure):
-    """Decodes a window [B, N] from a fresh state in one scan over its positions, each
-    exit head scoring only the target: (summed NLL over masked targets [], depths [B, N])."""
+def _stream_window(
+    model: EarlyExitLM, variables, state, inputs, targets, mask, threshold, *, measure
+):
+    """Decodes a window [B, N] from `state` in one scan over its positions, each exit
+    head scoring only the target: (summed NLL over masked targets [], depths [B, N],
+    the state after the window)."""
 
     def step(state, column):
         tokens, target = column  # [B] each
@@ -355,6 +480,5 @@ def _stream_window(model: EarlyExitLM, variables, inputs, targets, mask, thresho
         )
         return state, (nll, depth)
 
-    state = DecodeState.make(model.config, inputs.shape[0])
-    _, (nll, depth) = jax.lax.scan(step, state, (inputs.T, targets.T))  # [N, B] each
-    return jnp.sum(nll.T * mask), depth.T
+    state, (nll, depth) = jax.lax.scan(step, state, (inputs.T, targets.T))  # [N, B] each
+    return jnp.sum(nll.T * mask), depth.T, state

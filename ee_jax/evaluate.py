@@ -10,6 +10,12 @@ Two ways to get early-exit numbers, used together by `experiments/eval_early_exi
   agreement for any threshold without running the model again.
 * `time_early_exit` runs the real jit-compiled halting loop (default policy
   "freeze") and the plain forward on the same windows for wall-clock speedups.
+
+A split is read in one of two protocols (`map_windows`): "window", every window
+from a fresh state (what a model with a learned position table was trained on),
+or "continuous" (carry=True), each of the B rows one contiguous part of the split
+and the recurrent state carried from window to window, as LSTM language models
+are evaluated: the first tokens of a window then see the text before it.
 """
 
 import dataclasses
@@ -35,38 +41,92 @@ from ee_jax.early_exit import (
 )
 from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.losses import exit_nll, exit_weights
-from ee_jax.model import EarlyExitLM
+from ee_jax.model import EarlyExitLM, RecurrentState, check_carry
 
 
-def exit_perplexities(model: EarlyExitLM, params, stream: LMStream, *, progress: bool = True):
-    """Perplexity of every exit over all masked targets of `stream`.
+def map_windows(
+    model: EarlyExitLM,
+    stream: LMStream,
+    window_fn,
+    *,
+    carry: bool,
+    desc: str,
+    progress: bool = True,
+) -> list:
+    """[window_fn(state, batch)[0] for each window of `stream`], in order: the one
+    window loop of every evaluation over a split.
 
-    Returns:
-      dict with "exit_ppl" [L], "exit_nll" [L] (mean over tokens) and "tokens".
+    window_fn(state, batch) -> (result, state after the window) reads a window from
+    a `RecurrentState`: a fresh one for every window (carry False, the "window"
+    protocol) or the one the previous window of the same rows ended in (carry
+    True, "continuous"). A carried state restarts its position count at each window
+    (a learned position table reads rows 0..N-1 of every window, as in training);
+    only the BK states carry the context.
 
     Raises:
-      ValueError: ids outside [0, V) or windows longer than n_seq (`check_stream`).
+      ValueError: carry for a model that cannot continue from a state (`check_carry`).
+    """
+    if carry:
+        check_carry(model.config)
+    fresh = RecurrentState.make(model.config, stream.inputs.shape[0])
+    state, results = fresh, []
+    for index in tqdm(range(len(stream)), desc=desc, disable=not progress):
+        result, after = window_fn(state if carry else fresh, stream.window(index))
+        state = after.replace(position=fresh.position)
+        results.append(result)
+    return results
+
+
+def exit_perplexities(
+    model: EarlyExitLM, params, stream: LMStream, *, carry: bool = False, progress: bool = True
+):
+    """Perplexity of every exit over all masked targets of `stream`.
+
+    carry: the "continuous" protocol (`map_windows`); False: "window".
+
+    Returns:
+      dict with "exit_ppl" [L], "exit_nll" [L] (mean over tokens), "tokens" and
+      "protocol".
+
+    Raises:
+      ValueError: ids outside [0, V) or windows longer than n_seq (`check_stream`),
+        or carry for a model that cannot carry its state.
     """
     check_stream(stream, model.config)
-    n_layers = model.config.n_layers
-    totals, count = np.zeros(n_layers), 0
-    for index in tqdm(range(len(stream)), desc="evaluate", disable=not progress):
-        batch = stream.window(index)
-        sums, tokens = _window_nll_sums(model, params, batch.inputs, batch.targets, batch.mask)
-        totals += np.asarray(sums, np.float64)
-        count += int(tokens)
+
+    def window(state, batch):
+        sums, tokens, after = _window_nll_sums(
+            model, params, state, batch.inputs, batch.targets, batch.mask
+        )
+        return (sums, tokens), after
+
+    parts = map_windows(model, stream, window, carry=carry, desc="evaluate", progress=progress)
+    totals = np.sum([np.asarray(sums, np.float64) for sums, _ in parts], axis=0)  # [L]
+    count = int(sum(int(tokens) for _, tokens in parts))
     mean = totals / count
-    return {"exit_nll": mean.tolist(), "exit_ppl": np.exp(mean).tolist(), "tokens": count}
+    return {
+        "exit_nll": mean.tolist(),
+        "exit_ppl": np.exp(mean).tolist(),
+        "tokens": count,
+        "protocol": protocol_name(carry),
+    }
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _window_nll_sums(model: EarlyExitLM, params, inputs, targets, mask):
-    """Every exit's summed target NLL [L] over a window's masked tokens, and their count []."""
+def _window_nll_sums(model: EarlyExitLM, params, state, inputs, targets, mask):
+    """Every exit's summed target NLL [L] over a window's masked tokens read from
+    `state`, their count [] and the state after the window."""
     n_layers = model.config.n_layers
-    states, _ = model.apply(params, inputs, method=EarlyExitLM.hidden_states)
+    states, _, after = model.apply(params, inputs, state, method=EarlyExitLM.hidden_states_from)
     states = states.reshape(n_layers, inputs.size, -1)  # [L, B*N, D]
     nll = exit_nll(model, params, states, targets.reshape(-1), range(n_layers))  # [L, B*N]
-    return jnp.sum(nll * mask.reshape(-1), axis=1), jnp.sum(mask)
+    return jnp.sum(nll * mask.reshape(-1), axis=1), jnp.sum(mask), after
+
+
+def protocol_name(carry: bool) -> str:
+    """How a split was read: "continuous" (each of B rows one contiguous text, the
+    state carried from window to window) or "window" (every window from a fresh state)."""
+    return "continuous" if carry else "window"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +143,12 @@ class ExitScores:
         return self.nll.shape[1]
 
 
-def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progress: bool = True):
+def collect_exit_scores(
+    model: EarlyExitLM, params, stream: LMStream, *, carry: bool = False, progress: bool = True
+):
     """One full-depth pass over `stream`; returns `ExitScores` of its masked targets.
+
+    carry: the "continuous" protocol (`map_windows`); False: "window".
 
     Every number is that of the exit's full distribution, computed exactly from the
     head and only the tail clusters that can matter (`adaptive.top_two`,
@@ -92,11 +156,13 @@ def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progres
     Raises ValueError for a stream the model cannot read (`check_stream`).
     """
     check_stream(stream, model.config)
-    parts = []
-    for index in tqdm(range(len(stream)), desc="score exits", disable=not progress):
-        batch = stream.window(index)
-        scores = jax.device_get(_window_scores(model, params, batch.inputs, batch.targets))
-        parts.append({name: value[:, batch.mask] for name, value in scores.items()})  # [L, t]
+
+    def window(state, batch):
+        scores, after = _window_scores(model, params, state, batch.inputs, batch.targets)
+        scores = jax.device_get(scores)
+        return {name: value[:, batch.mask] for name, value in scores.items()}, after  # [L, t]
+
+    parts = map_windows(model, stream, window, carry=carry, desc="score exits", progress=progress)
     joined = {name: np.concatenate([part[name] for part in parts], axis=1) for name in parts[0]}
     return ExitScores(
         nll=joined["nll"].astype(np.float64),
@@ -107,12 +173,13 @@ def collect_exit_scores(model: EarlyExitLM, params, stream: LMStream, *, progres
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _window_scores(model: EarlyExitLM, params, inputs, targets):
-    """Every exit's target NLL, argmax and confidence measures of a window; {name: [L, B, N]}."""
+def _window_scores(model: EarlyExitLM, params, state, inputs, targets):
+    """Every exit's target NLL, argmax and confidence measures of a window read from
+    `state`, {name: [L, B, N]}, and the state after the window."""
     n_layers = model.config.n_layers
     apply = lambda *args, **kwargs: model.apply(params, *args, **kwargs)  # noqa: E731
-    before = apply(inputs, method=EarlyExitLM.embed)  # [B, N, D]
-    states, _ = apply(inputs, method=EarlyExitLM.hidden_states)  # [L, B, N, D]
+    before = apply(inputs, True, state.position, method=EarlyExitLM.embed)  # [B, N, D]
+    states, _, after = apply(inputs, state, method=EarlyExitLM.hidden_states_from)
     rows = {name: [] for name in ("nll", "argmax", *(m.value for m in ExitMeasure))}
     for layer in range(n_layers):
         output = apply(layer, method=EarlyExitLM.output_layer)
@@ -130,7 +197,7 @@ def _window_scores(model: EarlyExitLM, params, inputs, targets):
         before = states[layer]
     return {
         name: jnp.stack(values).reshape(n_layers, *inputs.shape) for name, values in rows.items()
-    }
+    }, after
 
 
 def exit_depths(scores: ExitScores, measure: str, threshold) -> np.ndarray:

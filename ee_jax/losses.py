@@ -12,7 +12,7 @@ import optax
 
 from ee_jax import adaptive
 from ee_jax.config import ClassifierTarget, ExitWeighting, ModelConfig, check_choice
-from ee_jax.model import EarlyExitLM
+from ee_jax.model import EarlyExitLM, RecurrentState
 
 
 def exit_weights(n_layers: int, scheme: ExitWeighting) -> np.ndarray:
@@ -78,9 +78,17 @@ def exit_nll(
     return jnp.stack(scored)
 
 
-def lm_loss(
+def lm_loss(model: EarlyExitLM, params, tokens, targets, mask, **options):
+    """`lm_loss_from` the start of a text (a fresh state): (loss [], metrics)."""
+    start = RecurrentState.make(model.config, tokens.shape[0])
+    loss, (metrics, _) = lm_loss_from(model, params, start, tokens, targets, mask, **options)
+    return loss, metrics
+
+
+def lm_loss_from(
     model: EarlyExitLM,
     params,
+    state: RecurrentState,
     tokens: jax.Array,
     targets: jax.Array,
     mask: jax.Array,
@@ -95,7 +103,12 @@ def lm_loss(
     classifier_target: ClassifierTarget = "agreement",
     distillation_weight: float = 0.0,
 ) -> tuple[jax.Array, dict]:
-    """The joint training loss and its parts.
+    """The joint training loss of a window read from `state`, and its parts.
+
+    `state` is what the model read before the window (`EarlyExitLM.hidden_states_from`):
+    a fresh one for window-reset training, or the previous window's final state
+    for truncated backpropagation through time (the state is an input, so no
+    gradient flows into earlier windows).
 
     loss = sum_l weights[l] * CE_l + balance_weight * mean_l(balance_l) + C_exit
            + distillation_weight * mean_{l<L} KL_l,
@@ -151,15 +164,21 @@ def lm_loss(
         subset they are capped at its size. Default: `adaptive.gather_sizes`' ladder.
 
     Returns:
-      (loss [], metrics: "exit_nll" [L] (nan for unscored exits), "balance_loss" [],
-      "classifier_loss" [], "distillation_loss" [] (mean_l KL_l; 0 when not
-      computed)).
+      (loss [], (metrics, state after the window)), metrics: "exit_nll" [L] (nan for
+      unscored exits), "balance_loss" [], "classifier_loss" [], "distillation_loss"
+      [] (mean_l KL_l; 0 when not computed).
     """
     check_choice("classifier_target", classifier_target, ClassifierTarget)
     n_layers, total = model.config.n_layers, tokens.size
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-    states, balance = model.apply(
-        params, tokens, dropout_rng is None, mask, rngs=rngs, method=EarlyExitLM.hidden_states
+    states, balance, after = model.apply(
+        params,
+        tokens,
+        state,
+        dropout_rng is None,
+        mask,
+        rngs=rngs,
+        method=EarlyExitLM.hidden_states_from,
     )
     states = states.reshape(n_layers, total, -1)  # [L, T, D]
     targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)  # [T]
@@ -211,7 +230,7 @@ def lm_loss(
         "classifier_loss": classifier_loss,
         "distillation_loss": distillation_loss,
     }
-    return loss, metrics
+    return loss, (metrics, after)
 
 
 def _head_distillation(model: EarlyExitLM, params, states, early, mask) -> jax.Array:

@@ -11,11 +11,18 @@ an adaptive softmax (head plus tail clusters), per exit, shared, or tied to the
 input embedding (for the adaptive softmax: adaptive input, Baevski & Auli 2019,
 arXiv 1809.10853, sharing the tail embeddings and projections).
 
+With position "none" the model has no absolute position table: order comes
+from the causal recurrence alone, so it reads sequences of any length and can
+continue from a `RecurrentState` (the BK state of every layer after the
+positions read so far, `hidden_states_from`): a long text is read in chunks,
+training windows carry their state (truncated BPTT), and generation never ends.
+
 The L blocks' parameters are stacked on a leading layer axis (params["blocks"]),
 so the training path scans over them and the halting loop picks block l with
 `jax.tree.map(lambda p: p[l], blocks)`. The last exit is the model's final head.
 """
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,20 +69,38 @@ class BKLayer(nn.Module):
             self.values = nn.Dense(config.bk_heads * config.bk_value_dim, name="values")
         self.project = nn.Dense(config.d_model, name="project")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, N, D] normalised input -> [B, N, D] BK features."""
+    def __call__(self, x: jax.Array, state: BKState) -> tuple[jax.Array, BKState]:
+        """[B, N, D] normalised input and the state before it (G [B, H], y [B, H, P] of
+        the previous position; zeros before the first) -> ([B, N, D] BK features, the
+        state after position N-1). A bidirectional model ignores and returns `state`."""
         config = self.config
         diag = jnp.swapaxes(self.potentials(x), -1, -2)  # [B, H, N]
         off = jnp.float32(config.h0_offdiagonal)
         z = jnp.broadcast_to(head_z(config), diag.shape[:-1])  # [B, H]
+        if not config.causal:
+            green = resolvent_diagonal(diag, off, off, z, method=config.bk_method)  # [B, H, N]
+            return self.features_to_output((jnp.swapaxes(green, -1, -2), None)), state
         if not config.bk_value_dim:
             green = resolvent_diagonal(
-                diag, off, off, z, causal=config.causal, method=config.bk_method
+                diag,
+                off,
+                off,
+                z,
+                causal=True,
+                method=config.bk_method,
+                initial=state[0],
+                link=(off, off),
             )  # [B, H, N]
-            return self.features_to_output((jnp.swapaxes(green, -1, -2), None))
+            features = self.features_to_output((jnp.swapaxes(green, -1, -2), None))
+            return features, (green[..., -1], state[1])
         values = jnp.moveaxis(self.value_vectors(x), 1, 2)  # [B, H, N, P]
-        green, solved = causal_solve(diag, off, off, z, values, method=config.bk_method)
-        return self.features_to_output((jnp.swapaxes(green, -1, -2), jnp.moveaxis(solved, 2, 1)))
+        green, solved = causal_solve(
+            diag, off, off, z, values, method=config.bk_method, initial=state, link=(off, off)
+        )  # [B, H, N], [B, H, N, P]
+        features = self.features_to_output(
+            (jnp.swapaxes(green, -1, -2), jnp.moveaxis(solved, 2, 1))
+        )
+        return features, (green[..., -1], solved[..., -1, :])
 
     def step(self, x: jax.Array, state: BKState) -> tuple[jax.Array, BKState]:
         """One position of the causal core: x [B, D], state (G [B, H], y [B, H, P]) of
@@ -129,6 +154,47 @@ def initial_bk_state(config: ModelConfig, batch: int) -> BKState:
     )
 
 
+@flax.struct.dataclass
+class RecurrentState:
+    """The model's state after the positions read so far: all a pass needs from the
+    text before it (`EarlyExitLM.hidden_states_from`, decoding, carried windows)."""
+
+    position: jax.Array  # [] int32: positions read so far (index of the next one)
+    # Per layer, the BK state of the last position read (`initial_bk_state`):
+    # (G [L, B, H], solved values y [L, B, H, P]) complex64.
+    bk_state: BKState
+
+    @classmethod
+    def make(cls, config: ModelConfig, batch: int) -> "RecurrentState":
+        """The state before the first position: position 0, zero BK states."""
+        layers = lambda x: jnp.broadcast_to(x, (config.n_layers, *x.shape))  # noqa: E731
+        state = jax.tree.map(layers, initial_bk_state(config, batch))
+        return cls(position=jnp.zeros((), jnp.int32), bk_state=state)
+
+    @property
+    def batch_size(self) -> int:
+        return self.bk_state[0].shape[1]
+
+
+def check_carry(config: ModelConfig) -> None:
+    """Raises ValueError unless a pass can continue from a state (`RecurrentState`).
+
+    The causal BK recurrence (and the mixer-free ablation, which needs no state)
+    can; a bidirectional model reads later positions, and the attention mixer
+    would need a key-value cache of every earlier position.
+    """
+    if config.mixer == "attention":
+        raise ValueError(
+            'carrying context across passes is built for the recurrent mixers ("bk", '
+            '"none"); this model\'s mixer is "attention", which would need a key-value cache'
+        )
+    if not config.causal:
+        raise ValueError(
+            "carrying context across passes needs a causal model (causal=True); this one is "
+            "bidirectional: each position also reads later positions"
+        )
+
+
 class CausalSelfAttention(nn.Module):
     """The "attention" mixer: causal multi-head self-attention (flax's
     `nn.MultiHeadDotProductAttention`, Vaswani et al. 2017), D -> D."""
@@ -162,25 +228,39 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(self.config.dropout)
 
     def __call__(
-        self, h: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
-        """[B, N, D] -> ([B, N, D], MoE load-balancing loss []).
+        self,
+        h: jax.Array,
+        deterministic: bool = True,
+        mask: jax.Array | None = None,
+        bk_state: BKState | None = None,
+    ) -> tuple[jax.Array, jax.Array, BKState]:
+        """[B, N, D] -> ([B, N, D], MoE load-balancing loss [], BK state after it).
 
         mask [B, N] (1 = real token) weights the balance loss only; default all.
+        bk_state: the BK state before position 0 (`BKLayer`); default zeros.
         """
-        x, mixed = self.mix(h)
+        if bk_state is None:
+            bk_state = initial_bk_state(self.config, h.shape[0])
+        x, mixed, bk_state = self.mix_from(h, bk_state)
         update, balance_loss = self.moe(x, mask)
-        return h + self.dropout(update + mixed, deterministic=deterministic), balance_loss
+        h = h + self.dropout(update + mixed, deterministic=deterministic)
+        return h, balance_loss, bk_state
 
     def mix(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The sequence part of the block: h [B, N, D] -> (LN(h), mixer output), both
-        [B, N, D]. The rest, h + MoE(LN(h)) + mixer output, is per token."""
+        """The sequence part of the block from a fresh state: h [B, N, D] -> (LN(h),
+        mixer output), both [B, N, D]. The rest, h + MoE(LN(h)) + mixer output, is
+        per token."""
+        return self.mix_from(h, initial_bk_state(self.config, h.shape[0]))[:2]
+
+    def mix_from(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
+        """`mix` continuing from `bk_state` (`BKLayer`): -> (LN(h), mixer output, state)."""
         x = self.norm(h)
         if self.config.mixer == "bk":
-            return x, self.bk_scale * self.bk(x)
+            features, bk_state = self.bk(x, bk_state)
+            return x, self.bk_scale * features, bk_state
         if self.config.mixer == "attention":
-            return x, self.attention(x)
-        return x, jnp.zeros_like(x)
+            return x, self.attention(x), bk_state
+        return x, jnp.zeros_like(x), bk_state
 
     def mix_step(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
         """`mix` at one position when decoding: h [B, D] -> (LN(h), mixer output, state)."""
@@ -219,7 +299,8 @@ def check_tokens(tokens, config: ModelConfig, *, stream: bool = False) -> None:
 
     Args:
       tokens: [B, N] integer ids in [0, V) (an array or nested sequences).
-      config: the model's config (vocab_size, n_seq).
+      config: the model's config (vocab_size, n_seq, position: only a "learned"
+        position table limits N to n_seq).
       stream: tokens are a whole stream [B, S] read in windows of n_seq positions
         (`LMStream`): S may exceed n_seq.
     """
@@ -230,7 +311,7 @@ def check_tokens(tokens, config: ModelConfig, *, stream: bool = False) -> None:
         raise ValueError(f"tokens must have an integer dtype, got {dtype}")
     if len(shape) != 2 or shape[1] == 0:
         raise ValueError(f"tokens must have shape (B, N) with N >= 1, got {shape}")
-    if not stream and shape[1] > config.n_seq:
+    if not stream and config.position == "learned" and shape[1] > config.n_seq:
         raise ValueError(f"tokens have N = {shape[1]} positions, more than n_seq = {config.n_seq}")
     if isinstance(tokens, jax.core.Tracer):
         return
@@ -251,9 +332,10 @@ class EarlyExitLM(nn.Module):
         config = self.config
         d, n_layers = config.d_model, config.n_layers
         self._setup_embedding_and_output()
-        self.position_embed = self.param(
-            "position_embed", nn.initializers.normal(0.02), (config.n_seq, d)
-        )
+        if config.position == "learned":
+            self.position_embed = self.param(
+                "position_embed", nn.initializers.normal(0.02), (config.n_seq, d)
+            )
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = self.param("blocks", self._init_blocks)
         self.exit_norm_scale = self.param("exit_norm_scale", nn.initializers.ones, (n_layers, d))
@@ -321,10 +403,21 @@ class EarlyExitLM(nn.Module):
 
     # ------------------------------------------------------------ pieces
 
-    def embed(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
-        """[B, N] ids -> [B, N, D] (token + position embeddings)."""
+    def embed(self, tokens: jax.Array, deterministic: bool = True, offset=0) -> jax.Array:
+        """[B, N] ids at positions offset..offset+N-1 -> [B, N, D] (token embeddings,
+        plus the position table's rows for position "learned")."""
         check_tokens(tokens, self.config)
-        h = self.embed_tokens(tokens) + self.position_embed[: tokens.shape[1]]
+        h = self.embed_tokens(tokens)
+        if self.config.position == "learned":
+            concrete = not isinstance(offset, jax.core.Tracer)
+            if concrete and int(offset) + tokens.shape[1] > self.config.n_seq:
+                raise ValueError(
+                    f"positions {int(offset)}..{int(offset) + tokens.shape[1] - 1} are past "
+                    f"the position table (n_seq={self.config.n_seq}); a model with position "
+                    f'"none" reads any length'
+                )
+            rows = jax.lax.dynamic_slice_in_dim(self.position_embed, offset, tokens.shape[1])
+            h = h + rows
         return self.embed_dropout(h, deterministic=deterministic)
 
     def block(self, h: jax.Array, layer, dropout_rng: jax.Array | None = None, mask=None):
@@ -338,16 +431,22 @@ class EarlyExitLM(nn.Module):
 
     def _apply_block(self, params, h, layer, dropout_rng, mask):
         """One block with its own (unstacked) parameters; see `block`."""
+        return self._apply_block_from(params, h, layer, dropout_rng, mask, None)[:2]
+
+    def _apply_block_from(self, params, h, layer, dropout_rng, mask, bk_state):
+        """One block continuing from `bk_state` -> (h, balance loss, BK state)."""
         block = Block(self.config, parent=None)
         if dropout_rng is None:
-            return block.apply({"params": params}, h, True, mask)
+            return block.apply({"params": params}, h, True, mask, bk_state)
         rngs = {"dropout": jax.random.fold_in(dropout_rng, layer)}
-        return block.apply({"params": params}, h, False, mask, rngs=rngs)
+        return block.apply({"params": params}, h, False, mask, bk_state, rngs=rngs)
 
     def embed_position(self, tokens: jax.Array, position) -> jax.Array:
         """[B] ids at one (traced) position -> [B, D]."""
         check_tokens(tokens[:, None], self.config)
-        return self.embed_tokens(tokens) + self.position_embed[position]
+        if self.config.position == "learned":
+            return self.embed_tokens(tokens) + self.position_embed[position]
+        return self.embed_tokens(tokens)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[...] ids -> [..., D] token embeddings (adaptive input for "tied" adaptive)."""
@@ -436,17 +535,40 @@ class EarlyExitLM(nn.Module):
         index, for dropout keys): slicing a closed-over stack instead makes the
         backward pass accumulate a full [L, ...] gradient in every step, O(L^2).
         """
-        h = self.embed(tokens, deterministic)
+        start = RecurrentState.make(self.config, tokens.shape[0])
+        states, balance_losses, _ = self.hidden_states_from(tokens, start, deterministic, mask)
+        return states, balance_losses
+
+    def hidden_states_from(
+        self,
+        tokens: jax.Array,
+        state: RecurrentState,
+        deterministic: bool = True,
+        mask: jax.Array | None = None,
+    ):
+        """`hidden_states` of tokens [B, N] that follow the positions `state` has read
+        (one parallel pass; the BK core folds each layer's state into its first
+        position, `bk_core.continue_pivots`): ([L, B, N, D], balance losses [L],
+        the state after these tokens). Equal to one pass over the whole sequence.
+
+        Raises:
+          ValueError: bad tokens, or positions past a "learned" position table.
+        """
+        h = self.embed(tokens, deterministic, offset=state.position)
         dropout_rng = None if deterministic else self.make_rng("dropout")
 
         def step(h, layer_inputs):
-            params, layer = layer_inputs
-            h, balance_loss = self._apply_block(params, h, layer, dropout_rng, mask)
-            return h, (h, balance_loss)
+            params, layer, bk_state = layer_inputs
+            h, balance_loss, bk_state = self._apply_block_from(
+                params, h, layer, dropout_rng, mask, bk_state
+            )
+            return h, (h, balance_loss, bk_state)
 
         layers = jnp.arange(self.config.n_layers)
-        _, (states, balance_losses) = jax.lax.scan(step, h, (self.blocks, layers))
-        return states, balance_losses
+        xs = (self.blocks, layers, state.bk_state)
+        _, (states, balance_losses, bk_state) = jax.lax.scan(step, h, xs)
+        after = RecurrentState(position=state.position + tokens.shape[1], bk_state=bk_state)
+        return states, balance_losses, after
 
     def exit_logits(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """Every exit's logits, [L, B, N, V] (the training path; differentiable)."""

@@ -34,8 +34,8 @@ from ee_jax.checkpoint import (
 )
 from ee_jax.config import ModelConfig, TrainConfig, upgrade_dict
 from ee_jax.data import Batch, Corpus, LMStream, Vocabulary, load_wikitext2, train_batch
-from ee_jax.losses import exit_weights, lm_loss, tail_capacities
-from ee_jax.model import EarlyExitLM
+from ee_jax.losses import exit_weights, lm_loss_from, tail_capacities
+from ee_jax.model import EarlyExitLM, RecurrentState
 
 
 @flax.struct.dataclass
@@ -43,6 +43,25 @@ class TrainState:
     step: jax.Array  # [] int32: optimizer steps taken
     params: dict  # {"params": ...} of EarlyExitLM
     opt_state: optax.OptState
+    # carry_state: every layer's BK state after the last window trained on (the
+    # next window of the same rows starts from it; `saved_carry`); None for
+    # window-reset training.
+    carry: tuple | None = None
+
+
+def saved_carry(bk_state: tuple) -> tuple:
+    """The BK state (G [L, B, H], y [L, B, H, P]) as `TrainState.carry` holds it:
+    y is None when P = 0 (orbax cannot save an empty array)."""
+    green, solved = bk_state
+    return green, (solved if solved.size else None)
+
+
+def carried_bk_state(config: ModelConfig, carry: tuple) -> tuple:
+    """`TrainState.carry` back as the model's BK state (`saved_carry`'s inverse)."""
+    green, solved = carry
+    if solved is None:
+        solved = jnp.zeros((*green.shape, config.bk_value_dim), green.dtype)
+    return green, solved
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -82,25 +101,43 @@ def init_state(config: TrainConfig) -> TrainState:
     model = EarlyExitLM(config.model)
     tokens = jnp.zeros((1, config.model.n_seq), jnp.int32)
     params = model.init(run_keys(config.seed)["init"], tokens)
+    carry = None
+    if config.carry_state:
+        carry = saved_carry(RecurrentState.make(config.model, config.batch_size).bk_state)
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config).init(params)
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=make_optimizer(config).init(params),
+        carry=carry,
     )
 
 
-def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = None):
+def make_train_step(
+    config: TrainConfig,
+    capacities: tuple[int, ...] | None = None,
+    windows_per_epoch: int | None = None,
+):
     """Returns train_step(state, batch, rngs) -> (state, metrics), not yet jitted.
 
     rngs: {"dropout": key, "sample": key} of the step (`step_keys`).
     capacities: static gather size per adaptive tail cluster (`stream_capacities`).
+    windows_per_epoch: with config.carry_state, the windows of the training stream
+      (`len(stream)`): step s reads window s % windows_per_epoch (`train_batch`), so
+      the carried state restarts from zeros where s % windows_per_epoch == 0 (the
+      start of the text) and otherwise continues the previous step's window
+      (truncated backpropagation through time, as LSTM language models train).
     """
+    if config.carry_state and not windows_per_epoch:
+        raise ValueError("carry_state=True needs windows_per_epoch (len of the train stream)")
     model = EarlyExitLM(config.model)
     optimizer = make_optimizer(config)
     weights = exit_weights(config.model.n_layers, config.exit_weighting)
 
-    def loss_fn(params, batch: Batch, rngs):
-        return lm_loss(
+    def loss_fn(params, start: RecurrentState, batch: Batch, rngs):
+        return lm_loss_from(
             model,
             params,
+            start,
             batch.inputs,
             batch.targets,
             batch.mask,
@@ -116,8 +153,17 @@ def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = No
         )
 
     def train_step(state: TrainState, batch: Batch, rngs: dict[str, jax.Array]):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, rngs
+        start = RecurrentState.make(config.model, batch.inputs.shape[0])
+        if config.carry_state:
+            restart = state.step % windows_per_epoch == 0
+            carried = jax.tree.map(
+                lambda fresh, last: jnp.where(restart, fresh, last),
+                start.bk_state,
+                carried_bk_state(config.model, state.carry),
+            )
+            start = start.replace(bk_state=carried)
+        (loss, (metrics, after)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, start, batch, rngs
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -127,7 +173,9 @@ def make_train_step(config: TrainConfig, capacities: tuple[int, ...] | None = No
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        carry = saved_carry(after.bk_state) if config.carry_state else None
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, carry=carry)
+        return new_state, metrics
 
     return train_step
 
@@ -261,7 +309,7 @@ def train(
         if changes:
             pending.append({"from_step": start, "fields": changes})
         step_fn = jax.jit(
-            make_train_step(config, stream_capacities(config, stream)),
+            make_train_step(config, stream_capacities(config, stream), len(stream)),
             donate_argnums=0,
             out_shardings=(replicated, replicated),
         )

@@ -89,7 +89,7 @@ def test_threshold_one_decodes_the_plain_forward(setup):
 def test_generate_greedy_continues_with_the_argmax(setup):
     model, variables, tokens = setup
     out, depths = generate(model, variables, tokens[:, :4], 6, jax.random.key(0), threshold=1.0)
-    assert out.shape == (2, 10) and depths.shape == (2, 9)
+    assert out.shape == (2, 10) and depths.shape == (2, 6)
     np.testing.assert_array_equal(out[:, :4], tokens[:, :4])
     # Greedy: each new token is the full model's argmax given what came before.
     logits = model.apply(variables, out[:, :-1])
@@ -103,7 +103,7 @@ def test_generate_greedy_continues_with_the_argmax(setup):
 def test_generate_rejects_bad_arguments(setup):
     model, variables, tokens = setup
     with pytest.raises(ValueError, match="n_seq"):
-        generate(model, variables, tokens, 5, jax.random.key(0))
+        generate(model, variables, tokens, 2, jax.random.key(0))
     with pytest.raises(ValueError, match="threshold"):
         generate(model, variables, tokens[:, :2], 2, jax.random.key(0), threshold=2.0)
 
@@ -133,13 +133,19 @@ def no_computation(*args, **kwargs):
     raise AssertionError("a step ran before the arguments were checked")
 
 
+def forbid_computation(monkeypatch):
+    """Every jitted decoding program of `decode` raises if it is called."""
+    for name in ("_decode_scan", "_prefill", "_generate_chunk", "_stream_window"):
+        monkeypatch.setattr(decode, name, no_computation)
+
+
 @pytest.mark.parametrize("bad_id", [V, -1])
 def test_bad_token_ids_raise_before_decoding(setup, bad_id, monkeypatch):
     # Given token arrays with one id outside [0, V) (V reads a NaN row, -1 the last one).
     model, variables, tokens = setup
     bad = np.asarray(tokens).copy()
     bad[1, 2] = bad_id
-    monkeypatch.setattr(decode, "_jitted_step", no_computation)
+    forbid_computation(monkeypatch)
     # Then every decoding entry point raises the checker's error before any step.
     with pytest.raises(ValueError, match=BAD_IDS):
         decode_sequence(model, variables, bad, 0.5)
@@ -176,7 +182,7 @@ def test_streaming_evaluation_checks_every_id_of_the_stream_up_front(
 )
 def test_generate_checks_the_prompt_dtype_and_rank(setup, prompt, message, monkeypatch):
     model, variables, _ = setup
-    monkeypatch.setattr(decode, "_jitted_step", no_computation)
+    forbid_computation(monkeypatch)
     with pytest.raises(ValueError, match=message):
         generate(model, variables, prompt, 2, jax.random.key(0))
 
@@ -220,7 +226,7 @@ def test_sampling_tends_to_greedy_as_the_temperature_goes_to_zero(setup, tempera
 )
 def test_bad_sampling_parameters_raise(setup, arguments, message, monkeypatch):
     model, variables, tokens = setup
-    monkeypatch.setattr(decode, "_jitted_step", no_computation)
+    forbid_computation(monkeypatch)
     arguments = {"steps": 3, **arguments}
     steps = arguments.pop("steps")
     with pytest.raises(ValueError, match=message):
@@ -299,7 +305,7 @@ def test_decoding_a_bidirectional_or_attention_model_raises(setup, monkeypatch, 
     # Then decode_step itself refuses it (at trace time), and so does every entry point.
     with pytest.raises(ValueError, match=message):
         decode_step(model, variables, DecodeState.make(config, 2), tokens[:, 0], 0.5)
-    monkeypatch.setattr(decode, "_jitted_step", no_computation)
+    forbid_computation(monkeypatch)
     with pytest.raises(ValueError, match=message):
         decode_sequence(model, variables, tokens, 0.5)
     with pytest.raises(ValueError, match=message):
