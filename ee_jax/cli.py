@@ -21,12 +21,83 @@ USER_ERRORS = (CheckpointError, DataError, train.TrainSetupError)
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser whose description is the script docstring's first line."""
+    """A parser whose description is the script docstring's first line.
+
+    Flags must be spelled in full: a prefix of a flag (`--batch` for
+    `--batch_size`) is refused, so a renamed flag cannot silently match another.
+    """
     return argparse.ArgumentParser(
         description=doc.split("\n")[0],
         epilog=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
+
+
+# Types of numeric flags (`add_argument(..., type=positive_int)`): a bad value is
+# refused by the parser, before a script loads data, restores or compiles anything.
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan or inf)."""
+    return _finite(text)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (durations)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1] (thresholds)."""
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def add_data_flags(parser: argparse.ArgumentParser, *, workdir: bool = True) -> None:
