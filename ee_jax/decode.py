@@ -178,7 +178,7 @@ def generate(
     state: DecodeState | None = None,
     stop_token: int | None = None,
     chunk: int = 64,
-    on_chunk: Callable[[np.ndarray], None] | None = None,
+    on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None,
     return_state: bool = False,
 ):
     """Continues each [B, P] prompt by `steps` tokens with early exit.
@@ -198,8 +198,8 @@ def generate(
       state: the state before the prompt (a returned or loaded `DecodeState`).
       stop_token: a row stops at this id (e.g. `Vocabulary.eos_id`): later places
         repeat it, and generation ends once every row has stopped.
-      chunk: steps per jitted scan (>= 1); on_chunk(tokens [B, n] np.int32) sees
-        each chunk's new tokens as soon as they exist (to print them).
+      chunk: steps per jitted scan (>= 1); on_chunk(tokens [B, n], exit depths [B, n])
+        sees each chunk's new tokens as soon as they exist (to print them).
       return_state: also return the state after the last token fed (the last
         generated token is not fed yet: continue with it as the prompt).
 
@@ -256,7 +256,7 @@ def generate(
         tokens.append(new)
         depths.append(np.asarray(depth))
         if on_chunk is not None:
-            on_chunk(new)
+            on_chunk(new, depths[-1])
         if stopped.all():
             break
     tokens = jnp.asarray(np.concatenate(tokens, axis=1))

@@ -448,6 +448,7 @@ def evaluate_checkpoint(
     exit_weighting: str | None = None,
     max_ppl_change_pct: float = 2.0,
     timing_windows: int = 8,
+    carry: bool = False,
     progress: bool = True,
 ) -> dict:
     """The whole early-exit evaluation of a trained model (see the module docstring).
@@ -457,6 +458,10 @@ def evaluate_checkpoint(
         untrained (`untrained_measures`: "learned" when some exit before the last
         was never scored) are skipped with a printed note, and listed with the
         reason under "skipped_measures". None: unknown, every measure is evaluated.
+      carry: score the exits (perplexities, sweep, oracle, calibration) in the
+        "continuous" protocol (`map_windows`); the real halting loop and the
+        timings read windows from a fresh state either way ("window"), as the
+        results record under "protocol" and "real_loop_protocol".
 
     Returns a JSON-ready dict: full-depth exit perplexities, the threshold sweep per
     measure on test, the oracle row, the threshold calibrated on valid per measure
@@ -476,9 +481,11 @@ def evaluate_checkpoint(
     check_stream(test, config)
     for measure, why in skipped.items():
         print(f"note: not evaluating the {measure!r} measure: {why}")
-    valid_scores = collect_exit_scores(model, params, valid, progress=progress)
-    test_scores = collect_exit_scores(model, params, test, progress=progress)
+    valid_scores = collect_exit_scores(model, params, valid, carry=carry, progress=progress)
+    test_scores = collect_exit_scores(model, params, test, carry=carry, progress=progress)
     results = {
+        "protocol": protocol_name(carry),
+        "real_loop_protocol": protocol_name(False),
         "exit_weighting": exit_weighting,
         "measures": measures,
         "skipped_measures": skipped,

@@ -2,6 +2,10 @@ r"""Generate WikiText-2-style text from a checkpoint, showing each token's exit 
 
     python experiments/generate.py --workdir runs/cpu --prompt "the game was" \
         --steps 40 --temperature 0.8 --sample_top_k 40
+
+The text is printed as it is produced (--chunk tokens at a time). A model with
+position "none" generates any number of --steps; one with a learned position
+table at most n_seq positions in all.
 """
 
 import argparse
@@ -45,6 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="sample only from the k most likely tokens, k in [1, V] (default: all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--chunk", type=int, default=32, help="tokens per jitted call (and per printed line)"
+    )
+    parser.add_argument(
+        "--stop_at_eos",
+        type=lambda text: {"true": True, "false": False}[text.lower()],
+        default=False,
+        help="true: stop once the model writes <eos> (the end of a line of the corpus)",
+    )
     return parser.parse_args(argv)
 
 
@@ -71,10 +84,15 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
     decode.check_decodable(config.model)
     if args.threshold is not None:
         check_exit_options(args.threshold, args.measure, "freeze")
-    if args.steps < 0 or prompt_length + args.steps - 1 > config.model.n_seq:
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+    if config.model.position == "learned" and prompt_length + args.steps - 1 > config.model.n_seq:
         raise ValueError(
-            f"--steps must be >= 0 and prompt length {prompt_length} + --steps "
-            f"{args.steps} - 1 at most n_seq={config.model.n_seq}"
+            f"this model has a learned table of n_seq={config.model.n_seq} positions: prompt "
+            f"length {prompt_length} + --steps {args.steps} - 1 must be at most that (a model "
+            f"trained with --position none generates any length)"
         )
     try:
         decode.check_sampling(args.temperature, args.sample_top_k, config.model.vocab_size)
@@ -98,6 +116,8 @@ def main(argv=None) -> int:
         check_generate_flags(args, config, prompt.shape[1])
     except ValueError as error:
         return cli.report_error(error)
+    print(f"(word[d]: predicted at exit depth d of {config.model.n_layers})")
+    print(" ".join(vocab.decode(list(prompt[0]))), flush=True)
     tokens, depths = decode.generate(
         train.EarlyExitLM(config.model),
         params,
@@ -108,14 +128,18 @@ def main(argv=None) -> int:
         measure=args.measure,
         temperature=args.temperature,
         sample_top_k=args.sample_top_k,
+        stop_token=vocab.eos_id if args.stop_at_eos else None,
+        chunk=args.chunk,
+        on_chunk=lambda new, depth: print(
+            " ".join(
+                f"{w}[{d}]" for w, d in zip(vocab.decode(list(new[0])), depth[0], strict=True)
+            ),
+            flush=True,
+        ),
     )
-    words = vocab.decode(list(tokens[0]))
-    # depths[i] is the exit depth of the prediction made after reading token i.
-    shown = [words[0]] + [
-        f"{word}[{int(depth)}]" for word, depth in zip(words[1:], depths[0], strict=True)
-    ]
-    print(" ".join(shown))
-    print(f"(word[d]: predicted at exit depth d of {config.model.n_layers})")
+    shown = vocab.decode(list(tokens[0, prompt.shape[1] :]))
+    counts = np.bincount(np.asarray(depths[0]), minlength=config.model.n_layers + 1)[1:]
+    print(f"{len(shown)} tokens; exit depths 1..{config.model.n_layers}: {counts.tolist()}")
     return 0
 
 

@@ -7,7 +7,7 @@ Re-running the same command resumes from the latest checkpoint in --workdir
 (with other settings only with --allow_config_change true). Ctrl-C or SIGTERM
 saves the current step and prints the command that resumes it.
 Every TrainConfig and ModelConfig field can be overridden by name
-(e.g. --steps 2000 --d_model 256 --use_bk false). After training it prints the
+(e.g. --steps 2000 --d_model 256 --mixer none). After training it prints the
 validation perplexity of every exit.
 """
 
@@ -22,6 +22,9 @@ from ee_jax.config import ModelConfig, TrainConfig, field_help, train_preset
 from ee_jax.data import load_wikitext2, make_lm_stream
 
 SKIPPED = {"model", "vocab_size"}
+# Stands in for the corpus's vocabulary size when the flags are checked before the
+# corpus is loaded: above any adaptive cutoff (the real size is checked after).
+PLACEHOLDER_VOCAB_SIZE = 2**31 - 1
 
 
 def parse_bool(text: str) -> bool:
@@ -49,8 +52,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 continue
             kind = {
                 "bool": parse_bool,
-                "int": int,
-                "float": float,
+                "int": int,  # ranges: the configs' own checks (check_flags)
+                "float": cli.finite_float,
                 "tuple[float, float]": parse_pair,
                 "tuple[int, ...]": parse_ints,  # --adaptive_cutoffs 2000,10000
             }.get(str(field.type).replace("<class '", "").replace("'>", ""), str)
@@ -77,13 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stop_at_step",
-        type=int,
+        type=int,  # its range depends on --steps: check_flags
         default=None,
         help="stop at this step, in [1, steps], (checkpointed) without changing the schedule",
     )
     parser.add_argument(
         "--resume_step",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="resume from this checkpoint step instead of the latest (later steps are "
         "moved to WORKDIR/superseded)",
@@ -112,8 +115,22 @@ def build_config(args: argparse.Namespace, vocab_size: int) -> TrainConfig:
     return config.replace(**overrides)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Raises ValueError (one line for the user) on flags the configs refuse or a
+    --stop_at_step outside the run, before any data is loaded."""
+    config = build_config(args, PLACEHOLDER_VOCAB_SIZE)
+    if args.stop_at_step is not None and not 1 <= args.stop_at_step <= config.steps:
+        raise ValueError(
+            f"stop_at_step must be a step in [1, steps={config.steps}], got {args.stop_at_step}"
+        )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_flags(args)
+    except ValueError as error:  # a field out of range: the configs' own checks
+        return cli.report_error(error)
     ee_jax.enable_compilation_cache()
     ee_jax.keep_freed_memory()
     from ee_jax import evaluate, train  # after the cache is set
@@ -147,17 +164,19 @@ def main(argv=None) -> int:
     except (*cli.USER_ERRORS, FloatingPointError) as error:
         return cli.report_error(error)
     model = train.EarlyExitLM(config.model)
+    recurrent = config.model.causal and config.model.mixer != "attention"
+    protocols = {"": False, "_continuous": True} if recurrent else {"": False}
     for name in ("valid", "test") if args.report_test else ("valid",):
         tokens = getattr(corpus, name)
         windows = make_lm_stream(tokens, config.eval_batch_size, config.model.n_seq, eos_id=eos)
-        result = evaluate.exit_perplexities(model, state.params, windows)
-        result["step"] = int(state.step)
-        path = pathlib.Path(args.workdir) / f"{name}_exit_ppl.json"
-        cli.write_json(path, result)
-        print(
-            f"{name} perplexity per exit:",
-            ", ".join(f"exit {i + 1}: {p:.1f}" for i, p in enumerate(result["exit_ppl"])),
-        )
+        for suffix, carry in protocols.items():  # the window protocol, then continuous
+            result = evaluate.exit_perplexities(model, state.params, windows, carry=carry)
+            result["step"] = int(state.step)
+            cli.write_json(pathlib.Path(args.workdir) / f"{name}_exit_ppl{suffix}.json", result)
+            print(
+                f"{name} perplexity per exit ({result['protocol']} protocol):",
+                ", ".join(f"exit {i + 1}: {p:.1f}" for i, p in enumerate(result["exit_ppl"])),
+            )
     return 0
 
 

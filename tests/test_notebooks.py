@@ -50,5 +50,5 @@ def test_notebook_runs(name, tmp_path, monkeypatch, data_dir):
     assert "Traceback" not in text
     if name.startswith("02"):
         assert "identical: True" in text and "| softmax_max |" in text
-        # The generation cell: the first prompt word, then 3 + 8 words with exit depths.
-        assert re.search(r"(\S+\[\d\] ){10}\S+\[\d\]", text), text[-2000:]
+        # The generation cell: the 4 prompt words, then 8 new words with exit depths.
+        assert re.search(r"(\S+ ){4}(\S+\[\d\] ){7}\S+\[\d\]", text), text[-2000:]
