@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ee_jax
+from ee_jax import cli
 from ee_jax.bk_core import resolve_method, resolvent_diagonal
 from ee_jax.config import TrainConfig, train_preset
 from ee_jax.data import Batch, Corpus, Vocabulary, load_wikitext2, make_lm_stream
@@ -121,7 +122,7 @@ DRY_SIZES = Sizes(
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.make_parser(__doc__)
     add = parser.add_argument
     add("--out", help="JSON file to write (rewritten after every section); required")
     add("--summarize", metavar="JSON", help="only print the tables of a report written earlier")
@@ -141,47 +142,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add(
         "--sizes",
-        type=int,
+        type=cli.positive_int,
         nargs="+",
         default=[512, 2048, 8192, 65536],
         help="BK core N (default 512 2048 8192 65536)",
     )
     add(
         "--gen_batches",
-        type=int,
+        type=cli.positive_int,
         nargs="+",
         default=[1, 8, 64],
         help="generation B (default 1 8 64)",
     )
-    add("--gen_steps", type=int, default=64, help="new tokens per generation call (default 64)")
-    add("--time_limit_s", type=float, default=480.0, help="whole run, seconds (default 480)")
-    add("--bk_seconds", type=float, default=75.0, help="bk_core time box (default 75)")
-    add("--model_seconds", type=float, default=60.0, help="model time box (default 60)")
-    add("--generate_seconds", type=float, default=40.0, help="generate time box (default 40)")
+    add(
+        "--gen_steps",
+        type=cli.positive_int,
+        default=64,
+        help="new tokens per generation call (default 64)",
+    )
+    add(
+        "--time_limit_s",
+        type=cli.positive_float,
+        default=480.0,
+        help="whole run, seconds (default 480)",
+    )
+    add("--bk_seconds", type=cli.positive_float, default=75.0, help="bk_core time box (default 75)")
+    add(
+        "--model_seconds", type=cli.positive_float, default=60.0, help="model time box (default 60)"
+    )
+    add(
+        "--generate_seconds",
+        type=cli.positive_float,
+        default=40.0,
+        help="generate time box (default 40)",
+    )
     add(
         "--train_seconds",
-        type=float,
+        type=cli.positive_float,
         default=300.0,
         help="training time box, compilation included (default 300; less if the "
         "time limit leaves less)",
     )
-    add("--min_repeats", type=int, default=3, help="least timed calls per median (default 3)")
+    add(
+        "--min_repeats",
+        type=cli.positive_int,
+        default=3,
+        help="least timed calls per median (default 3)",
+    )
     add(
         "--repeat_seconds",
-        type=float,
+        type=cli.positive_float,
         default=0.3,
         help="timed calls go on until they add up to this many seconds (at most 200 "
         "calls; default 0.3)",
     )
-    add("--seed", type=int, default=0, help="seed of inputs and parameters (default 0)")
+    add(
+        "--seed",
+        type=cli.nonnegative_int,
+        default=0,
+        help="seed of inputs and parameters (default 0)",
+    )
     args = parser.parse_args(argv)
     if not (args.out or args.summarize):
         parser.error("--out is required (or --summarize JSON)")
-    counts = {"--sizes": args.sizes, "--gen_batches": args.gen_batches}
-    counts |= {"--gen_steps": [args.gen_steps], "--min_repeats": [args.min_repeats]}
-    for flag, values in counts.items():
-        if min(values) < 1:
-            parser.error(f"{flag} must be positive integers, got {values}")
     return args
 
 

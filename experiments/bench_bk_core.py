@@ -1,6 +1,6 @@
 """Benchmark of the BK core: associative vs sequential vs dense, and accuracy.
 
-    python experiments/bench_bk_core.py [--batch 8] [--sizes 128 512 2048 8192 65536]
+    python experiments/bench_bk_core.py [--batch_size 8] [--sizes 128 512 2048 8192 65536]
 
 For each N and both causal and bidirectional forms it prints the median time of
 one jitted call (after compile and a warm-up call, block_until_ready on every
@@ -16,24 +16,29 @@ import jax.numpy as jnp
 import numpy as np
 
 import ee_jax
+from ee_jax import cli
 from ee_jax.bk_core import resolvent_diagonal
 from ee_jax.timing import time_jitted
 
 DENSE_MAX_N = 2048
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch_size", type=int, default=8, help="batch size B (default 8)")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.make_parser(__doc__)
+    parser.add_argument(
+        "--batch_size", type=cli.positive_int, default=8, help="batch size B (default 8)"
+    )
     parser.add_argument(
         "--sizes",
-        type=int,
+        type=cli.positive_int,
         nargs="+",
         default=[128, 512, 2048, 8192, 65536],
         help="sequence lengths N to time (default 128 512 2048 8192 65536)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the potentials")
-    return parser.parse_args()
+    parser.add_argument(
+        "--seed", type=cli.nonnegative_int, default=0, help="random seed of the potentials"
+    )
+    return parser.parse_args(argv)
 
 
 def reference(diag: np.ndarray, causal: bool) -> np.ndarray:
@@ -79,8 +84,8 @@ def format_row(row: dict) -> str:
     )
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
     ee_jax.enable_compilation_cache()
     ee_jax.keep_freed_memory()
     rng = np.random.default_rng(args.seed)

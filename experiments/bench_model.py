@@ -52,7 +52,7 @@ import numpy as np
 from flax import linen as nn
 
 import ee_jax
-from ee_jax import adaptive
+from ee_jax import adaptive, cli
 from ee_jax.config import ModelConfig, TrainConfig, train_preset
 from ee_jax.data import Batch, load_wikitext2, make_lm_stream
 from ee_jax.decode import DecodeState, decode_step
@@ -81,38 +81,52 @@ TARGETS = {
 BALANCE_WEIGHT = 0.01  # MoE load-balancing loss weight in the timed training step
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.make_parser(__doc__)
     parser.add_argument(
-        "--vocab_size", type=int, default=33278, help="vocabulary size V (default 33278)"
+        "--vocab_size",
+        type=cli.positive_int,
+        default=33278,
+        help="vocabulary size V (default 33278)",
     )
-    parser.add_argument("--d_model", type=int, default=64, help="model width D (default 64)")
-    parser.add_argument("--n_layers", type=int, default=4, help="blocks L (default 4)")
-    parser.add_argument("--batch_size", type=int, default=8, help="batch size B (default 8)")
-    parser.add_argument("--n_seq", type=int, default=128, help="sequence length N (default 128)")
+    parser.add_argument(
+        "--d_model", type=cli.positive_int, default=64, help="model width D (default 64)"
+    )
+    parser.add_argument("--n_layers", type=cli.positive_int, default=4, help="blocks L (default 4)")
+    parser.add_argument(
+        "--batch_size", type=cli.positive_int, default=8, help="batch size B (default 8)"
+    )
+    parser.add_argument(
+        "--n_seq", type=cli.positive_int, default=128, help="sequence length N (default 128)"
+    )
     parser.add_argument(
         "--thresholds",
-        type=float,
+        type=cli.probability,
         nargs="+",
         default=[0.0, 0.5, 0.9, 1.0],
         help="early-exit thresholds to time (default 0 0.5 0.9 1)",
     )
     parser.add_argument(
         "--compile_layers",
-        type=int,
+        type=cli.positive_int,
         default=32,
-        help="deep L whose halting-loop compile time is compared with --layers (default 32)",
+        help="deep L whose halting-loop compile time is compared with --n_layers (default 32)",
     )
     parser.add_argument(
-        "--min_repeats", type=int, default=7, help="least timed calls per median (default 7)"
+        "--min_repeats",
+        type=cli.positive_int,
+        default=7,
+        help="least timed calls per median (default 7)",
     )
     parser.add_argument(
         "--budget",
-        type=float,
+        type=cli.nonnegative_float,
         default=2.0,
         help="seconds of timed calls per measurement, at least (default 2)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of parameters and tokens")
+    parser.add_argument(
+        "--seed", type=cli.nonnegative_int, default=0, help="seed of parameters and tokens"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument(
         "--section",
@@ -127,7 +141,7 @@ def parse_args() -> argparse.Namespace:
         help="WikiText-2 folder for --section output (default $EE_JAX_DATA_DIR; "
         "without one, Zipf-distributed ids)",
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def time_call(function, *args, min_repeats: int, budget_s: float) -> Timing:
@@ -476,8 +490,8 @@ def print_output_tables(results: dict, config: TrainConfig) -> None:
     print(f"target: halting / forward speed >= {OUTPUT_TARGETS['halting_vs_forward']:g}x")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
     ee_jax.enable_compilation_cache()
     ee_jax.keep_freed_memory()
     if args.section == "output":

@@ -11,7 +11,6 @@ forward, and writes results.json, results.md and PNG plots into --out
 """
 
 import argparse
-import math
 import pathlib
 import sys
 
@@ -44,11 +43,13 @@ DEFAULT_THRESHOLDS = [
 def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.make_parser(__doc__)
     cli.add_data_flags(parser)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--step", type=cli.positive_int, default=None, help="checkpoint step (default: latest)"
+    )
     parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/eval)")
     parser.add_argument(
         "--thresholds",
-        type=float,
+        type=cli.probability,
         nargs="+",
         default=DEFAULT_THRESHOLDS,
         help="thresholds to sweep, each in [0, 1]; 1.0 is full depth",
@@ -63,19 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max_ppl_change_pct",
-        type=float,
+        type=cli.nonnegative_float,
         default=2.0,
         help="calibration tolerance: most perplexity increase on valid, in %%",
     )
     parser.add_argument(
         "--timing_windows",
-        type=int,
+        type=cli.positive_int,
         default=8,
-        help="test windows timed for the wall-clock speedup",
+        help="test windows timed for the wall-clock speedup (>= 1)",
     )
     parser.add_argument(
         "--batch_size",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="rows per evaluation window (default: the run's eval_batch_size)",
     )
@@ -83,15 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not all(0.0 <= t <= 1.0 for t in args.thresholds):
-        return cli.report_error(ValueError(f"thresholds must be in [0, 1], got {args.thresholds}"))
-    if not (math.isfinite(args.max_ppl_change_pct) and args.max_ppl_change_pct >= 0):
-        return cli.report_error(
-            ValueError(
-                f"--max_ppl_change_pct must be finite and >= 0, got {args.max_ppl_change_pct}"
-            )
-        )
+    args = parse_args(argv)  # every numeric flag is checked here, before any work
     ee_jax.enable_compilation_cache()
     ee_jax.keep_freed_memory()
     from ee_jax import evaluate, report, train
@@ -100,9 +93,7 @@ def main(argv=None) -> int:
         config, params, step, corpus = cli.load_run(args, args.step)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
-    try:  # flags the evaluation would refuse: batch size, no measure left
-        if args.batch_size is not None and args.batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    try:  # measures the run cannot evaluate (untrained exit classifiers): none left
         evaluate.evaluated_measures(args.measures, config.exit_weighting, config.model.n_layers)
     except ValueError as error:
         return cli.report_error(error)

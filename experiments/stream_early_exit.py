@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_data_flags(parser)
     parser.add_argument(
         "--batch_size",
-        type=int,
+        type=cli.positive_int,
         nargs="+",
         default=[1, 8],
         help="numbers of independent streams B, each >= 1 (one pass per value)",
@@ -44,19 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=cli.probability,
         default=None,
         help="one threshold for every measure (default: calibrated, else 0.9)",
     )
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=cli.positive_int,
         default=3,
         help="timed passes of each setting, interleaved; the median is reported (>= 1)",
     )
     parser.add_argument(
         "--max_tokens",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="score only the first tokens of test, >= 1 (default: all)",
     )
@@ -77,13 +77,7 @@ def check_stream_flags(args: argparse.Namespace, config) -> tuple[list, dict]:
     from ee_jax import decode, evaluate
     from ee_jax.early_exit import check_exit_options
 
-    decode.check_decodable(config.model)
-    if min(args.batch_size) < 1:
-        raise ValueError(f"--batch_size values must be >= 1, got {args.batch_size}")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max_tokens must be >= 1, got {args.max_tokens}")
+    decode.check_decodable(config.model)  # the numeric flags were checked by the parser
     measures, skipped = evaluate.evaluated_measures(
         args.measures, config.exit_weighting, config.model.n_layers
     )

@@ -10,6 +10,7 @@ every exit's perplexity), training.md (metrics per --every steps) and
 training.png into --out.
 """
 
+import argparse
 import json
 import pathlib
 import sys
@@ -17,12 +18,18 @@ import sys
 from ee_jax import cli, report, train
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.make_parser(__doc__)
     parser.add_argument("workdirs", nargs="+", help="training run folders (with metrics.jsonl)")
-    parser.add_argument("--every", type=int, default=250, help="table row every this many steps")
+    parser.add_argument(
+        "--every", type=cli.positive_int, default=250, help="table row every this many steps"
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     runs, compared = {}, {}
     for workdir in map(pathlib.Path, args.workdirs):
         path = workdir / "metrics.jsonl"
