@@ -19,6 +19,7 @@ Shape legend: T tokens of a split, B batch rows, S positions per row of a stream
 N positions per window.
 """
 
+import codecs
 import collections
 import contextlib
 import dataclasses
@@ -115,6 +116,26 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
+def first_invalid_utf8(path: Path, chunk_size: int = 1 << 20) -> tuple[int, int, bytes] | None:
+    """(byte offset, line number from 1, the bytes) of the first bytes of `path`
+    that are not UTF-8, or None when the whole file is UTF-8; read in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = 0  # bytes and line breaks before the current chunk
+    with path.open("rb") as file:
+        while True:
+            chunk = file.read(chunk_size)
+            pending = len(decoder.getstate()[0])  # an unfinished character's bytes
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                data = error.object  # the pending bytes (never a line break) + chunk
+                line = newlines + data[: error.start].count(b"\n") + 1
+                return offset - pending + error.start, line, data[error.start : error.end]
+            if not chunk:
+                return None
+            offset, newlines = offset + len(chunk), newlines + chunk.count(b"\n")
+
+
 def find_source(source_dir: str | os.PathLike, *, verify_checksums: bool = True) -> SourceFiles:
     """Finds and checks the three split files of a WikiText-2 source folder.
 
@@ -127,8 +148,9 @@ def find_source(source_dir: str | os.PathLike, *, verify_checksums: bool = True)
       The files and the corpus fingerprint.
 
     Raises:
-      DataError: the folder or a file is missing, a file is empty, or a checksum
-        differs. Raised before anything is prepared.
+      DataError: the folder or a file is missing, a file is empty or not UTF-8
+        text (naming the byte offset), or a checksum differs. Raised before
+        anything is prepared.
     """
     folder = Path(source_dir).expanduser()
     if not folder.is_dir():
@@ -137,6 +159,15 @@ def find_source(source_dir: str | os.PathLike, *, verify_checksums: bool = True)
     for path in paths.values():
         if path.stat().st_size == 0:
             raise _source_error(folder, f"{path} is empty.")
+        invalid = first_invalid_utf8(path)
+        if invalid is not None:
+            offset, line, data = invalid
+            raise _source_error(
+                folder,
+                f"{path} is not UTF-8 text: byte offset {offset} (line {line}) holds "
+                f"{data!r}, which is not UTF-8. Convert the file to UTF-8 (e.g. "
+                f"`iconv -f latin1 -t utf-8`) before preparing it.",
+            )
     digests = {split: _file_sha256(path) for split, path in paths.items()}
     for split, digest in digests.items():
         if verify_checksums and digest != SHA256[split]:

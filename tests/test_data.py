@@ -388,6 +388,36 @@ def test_error_on_custom_corpus_with_checksums_on(tmp_path):
         data.load_wikitext2(folder, cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.parametrize("verify_checksums", [False, True])
+def test_error_on_a_file_that_is_not_utf8_names_it_and_the_byte(verify_checksums, tmp_path):
+    # Given a custom corpus whose valid split has one Latin-1 byte on its second line.
+    folder = write_corpus(tmp_path / "src", SMALL_CORPUS)
+    text = "the cat\n dog caf\xe9 sat \n".encode("latin-1")
+    (folder / "valid.txt").write_bytes(text)
+    # When it is loaded, one DataError names the file, the byte offset and the line,
+    # before the checksums and before anything is prepared.
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_wikitext2(folder, cache_dir=tmp_path / "cache", verify_checksums=verify_checksums)
+    message = str(excinfo.value)
+    assert f"{folder / 'valid.txt'} is not UTF-8 text: byte offset 16 (line 2)" in message
+    assert text[16:17] == b"\xe9" and "b'\\xe9'" in message
+    assert_clear_error(excinfo, folder, tmp_path / "cache")
+
+
+def test_first_invalid_utf8_finds_the_byte_across_chunk_boundaries(tmp_path):
+    # Given UTF-8 text with 2-, 3- and 4-byte characters, then a lone continuation byte.
+    good = "ab\né€𝄞\nz".encode()
+    path = tmp_path / "t.txt"
+    for chunk_size in (1, 2, 3, 5, 1 << 20):  # a character split across reads is fine
+        path.write_bytes(good)
+        assert data.first_invalid_utf8(path, chunk_size) is None
+        path.write_bytes(good + b"\x80tail")
+        assert data.first_invalid_utf8(path, chunk_size) == (len(good), 3, b"\x80")
+        # A character cut short at the end of the file is invalid too.
+        path.write_bytes(good + "€".encode()[:2])
+        assert data.first_invalid_utf8(path, chunk_size)[:2] == (len(good), 3)
+
+
 def test_error_on_test_words_outside_train(tmp_path):
     folder = write_corpus(tmp_path / "src", {**SMALL_CORPUS, "test": "the unicorn\n"})
     with pytest.raises(data.DataError, match=r"test split has words outside train.*'unicorn'"):
