@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.make_parser(__doc__)
     cli.add_data_flags(parser)
     parser.add_argument("--prompt", default="the", help="space-separated words of the prompt")
-    parser.add_argument("--steps", type=int, default=30, help="tokens to generate")
+    parser.add_argument("--steps", type=cli.nonnegative_int, default=30, help="tokens to generate")
     parser.add_argument(
         "--threshold",
         type=float,
@@ -50,7 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(
-        "--chunk", type=int, default=32, help="tokens per jitted call (and per printed line)"
+        "--chunk",
+        type=cli.positive_int,
+        default=32,
+        help="tokens per jitted call (and per printed line)",
     )
     parser.add_argument(
         "--stop_at_eos",
