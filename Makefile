@@ -24,6 +24,7 @@ run: $(STAMP)
 	$(VENV)/bin/python experiments/stream_early_exit.py --workdir $(WORKDIR) --max_tokens 8192 --measures softmax_max softmax_margin learned state_saturation $(DATA_FLAG)
 
 # The whole test suite, two worker processes (pytest-xdist; a test file stays on one
-# worker, so its module fixtures and compiled shapes are shared).
+# worker, so its module fixtures and compiled shapes are shared). A worker that dies
+# ends the run at once (a restarted worker can leave xdist waiting forever).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 --durations=15 tests

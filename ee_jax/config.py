@@ -293,12 +293,15 @@ def train_preset(name: str, vocab_size: int) -> TrainConfig:
     """Training presets (run with `python experiments/train_wikitext2.py --preset NAME`).
 
     tiny: tests and the offline notebooks; seconds on a CPU; says nothing about quality.
-    cpu:  the main job on a 2-core CPU: D = 128, L = 6, BK with value solves,
-          adaptive-softmax exits weighted linearly in depth and distilled from the
-          last exit (weight 0.5), 5,500 steps (about 5.4 epochs of WikiText-2
-          train), learned exits regressing the loss gap; docs/results/preset/ has
-          the runs that chose it, the README its measured time.
-    gpu:  Colab GPU/TPU: a wider model, 10 epochs; not run on this project's machines.
+    cpu:  the main job on a 2-core CPU: D = 128, L = 6, BK with value solves and
+          no absolute positions, trained with the state carried across windows
+          (truncated BPTT), adaptive-softmax exits weighted linearly in depth and
+          distilled from the last exit (weight 0.5), 5,500 steps (about 5.4 epochs
+          of WikiText-2 train), learned exits regressing the loss gap;
+          docs/results/preset/ and docs/results/recurrence/ have the runs that
+          chose it, the README its measured time.
+    gpu:  Colab GPU/TPU: the cpu preset's choices at D = 256, L = 8, N = 256,
+          B = 64: 1,300 steps, about 10 epochs; not yet run on an accelerator.
     """
     if name not in TRAIN_PRESETS:
         raise ValueError(f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")
@@ -323,6 +326,7 @@ TRAIN_PRESETS = {
             d_model=128,
             n_layers=6,
             n_seq=128,
+            position="none",  # order from the recurrence: any length (docs/results/recurrence)
             bk_heads=16,
             bk_value_dim=8,
             z_imag=(0.05, 1.0),
@@ -341,6 +345,7 @@ TRAIN_PRESETS = {
         classifier_token_fraction=0.25,
         classifier_target="loss_gap",
         distillation_weight=0.5,
+        carry_state=True,  # truncated BPTT over contiguous rows, as the LSTM baselines
     ),
     "gpu": lambda vocab_size: TrainConfig(
         model=ModelConfig(
@@ -348,18 +353,25 @@ TRAIN_PRESETS = {
             d_model=256,
             n_layers=8,
             n_seq=256,
+            position="none",
             bk_heads=32,
+            bk_value_dim=8,
             z_imag=(0.02, 1.0),
             dropout=0.2,
             output="adaptive",
         ),
         batch_size=64,
-        steps=12000,
+        steps=1300,
         learning_rate=2e-3,
-        warmup_steps=500,
-        log_every=100,
-        checkpoint_every=1000,
+        warmup_steps=100,
+        log_every=50,
+        checkpoint_every=250,
         eval_batch_size=64,
-        classifier_target="loss_gap",  # exited earlier than "agreement" on the cpu preset
+        exit_weighting="linear",
+        exit_token_fraction=0.25,
+        classifier_token_fraction=0.25,
+        classifier_target="loss_gap",
+        distillation_weight=0.5,
+        carry_state=True,
     ),
 }

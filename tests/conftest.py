@@ -14,9 +14,17 @@ import jax  # noqa: E402
 
 import ee_jax  # noqa: E402
 
-# Compiled programs go to the repository's ignored .cache/jax (or $EE_JAX_CACHE_DIR).
+# JAX's persistent compilation cache stays off unless $EE_JAX_CACHE_DIR names a
+# folder: with jax 0.10.2 on CPU, writing an entry (executable serialisation) and
+# reading one each crashed a test worker with a segmentation fault, once in a
+# hundred runs or so. The environment variable reaches the scripts the suite runs
+# in subprocesses, which call `ee_jax.enable_compilation_cache()` themselves.
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ee_jax.enable_compilation_cache(os.environ.get("EE_JAX_CACHE_DIR") or REPO / ".cache" / "jax")
+if os.environ.get("EE_JAX_CACHE_DIR"):
+    ee_jax.enable_compilation_cache(os.environ["EE_JAX_CACHE_DIR"])
+else:
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    jax.config.update("jax_enable_compilation_cache", False)
 ee_jax.keep_freed_memory()
 jax.config.update("jax_default_matmul_precision", "highest")
 

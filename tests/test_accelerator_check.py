@@ -34,7 +34,6 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("accelerator_check") / "dry.json"
     env = {k: v for k, v in os.environ.items() if k != "EE_JAX_DATA_DIR"}
     env["PYTHONPATH"] = str(REPO)
-    env.setdefault("EE_JAX_CACHE_DIR", str(REPO / ".cache" / "jax"))
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--dry_run", "--out", str(out)],
         env=env,
