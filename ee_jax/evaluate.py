@@ -137,6 +137,9 @@ class ExitScores:
     argmax: np.ndarray  # [L, T] int32: each exit's top-1 prediction
     confidence: dict  # measure value -> [L, T] float32
     tail_use: np.ndarray  # [K] float64: share of the targets in each adaptive tail cluster
+    # [T] int32: the block of text each token belongs to, window index * B + row (a
+    # window of one row: n_seq tokens); the independent units of `ee_jax.calibrate`.
+    unit: np.ndarray
 
     @property
     def tokens(self) -> int:
@@ -157,10 +160,17 @@ def collect_exit_scores(
     """
     check_stream(stream, model.config)
 
+    rows = stream.inputs.shape[0]
+    windows = iter(range(len(stream)))
+
     def window(state, batch):
         scores, after = _window_scores(model, params, state, batch.inputs, batch.targets)
         scores = jax.device_get(scores)
-        return {name: value[:, batch.mask] for name, value in scores.items()}, after  # [L, t]
+        mask = np.asarray(batch.mask, bool)
+        kept = {name: value[:, mask] for name, value in scores.items()}  # [L, t]
+        unit = next(windows) * rows + np.arange(rows)[:, None]  # [B, 1]
+        kept["unit"] = np.broadcast_to(unit, mask.shape)[mask][None]  # [1, t]
+        return kept, after
 
     parts = map_windows(model, stream, window, carry=carry, desc="score exits", progress=progress)
     joined = {name: np.concatenate([part[name] for part in parts], axis=1) for name in parts[0]}
@@ -169,6 +179,7 @@ def collect_exit_scores(
         argmax=joined["argmax"],
         confidence={m.value: joined[m.value] for m in ExitMeasure},
         tail_use=tail_use_of(model.config, stream.targets, stream.mask),
+        unit=joined["unit"][0].astype(np.int32),
     )
 
 
@@ -241,6 +252,7 @@ def depth_row(scores: ExitScores, depths: np.ndarray, config, measure: str) -> d
     full_nll = scores.nll[-1].mean()
     counts = np.bincount(depths, minlength=n_layers)
     per_depth, full = exit_flops(config, measure, "compute", scores.tail_use)
+    halting, _ = exit_flops(config, measure, "freeze", scores.tail_use)
     average = float(np.mean(depths + 1))
     return {
         "ppl": float(np.exp(nll.mean())),
@@ -249,7 +261,10 @@ def depth_row(scores: ExitScores, depths: np.ndarray, config, measure: str) -> d
         "avg_exit_layer": average,
         "exit_distribution": (counts / tokens).tolist(),
         "layer_speedup": n_layers / average,
+        # exited_state "compute" (what the sweep scores: exited tokens still run every
+        # block, so 1.00x for measures without a head) and "freeze" (real halting).
         "flops_speedup": float(full * tokens / np.dot(counts, per_depth)),
+        "halting_flops_speedup": float(full * tokens / np.dot(counts, halting)),
         "tokens": tokens,
     }
 
@@ -450,6 +465,8 @@ def evaluate_checkpoint(
     timing_windows: int = 8,
     carry: bool = False,
     progress: bool = True,
+    ltt_risks=(("consistency", 0.05), ("quality", 1 - 1 / 1.02)),
+    ltt_delta: float = 0.1,
 ) -> dict:
     """The whole early-exit evaluation of a trained model (see the module docstring).
 
@@ -462,6 +479,8 @@ def evaluate_checkpoint(
         "continuous" protocol (`map_windows`); the real halting loop and the
         timings read windows from a fresh state either way ("window"), as the
         results record under "protocol" and "real_loop_protocol".
+      ltt_risks: (risk, epsilon) pairs certified by Learn-then-Test at level
+        ltt_delta (`learn_then_test_rows`).
 
     Returns a JSON-ready dict: full-depth exit perplexities, the threshold sweep per
     measure on test, the oracle row, the threshold calibrated on valid per measure
@@ -513,6 +532,9 @@ def evaluate_checkpoint(
         results["real_loop"].append(
             real_loop_row(model, params, test, threshold, measure, progress=progress)
         )
+    results["learn_then_test"] = learn_then_test_rows(
+        valid_scores, test_scores, config, measures, thresholds, ltt_risks, ltt_delta
+    )
     timed = sorted({*(c["threshold"] for c in results["calibration"].values()), 0.9, 1.0})
     results["timing"] = {
         measure: time_early_exit(
@@ -521,3 +543,48 @@ def evaluate_checkpoint(
         for measure in measures
     }
     return results
+
+
+LTT_BUDGETS_PCT = (0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)  # perplexity budgets tried
+
+
+def learn_then_test_rows(valid, test, config, measures, thresholds, risks, delta, *, splits=200):
+    """Learn-then-Test thresholds (`ee_jax.calibrate`) for every measure and risk:
+    certified on valid's units, checked on test's, and the violation rate over
+    `splits` random halvings of valid + test units. For the quality risk also the
+    smallest perplexity budget of LTT_BUDGETS_PCT that certifies some early exit.
+
+    Returns a JSON-ready list of rows (`calibrate.certify` plus "violation_rate",
+    "splits", and for quality "smallest_budget_pct").
+    """
+    from ee_jax import calibrate  # it builds on this module's scores
+
+    grid = np.sort(np.unique(np.append(np.asarray(thresholds, np.float64), 1.0)))[::-1]
+    rows = []
+    for measure in measures:
+        for risk, epsilon in risks:
+            row = calibrate.certify(
+                valid, test, config, measure, grid, risk=risk, epsilon=epsilon, delta=delta
+            )
+            pooled = np.concatenate(
+                [calibrate.unit_risks(s, measure, grid, risk)[0] for s in (valid, test)], axis=1
+            )
+            rate, realised, chosen = calibrate.violation_rate(
+                pooled, grid, risk, epsilon, delta, splits=splits
+            )
+            row.update(violation_rate=rate, splits=splits, mean_realised_risk=realised)
+            if risk == "quality":
+                valid_risks = calibrate.unit_risks(valid, measure, grid, risk)[0]
+                row["smallest_budget_pct"] = next(
+                    (
+                        budget
+                        for budget in LTT_BUDGETS_PCT
+                        if calibrate.learn_then_test(
+                            valid_risks, grid, risk, 1 - 1 / (1 + budget / 100), delta
+                        ).threshold
+                        < 1.0
+                    ),
+                    None,
+                )
+            rows.append(row)
+    return rows

@@ -74,12 +74,23 @@ class BKLayer(nn.Module):
         the previous position; zeros before the first) -> ([B, N, D] BK features, the
         state after position N-1). A bidirectional model ignores and returns `state`."""
         config = self.config
+        if not config.causal:
+            diag = jnp.swapaxes(self.potentials(x), -1, -2)  # [B, H, N]
+            off = jnp.float32(config.h0_offdiagonal)
+            z = jnp.broadcast_to(head_z(config), diag.shape[:-1])  # [B, H]
+            green = resolvent_diagonal(diag, off, off, z, method=config.bk_method)  # [B, H, N]
+            return self.features_to_output((jnp.swapaxes(green, -1, -2), None)), state
+        features, (green, solved) = self.trace(x, state)
+        return features, (green[:, -1], solved[:, -1])
+
+    def trace(self, x: jax.Array, state: BKState) -> tuple[jax.Array, BKState]:
+        """The causal core keeping the state after every position: [B, N, D] and the
+        state before position 0 -> ([B, N, D] features, (G [B, N, H], y [B, N, H, P])),
+        where [:, i] is the state after position i (what decoding would hold there)."""
+        config = self.config
         diag = jnp.swapaxes(self.potentials(x), -1, -2)  # [B, H, N]
         off = jnp.float32(config.h0_offdiagonal)
         z = jnp.broadcast_to(head_z(config), diag.shape[:-1])  # [B, H]
-        if not config.causal:
-            green = resolvent_diagonal(diag, off, off, z, method=config.bk_method)  # [B, H, N]
-            return self.features_to_output((jnp.swapaxes(green, -1, -2), None)), state
         if not config.bk_value_dim:
             green = resolvent_diagonal(
                 diag,
@@ -91,16 +102,15 @@ class BKLayer(nn.Module):
                 initial=state[0],
                 link=(off, off),
             )  # [B, H, N]
-            features = self.features_to_output((jnp.swapaxes(green, -1, -2), None))
-            return features, (green[..., -1], state[1])
+            green = jnp.swapaxes(green, -1, -2)  # [B, N, H]
+            solved = jnp.broadcast_to(state[1][:, None], (*green.shape, 0))  # [B, N, H, 0]
+            return self.features_to_output((green, None)), (green, solved)
         values = jnp.moveaxis(self.value_vectors(x), 1, 2)  # [B, H, N, P]
         green, solved = causal_solve(
             diag, off, off, z, values, method=config.bk_method, initial=state, link=(off, off)
         )  # [B, H, N], [B, H, N, P]
-        features = self.features_to_output(
-            (jnp.swapaxes(green, -1, -2), jnp.moveaxis(solved, 2, 1))
-        )
-        return features, (green[..., -1], solved[..., -1, :])
+        readout = (jnp.swapaxes(green, -1, -2), jnp.moveaxis(solved, 2, 1))  # [B, N, H(, P)]
+        return self.features_to_output(readout), readout
 
     def step(self, x: jax.Array, state: BKState) -> tuple[jax.Array, BKState]:
         """One position of the causal core: x [B, D], state (G [B, H], y [B, H, P]) of
@@ -261,6 +271,22 @@ class Block(nn.Module):
         if self.config.mixer == "attention":
             return x, self.attention(x), bk_state
         return x, jnp.zeros_like(x), bk_state
+
+    def trace_from(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, BKState]:
+        """The block at inference continuing from `bk_state`, keeping the BK state after
+        every position: h [B, N, D] -> (block output [B, N, D], (G [B, N, H],
+        y [B, N, H, P])), [:, i] the state after position i (`BKLayer.trace`)."""
+        x = self.norm(h)
+        if self.config.mixer == "bk":
+            features, states = self.bk.trace(x, bk_state)
+            mixed = self.bk_scale * features
+        else:  # no mixer: the state never changes
+            mixed = jnp.zeros_like(x)
+            states = jax.tree.map(
+                lambda s: jnp.broadcast_to(s[:, None], (s.shape[0], h.shape[1], *s.shape[1:])),
+                bk_state,
+            )
+        return h + (self.feed_forward(x) + mixed), states  # the sum of __call__
 
     def mix_step(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
         """`mix` at one position when decoding: h [B, D] -> (LN(h), mixer output, state)."""
@@ -569,6 +595,21 @@ class EarlyExitLM(nn.Module):
         _, (states, balance_losses, bk_state) = jax.lax.scan(step, h, xs)
         after = RecurrentState(position=state.position + tokens.shape[1], bk_state=bk_state)
         return states, balance_losses, after
+
+    def trace_blocks(self, h: jax.Array, bk_state: BKState, first: int):
+        """Blocks first..L-1 (0-based, static) at inference on h [B, N, D], the output of
+        block first-1, from their BK states (G [L-first, B, H], y [L-first, B, H, P]):
+        -> (output of the last block [B, N, D], the BK state of each of these layers
+        after every position: (G [L-first, B, N, H], y [L-first, B, N, H, P])).
+        The verify pass of self-speculative decoding (`ee_jax.speculative`)."""
+        block = Block(self.config, parent=None)
+
+        def step(h, inputs):
+            params, bk_state = inputs
+            return block.apply({"params": params}, h, bk_state, method=Block.trace_from)
+
+        params = jax.tree.map(lambda p: p[first:], self.blocks)
+        return jax.lax.scan(step, h, (params, bk_state))
 
     def exit_logits(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """Every exit's logits, [L, B, N, V] (the training path; differentiable)."""

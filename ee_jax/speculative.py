@@ -1,0 +1,353 @@
+"""Self-speculative decoding: early exits made lossless.
+
+Exit e (blocks 1..e, then its head) drafts k tokens one at a time; blocks
+e+1..L then read the k + 1 tokens fed in the round (the last accepted token and
+the k drafts) in one parallel pass from their saved BK states
+(`EarlyExitLM.trace_blocks`). That pass gives the full model's prediction at
+each of the k + 1 positions, and every layer's state after each position. Each
+row keeps its drafts up to the first one the full model rejects, plus one token
+of the full model's (a correction, or a bonus after k accepted drafts): 1 to
+k + 1 tokens per verify pass. Because a recurrent layer's state after every
+position comes out of the parallel pass, rolling a row back to its last accepted
+token is picking an index; a transformer would have to trim a key-value cache.
+Rows accept different counts and keep going at their own positions.
+
+Greedy (temperature 0), the tokens are full-depth greedy decoding's
+(`decode.generate` at threshold 1.0). Sampling accepts a draft d with
+probability min(1, p(d) / q(d)) and replaces the first rejected one by a sample
+of norm(max(0, p - q)) (speculative sampling: Leviathan et al. 2023, "Fast
+Inference from Transformers via Speculative Decoding"; Chen et al. 2023), so
+the output has exactly the full model's distribution (p, q: the full model's and
+the draft exit's distributions after temperature and top-k).
+
+Self-speculation with a model's own early layers: Draft & Verify (Zhang et al.
+2023), LayerSkip (Elhoushi et al. 2024).
+"""
+
+import dataclasses
+import functools
+import numbers
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ee_jax import adaptive
+from ee_jax.decode import (
+    DecodeState,
+    _check_count,
+    _prefill,
+    check_decodable,
+    check_sampling,
+    sample_tokens,
+)
+from ee_jax.model import EarlyExitLM, check_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeStats:
+    """What the rounds of `speculative_generate` did, per row.
+
+    accepted_per_round: [R, B] drafts accepted by each verify pass (0..k), -1
+      after the row had all its tokens (R: the most rounds any row took).
+    draft_tokens: k, drafts per round.
+    """
+
+    accepted_per_round: np.ndarray
+    draft_tokens: int
+
+    @property
+    def rounds(self) -> np.ndarray:
+        """Verify passes per row; [B]."""
+        return (self.accepted_per_round >= 0).sum(axis=0)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts / drafted tokens, over every round of every row."""
+        done = self.accepted_per_round[self.accepted_per_round >= 0]
+        return float(done.sum() / (done.size * self.draft_tokens)) if done.size else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """New tokens per verify pass (accepted drafts + 1), over every round of every row."""
+        done = self.accepted_per_round[self.accepted_per_round >= 0]
+        return float(done.mean() + 1) if done.size else 0.0
+
+
+def speculative_generate(
+    model: EarlyExitLM,
+    variables,
+    prompt,
+    steps: int,
+    rng,
+    *,
+    draft_exit: int,
+    draft_tokens: int,
+    temperature: float = 0.0,
+    sample_top_k: int | None = None,
+):
+    """Continues each [B, P] prompt by `steps` tokens of the full model, drafted by an
+    early exit and verified by the remaining blocks (module docstring).
+
+    The prompt is read in one parallel pass (as `decode.generate`); then the whole
+    draft-verify-accept loop is one jitted `lax.while_loop`, each row at its own
+    position. temperature 0 is greedy; otherwise sampling from softmax(logits / T)
+    over the sample_top_k largest logits when given (as `decode.sample_tokens`).
+
+    Args:
+      prompt: [B, P] ids, P >= 1.
+      steps: new tokens per row, an integer >= 0.
+      rng: a PRNG key (used when temperature > 0).
+      draft_exit: the exit that drafts, an integer in [1, L - 1] (1-based: after block 1).
+      draft_tokens: k >= 1, drafts per verify pass.
+
+    Returns:
+      (tokens [B, P + steps] int32, `SpeculativeStats`).
+
+    Raises:
+      ValueError: a bidirectional or attention model, a bad prompt (`check_tokens`),
+        steps, draft_exit or draft_tokens out of range, positions past a "learned"
+        position table, or bad sampling parameters; raised before any computation.
+    """
+    config = model.config
+    check_decodable(config)
+    check_tokens(prompt, config, stream=True)
+    _check_count("steps", steps, 0)
+    _check_count("draft_tokens", draft_tokens, 1)
+    if (
+        isinstance(draft_exit, bool)
+        or not isinstance(draft_exit, numbers.Integral)
+        or not 1 <= draft_exit < config.n_layers
+    ):
+        raise ValueError(
+            f"draft_exit must be an integer in [1, {config.n_layers - 1}] (an exit before "
+            f"the last), got {draft_exit!r}"
+        )
+    check_sampling(temperature, sample_top_k, config.vocab_size)
+    batch, prompt_length = np.shape(prompt)
+    if config.position == "learned" and prompt_length + steps - 1 > config.n_seq:
+        raise ValueError(
+            f"prompt length {prompt_length} + steps {steps} - 1 must be at most "
+            f'n_seq={config.n_seq} for position "learned"; a model with position "none" '
+            f"generates any length"
+        )
+    prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
+    state = DecodeState.make(config, batch)
+    if prompt_length > 1:
+        state = _prefill(model, variables, state, prompt[:, :-1])
+    if steps == 0:
+        return prompt, SpeculativeStats(np.zeros((0, batch), np.int32), draft_tokens)
+    new, accepted = _speculative_loop(
+        model,
+        variables,
+        state,
+        prompt[:, -1],
+        rng,
+        jnp.float32(temperature),
+        steps,
+        int(draft_exit),
+        int(draft_tokens),
+        temperature == 0,
+        sample_top_k,
+    )
+    accepted = np.asarray(accepted)
+    rounds = int((accepted >= 0).any(axis=1).sum())
+    stats = SpeculativeStats(accepted[:rounds], int(draft_tokens))
+    return jnp.concatenate([prompt, new[:, :steps]], axis=1), stats
+
+
+def warped_log_probs(logits, temperature, sample_top_k):
+    """log of `sample_tokens`' distribution for temperature > 0: softmax(logits / T) over
+    the sample_top_k largest logits (ties at the cut: lowest ids); [..., V]."""
+    logits = logits.astype(jnp.float32)
+    if sample_top_k is not None:
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        rank = jnp.argsort(order, axis=-1)
+        logits = jnp.where(rank < sample_top_k, logits, -jnp.inf)
+    # (logits - max) <= 0, so dividing by a small T gives -inf at worst, never inf.
+    return jax.nn.log_softmax((logits - jnp.max(logits, -1, keepdims=True)) / temperature)
+
+
+def _per_row(x, index, position_axis: int, batch_axis: int):
+    """Each row's entry at its own position: x with position_axis removed, where row b
+    (along batch_axis) takes position index[b]."""
+    row_position_axis = position_axis - (position_axis > batch_axis)
+    out_batch_axis = batch_axis - (position_axis < batch_axis)
+    take = lambda row, i: jnp.take(row, i, axis=row_position_axis)  # noqa: E731
+    return jax.vmap(take, in_axes=(batch_axis, 0), out_axes=out_batch_axis)(x, index)
+
+
+def draft(model, variables, token, position, bk_state, key, *, draft_exit, k, sampling):
+    """k draft tokens from exit `draft_exit`, one step at a time, then the k-th fed too.
+
+    Args:
+      token: [B] the last accepted token (not yet fed); position: [B] its position.
+      bk_state: (G [e, B, H], y [e, B, H, P]) of blocks 1..e before `token`.
+      sampling: None (greedy: the exit's argmax, `adaptive.exact_argmax`) or
+        (temperature [], sample_top_k) for draws from the exit's distribution.
+
+    Returns:
+      (layer-e hidden states of the k + 1 fed tokens [B, k+1, D], the states of blocks
+      1..e after each (G [k+1, e, B, H], y [k+1, e, B, H, P]), drafts [B, k],
+      log q of each draft step [B, k, V] or None when greedy).
+    """
+    config = model.config
+    apply = functools.partial(model.apply, variables)
+
+    def blocks(token, position, bk_state):  # blocks 1..e for one token per row
+        if config.position == "learned":
+            # Past the table only drafts beyond `steps` are fed: their tokens are dropped.
+            position = jnp.minimum(position, config.n_seq - 1)
+        hidden = apply(token, position, method=EarlyExitLM.embed_position)
+        layer_states = []
+        for layer in range(draft_exit):
+            layer_state = jax.tree.map(operator.itemgetter(layer), bk_state)
+            x, mixed, layer_state = apply(
+                "mix_step", layer, hidden, layer_state, method=EarlyExitLM.block_part
+            )
+            update = apply("feed_forward", layer, x, method=EarlyExitLM.block_part)
+            hidden = hidden + (update + mixed)  # the sum of Block.__call__
+            layer_states.append(layer_state)
+        return hidden, jax.tree.map(lambda *xs: jnp.stack(xs), *layer_states)
+
+    def head(hidden, key):  # the draft exit's token [B] and log q [B, V] (sampling)
+        if sampling is None:
+            output = apply(draft_exit - 1, method=EarlyExitLM.output_layer)
+            features = apply(hidden, draft_exit - 1, method=EarlyExitLM.exit_features)
+            return adaptive.exact_argmax(output, features)[0], None
+        logits = apply(hidden, draft_exit - 1, method=EarlyExitLM.exit_head)
+        log_q = warped_log_probs(logits, *sampling)
+        return jax.random.categorical(key, log_q).astype(jnp.int32), log_q
+
+    def step(carry, j):
+        token, bk_state = carry
+        hidden, bk_state = blocks(token, position + j, bk_state)
+        drafted, log_q = head(hidden, jax.random.fold_in(key, j))
+        return (drafted, bk_state), (hidden, bk_state, drafted, log_q)
+
+    (last, bk_state), (hiddens, states, drafts, log_q) = jax.lax.scan(
+        step, (token, bk_state), jnp.arange(k)
+    )
+    hidden, bk_state = blocks(last, position + k, bk_state)
+    hiddens = jnp.concatenate([hiddens, hidden[None]])  # [k+1, B, D]
+    states = jax.tree.map(lambda xs, x: jnp.concatenate([xs, x[None]]), states, bk_state)
+    log_q = None if log_q is None else jnp.swapaxes(log_q, 0, 1)
+    return jnp.swapaxes(hiddens, 0, 1), states, drafts.T, log_q
+
+
+def verify(model, variables, hiddens, bk_state, *, draft_exit):
+    """Blocks e+1..L on the layer-e hidden states [B, k+1, D] of a round in one pass
+    from their states (G [L-e, B, H], y [L-e, B, H, P]): (the final exit's logits
+    [B, k+1, V], their states after each position (G [L-e, B, k+1, H], ...))."""
+    apply = functools.partial(model.apply, variables)
+    final, states = apply(hiddens, bk_state, draft_exit, method=EarlyExitLM.trace_blocks)
+    return apply(final, model.config.n_layers - 1, method=EarlyExitLM.exit_head), states
+
+
+def accept(drafts, log_q, logits, key, sampling):
+    """Each row's accepted drafts and its one token from the full model.
+
+    Greedy (sampling None): drafts are kept while they equal the full model's argmax;
+    the extra token is the argmax at the first disagreement (or after the last
+    draft). Sampling: a draft d is kept with probability min(1, p(d) / q(d)); the
+    extra token is drawn from norm(max(0, p - q)) at the first rejection, from p
+    after k accepted drafts (Leviathan et al. 2023, algorithm 1).
+
+    Args:
+      drafts: [B, k]; log_q: [B, k, V] or None; logits: the full model's [B, k+1, V].
+
+    Returns:
+      (accepted drafts per row [B] int32 in [0, k], extra token [B] int32).
+    """
+    batch, k = drafts.shape
+    if sampling is None:
+        target = sample_tokens(logits.reshape(batch * (k + 1), -1), key, 0.0)
+        target = target.reshape(batch, k + 1)  # the full model's argmax at each place
+        accepted = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1)
+        return accepted, jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
+    log_p = warped_log_probs(logits, *sampling)  # [B, k+1, V]
+    at_draft = lambda lp: jnp.take_along_axis(lp, drafts[..., None], axis=-1)[..., 0]  # noqa: E731
+    ratio = jnp.exp(at_draft(log_p[:, :k]) - at_draft(log_q))  # p(d) / q(d); q(d) > 0: drawn
+    uniform = jax.random.uniform(jax.random.fold_in(key, 0), (batch, k))
+    accepted = jnp.sum(jnp.cumprod(uniform < ratio, axis=1), axis=1)
+    p = _per_row(jnp.exp(log_p), accepted, 1, 0)  # [B, V] at the first rejected place
+    no_draft = jnp.full_like(log_q[:, :1], -jnp.inf)  # after k accepted drafts: q = 0
+    q = _per_row(jnp.exp(jnp.concatenate([log_q, no_draft], axis=1)), accepted, 1, 0)
+    residual = jnp.maximum(p - q, 0.0)
+    # A rejection where p <= q everywhere has probability 0; if rounding makes one, p.
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p)
+    extra = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(residual))
+    return accepted, extra.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10))
+def _speculative_loop(
+    model, variables, state, token, rng, temperature, steps, draft_exit, k, greedy, sample_top_k
+):
+    """The draft-verify-accept rounds from `token` [B] (not yet fed) and `state`:
+    (new tokens [B, steps + k + 1] (the first `steps` valid), accepted drafts per
+    round [steps, B] (-1 where the row had finished or the round never ran))."""
+    batch = token.shape[0]
+    sampling = None if greedy else (temperature, sample_top_k)
+
+    def split(tree):  # (blocks 1..e, blocks e+1..L) of a layer-stacked tree
+        return jax.tree.map(lambda x: x[:draft_exit], tree), jax.tree.map(
+            lambda x: x[draft_exit:], tree
+        )
+
+    def round_fn(carry):
+        tokens, count, last, position, bk_state, accepted_log, round_index = carry
+        key = jax.random.fold_in(rng, round_index)
+        lower, upper = split(bk_state)
+        hiddens, lower_states, drafts, log_q = draft(
+            model,
+            variables,
+            last,
+            position,
+            lower,
+            jax.random.fold_in(key, 0),
+            draft_exit=draft_exit,
+            k=k,
+            sampling=sampling,
+        )
+        logits, upper_states = verify(model, variables, hiddens, upper, draft_exit=draft_exit)
+        accepted, extra = accept(drafts, log_q, logits, jax.random.fold_in(key, 1), sampling)
+        active = count < steps  # [B]: rows still short of `steps` tokens
+        slot = jnp.arange(k + 1)
+        new = jnp.concatenate([drafts, extra[:, None]], axis=1)  # [B, k+1]
+        new = jnp.where(slot == accepted[:, None], extra[:, None], new)
+        keep = (slot <= accepted[:, None]) & active[:, None]
+        index = jnp.where(keep, count[:, None] + slot, tokens.shape[1])  # out of range: dropped
+        tokens = tokens.at[jnp.arange(batch)[:, None], index].set(new, mode="drop")
+        # Roll back: every layer's state after the last accepted token (place `accepted`).
+        rolled = jax.tree.map(
+            lambda low, high: jnp.concatenate(
+                [_per_row(low, accepted, 0, 2), _per_row(high, accepted, 2, 1)]
+            ),
+            lower_states,
+            upper_states,
+        )  # (G [L, B, H], y [L, B, H, P])
+        bk_state = jax.tree.map(
+            lambda new, old: jnp.where(active.reshape(1, batch, *[1] * (new.ndim - 2)), new, old),
+            rolled,
+            bk_state,
+        )
+        step = jnp.where(active, accepted + 1, 0)
+        accepted_log = accepted_log.at[round_index].set(jnp.where(active, accepted, -1))
+        last = jnp.where(active, extra, last)
+        return tokens, count + step, last, position + step, bk_state, accepted_log, round_index + 1
+
+    carry = (
+        jnp.zeros((batch, steps + k + 1), jnp.int32),
+        jnp.zeros(batch, jnp.int32),
+        token,
+        jnp.broadcast_to(state.position, (batch,)).astype(jnp.int32),
+        state.bk_state,
+        jnp.full((steps, batch), -1, jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
+    tokens, *_, accepted_log, _ = jax.lax.while_loop(
+        lambda carry: jnp.any(carry[1] < steps), round_fn, carry
+    )
+    return tokens, accepted_log

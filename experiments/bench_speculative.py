@@ -1,0 +1,226 @@
+"""Benchmark of self-speculative decoding (`ee_jax.speculative`) on a trained run.
+
+    python experiments/bench_speculative.py --workdir runs/cpu [--json FILE]
+
+Prompts are --prompt_length tokens of the WikiText-2 test split (row b starts at
+b x 997), greedy decoding:
+1. Acceptance: for every draft exit e in 1..L-1 and k in --draft_tokens, the
+   acceptance rate, tokens per verify pass and tokens/s of `speculative_generate`
+   at B = 1 over --search_steps tokens; the best (e, k) by tokens/s.
+2. Lossless: the best (e, k) against full-depth greedy `decode.generate`
+   (threshold 1.0) over --check_tokens tokens at B = 1 and B = 8: the share of
+   tokens that are identical.
+3. Speed, in the same process, medians of --repeats: tokens/s of full-depth,
+   early-exit (`decode.generate` at --exit_measure/--exit_threshold: the run's
+   calibrated threshold when results.json has one) and speculative decoding at
+   B = 1 and B = 8, over --steps tokens each; and the time of one draft (k + 1
+   steps of blocks 1..e) and one verify pass (blocks e+1..L on k + 1 positions).
+
+Prints tables and writes --json.
+"""
+
+import argparse
+import functools
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ee_jax
+from ee_jax import cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.make_parser(__doc__)
+    cli.add_data_flags(parser)
+    parser.add_argument(
+        "--draft_tokens",
+        type=cli.positive_int,
+        nargs="+",
+        default=[1, 2, 3, 4, 6],
+        help="k values searched",
+    )
+    parser.add_argument("--prompt_length", type=cli.positive_int, default=32)
+    parser.add_argument("--search_steps", type=cli.positive_int, default=512)
+    parser.add_argument("--check_tokens", type=cli.positive_int, default=10_000)
+    parser.add_argument("--steps", type=cli.positive_int, default=512, help="timed tokens")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3)
+    parser.add_argument("--exit_measure", default="learned")
+    parser.add_argument(
+        "--exit_threshold",
+        type=cli.probability,
+        default=None,
+        help="default: the run's calibrated threshold for --exit_measure (results.json)",
+    )
+    parser.add_argument("--json", default="bench_speculative.json", help="results file")
+    return parser.parse_args(argv)
+
+
+def median_s(call, repeats: int) -> float:
+    """Median wall time of call() (its outputs made ready) after one warm-up call."""
+    jax.block_until_ready(call())
+    durations = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        durations.append(time.perf_counter() - start)
+    return statistics.median(durations)
+
+
+def prompts(corpus, batch: int, length: int) -> np.ndarray:
+    ids = np.asarray(corpus.test, np.int32)
+    return np.stack([ids[b * 997 : b * 997 + length] for b in range(batch)])
+
+
+def calibrated_threshold(workdir, measure: str) -> float | None:
+    path = pathlib.Path(workdir) / "results.json"
+    if not path.exists():
+        return None
+    calibration = json.loads(path.read_text()).get("calibration", {})
+    return calibration.get(measure, {}).get("threshold")
+
+
+def search(model, variables, prompt, args) -> list[dict]:
+    from ee_jax.speculative import speculative_generate
+
+    rows = []
+    for draft_exit in range(1, model.config.n_layers):
+        for k in args.draft_tokens:
+            options = dict(draft_exit=draft_exit, draft_tokens=k)
+            run = functools.partial(
+                speculative_generate,
+                model,
+                variables,
+                prompt,
+                args.search_steps,
+                jax.random.key(0),
+                **options,
+            )
+            seconds = median_s(lambda run=run: run()[0], 1)
+            stats = run()[1]
+            rows.append(
+                {
+                    **options,
+                    "acceptance_rate": stats.acceptance_rate,
+                    "tokens_per_round": stats.tokens_per_round,
+                    "tokens_per_s": args.search_steps / seconds,
+                }
+            )
+            print(
+                f"e={draft_exit} k={k}: acceptance {stats.acceptance_rate:.3f}, "
+                f"{stats.tokens_per_round:.2f} tokens/round, "
+                f"{rows[-1]['tokens_per_s']:.0f} tokens/s",
+                flush=True,
+            )
+    return rows
+
+
+def lossless(model, variables, corpus, best, args) -> dict:
+    from ee_jax.decode import generate
+    from ee_jax.speculative import speculative_generate
+
+    result = {}
+    for batch in (1, 8):
+        steps = -(-args.check_tokens // batch)
+        prompt = prompts(corpus, batch, args.prompt_length)
+        full, _ = generate(model, variables, prompt, steps, jax.random.key(0), threshold=1.0)
+        spec, _ = speculative_generate(model, variables, prompt, steps, jax.random.key(0), **best)
+        new = slice(args.prompt_length, None)
+        same = np.asarray(full[:, new]) == np.asarray(spec[:, new])
+        result[f"B{batch}"] = {"tokens": int(same.size), "identical": float(same.mean())}
+    return result
+
+
+def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> dict:
+    """tokens/s of full-depth, early-exit and speculative decoding at one batch size,
+    and one round's draft and verify time."""
+    from ee_jax import speculative
+    from ee_jax.decode import DecodeState, generate
+    from ee_jax.speculative import speculative_generate
+
+    prompt = prompts(corpus, batch, args.prompt_length)
+    key = jax.random.key(0)
+    common = (model, variables, prompt, args.steps, key)
+    calls = {
+        "full depth": lambda: generate(*common, threshold=1.0),
+        "early exit": lambda: generate(*common, threshold=threshold, measure=args.exit_measure),
+        "speculative": lambda: speculative_generate(*common, **best)[0],
+    }
+    seconds = {name: median_s(call, args.repeats) for name, call in calls.items()}
+    row = {f"{name} tokens/s": batch * args.steps / s for name, s in seconds.items()}
+    row["speculative / full depth"] = seconds["full depth"] / seconds["speculative"]
+    row["early exit / full depth"] = seconds["full depth"] / seconds["early exit"]
+    # One round's two parts, timed alone from a fresh state.
+    e, k = best["draft_exit"], best["draft_tokens"]
+    state = DecodeState.make(model.config, batch).bk_state
+    lower, upper = (jax.tree.map(lambda x: x[:e], state), jax.tree.map(lambda x: x[e:], state))
+    token, position = jnp.asarray(prompt[:, 0]), jnp.zeros(batch, jnp.int32)
+    options = dict(draft_exit=e, k=k, sampling=None)
+    draft = jax.jit(
+        lambda: speculative.draft(model, variables, token, position, lower, key, **options)
+    )
+    hiddens = draft()[0]
+    verify = jax.jit(lambda: speculative.verify(model, variables, hiddens, upper, draft_exit=e))
+    row["draft ms per round"] = 1e3 * median_s(draft, 10 * args.repeats)
+    row["verify ms per round"] = 1e3 * median_s(verify, 10 * args.repeats)
+    return row
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ee_jax.enable_compilation_cache()
+    from ee_jax.model import EarlyExitLM
+
+    try:
+        config, variables, step, corpus = cli.load_run(args)
+    except cli.USER_ERRORS as error:
+        return cli.report_error(error)
+    model = EarlyExitLM(config.model)
+    threshold = args.exit_threshold
+    if threshold is None:
+        threshold = calibrated_threshold(args.workdir, args.exit_measure)
+    if threshold is None:
+        return cli.report_error(
+            ValueError(
+                f"{args.workdir} has no calibrated {args.exit_measure} threshold: "
+                "pass --exit_threshold"
+            )
+        )
+    prompt = prompts(corpus, 1, args.prompt_length)
+    rows = search(model, variables, prompt, args)
+    best_row = max(rows, key=lambda row: row["tokens_per_s"])
+    best = {"draft_exit": best_row["draft_exit"], "draft_tokens": best_row["draft_tokens"]}
+    results = {
+        "run": f"{args.workdir} step {step}",
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", *sys.argv]),
+        "search": rows,
+        "best": best,
+        "early_exit": {"measure": args.exit_measure, "threshold": threshold},
+        "lossless": lossless(model, variables, corpus, best, args),
+        "speed": {
+            f"B{batch}": speed_row(model, variables, corpus, best, threshold, args, batch)
+            for batch in (1, 8)
+        },
+    }
+    cli.write_json(args.json, results)
+    print(f"\nbest: draft exit {best['draft_exit']}, k = {best['draft_tokens']}")
+    for name, check in results["lossless"].items():
+        print(f"{name}: {100 * check['identical']:.2f}% of {check['tokens']} tokens identical")
+    columns = list(results["speed"]["B1"])
+    print("| B | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, row in results["speed"].items():
+        print(f"| {name[1:]} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
