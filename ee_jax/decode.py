@@ -240,7 +240,7 @@ def generate(
     prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
     if prompt_length > 1:
         state = _prefill(model, variables, state, prompt[:, :-1])
-    options = dict(measure=measure, sample_top_k=sample_top_k)
+    options = dict(measure=measure, sample_top_k=sample_top_k, greedy=temperature == 0)
     scalars = (jnp.float32(threshold), jnp.float32(temperature), rng)
     last, stopped = prompt[:, -1], np.zeros(batch, bool)
     tokens, depths = [np.asarray(prompt)], []
@@ -298,9 +298,29 @@ def _prefill(model: EarlyExitLM, variables, state: DecodeState, tokens) -> Decod
     return model.apply(variables, tokens, state, method=EarlyExitLM.hidden_states_from)[2]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7), static_argnames=("measure", "sample_top_k"))
+def greedy_token(output: adaptive.OutputLayer, features: jax.Array) -> jax.Array:
+    """The greedy token of exit features [T, D]: the exact argmax of the exit's
+    distribution (lowest id among ties, as `sample_tokens` at temperature 0), from its
+    head and only the tail clusters that can hold it (`adaptive.exact_argmax`); [T]."""
+    return adaptive.exact_argmax(output, features)[0]
+
+
+@functools.partial(
+    jax.jit, static_argnums=(0, 7), static_argnames=("measure", "sample_top_k", "greedy")
+)
 def _generate_chunk(
-    model, variables, state, token, threshold, temperature, rng, length, *, measure, sample_top_k
+    model,
+    variables,
+    state,
+    token,
+    threshold,
+    temperature,
+    rng,
+    length,
+    *,
+    measure,
+    sample_top_k,
+    greedy,
 ):
     """`length` generation steps from `token` [B] in one scan: (new tokens [B, length],
     their exit depths [B, length], state after feeding all but the last new token)."""
@@ -308,6 +328,11 @@ def _generate_chunk(
     def step(carry, _):
         state, token = carry
         key = jax.random.fold_in(rng, state.position)
+        if greedy:  # the exact argmax, without every word's log-probability
+            token, depth, _, state = decode_step(
+                model, variables, state, token, threshold, measure, greedy_token
+            )
+            return (state, token), (token, depth)
         logits, depth, _, state = decode_step(model, variables, state, token, threshold, measure)
         token = sample_tokens(logits, key, temperature, sample_top_k)
         return (state, token), (token, depth)

@@ -33,14 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ee_jax import adaptive
 from ee_jax.decode import (
     DecodeState,
     _check_count,
     _prefill,
     check_decodable,
     check_sampling,
-    sample_tokens,
+    greedy_token,
 )
 from ee_jax.model import EarlyExitLM, check_tokens
 
@@ -215,7 +214,7 @@ def draft(model, variables, token, position, bk_state, key, *, draft_exit, k, sa
         if sampling is None:
             output = apply(draft_exit - 1, method=EarlyExitLM.output_layer)
             features = apply(hidden, draft_exit - 1, method=EarlyExitLM.exit_features)
-            return adaptive.exact_argmax(output, features)[0], None
+            return greedy_token(output, features), None
         logits = apply(hidden, draft_exit - 1, method=EarlyExitLM.exit_head)
         log_q = warped_log_probs(logits, *sampling)
         return jax.random.categorical(key, log_q).astype(jnp.int32), log_q
@@ -236,13 +235,21 @@ def draft(model, variables, token, position, bk_state, key, *, draft_exit, k, sa
     return jnp.swapaxes(hiddens, 0, 1), states, drafts.T, log_q
 
 
-def verify(model, variables, hiddens, bk_state, *, draft_exit):
+def verify(model, variables, hiddens, bk_state, *, draft_exit, greedy):
     """Blocks e+1..L on the layer-e hidden states [B, k+1, D] of a round in one pass
-    from their states (G [L-e, B, H], y [L-e, B, H, P]): (the final exit's logits
-    [B, k+1, V], their states after each position (G [L-e, B, k+1, H], ...))."""
+    from their states (G [L-e, B, H], y [L-e, B, H, P]): (the final exit's greedy
+    tokens [B, k+1] (`decode.greedy_token`, as `decode.generate` picks them) or, not
+    greedy, its logits [B, k+1, V]; the states after each position (G [L-e, B, k+1, H],
+    ...))."""
     apply = functools.partial(model.apply, variables)
     final, states = apply(hiddens, bk_state, draft_exit, method=EarlyExitLM.trace_blocks)
-    return apply(final, model.config.n_layers - 1, method=EarlyExitLM.exit_head), states
+    last = model.config.n_layers - 1
+    if not greedy:
+        return apply(final, last, method=EarlyExitLM.exit_head), states
+    features = apply(final, last, method=EarlyExitLM.exit_features)  # [B, k+1, D]
+    output = apply(last, method=EarlyExitLM.output_layer)
+    tokens = greedy_token(output, features.reshape(-1, features.shape[-1]))
+    return tokens.reshape(features.shape[:-1]), states
 
 
 def accept(drafts, log_q, logits, key, sampling):
@@ -255,17 +262,16 @@ def accept(drafts, log_q, logits, key, sampling):
     after k accepted drafts (Leviathan et al. 2023, algorithm 1).
 
     Args:
-      drafts: [B, k]; log_q: [B, k, V] or None; logits: the full model's [B, k+1, V].
+      drafts: [B, k]; log_q: [B, k, V] or None; logits: the full model's [B, k+1, V]
+        (greedy: its tokens [B, k+1]).
 
     Returns:
       (accepted drafts per row [B] int32 in [0, k], extra token [B] int32).
     """
     batch, k = drafts.shape
-    if sampling is None:
-        target = sample_tokens(logits.reshape(batch * (k + 1), -1), key, 0.0)
-        target = target.reshape(batch, k + 1)  # the full model's argmax at each place
-        accepted = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1)
-        return accepted, jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
+    if sampling is None:  # logits: the full model's greedy tokens
+        accepted = jnp.sum(jnp.cumprod(drafts == logits[:, :k], axis=1), axis=1)
+        return accepted, jnp.take_along_axis(logits, accepted[:, None], axis=1)[:, 0]
     log_p = warped_log_probs(logits, *sampling)  # [B, k+1, V]
     at_draft = lambda lp: jnp.take_along_axis(lp, drafts[..., None], axis=-1)[..., 0]  # noqa: E731
     ratio = jnp.exp(at_draft(log_p[:, :k]) - at_draft(log_q))  # p(d) / q(d); q(d) > 0: drawn
@@ -311,7 +317,9 @@ def _speculative_loop(
             k=k,
             sampling=sampling,
         )
-        logits, upper_states = verify(model, variables, hiddens, upper, draft_exit=draft_exit)
+        logits, upper_states = verify(
+            model, variables, hiddens, upper, draft_exit=draft_exit, greedy=greedy
+        )
         accepted, extra = accept(drafts, log_q, logits, jax.random.fold_in(key, 1), sampling)
         active = count < steps  # [B]: rows still short of `steps` tokens
         slot = jnp.arange(k + 1)
