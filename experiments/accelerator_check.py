@@ -700,7 +700,6 @@ def main(argv=None) -> int:
         jax.config.update("jax_platforms", "cpu")  # before the first backend use
     deadline = time.monotonic() + args.time_limit_s
     sizes = DRY_SIZES if args.dry_run else full_sizes(args)
-    cpu = jax.default_backend() == "cpu"
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "dry_run": args.dry_run,
@@ -708,8 +707,8 @@ def main(argv=None) -> int:
         "git_commit": git_commit(),
         "device": device_info(),
         "versions": versions(),
-        # glibc heap reuse helps XLA on CPU (ee_jax.keep_freed_memory); not set elsewhere.
-        "keep_freed_memory": ee_jax.keep_freed_memory() if cpu else False,
+        # glibc heap reuse (ee_jax.keep_freed_memory, applied on import unless opted out).
+        "keep_freed_memory": os.environ.get("EE_JAX_KEEP_FREED_MEMORY", "1") != "0",
         "sizes": dataclasses.asdict(sizes),
         "sections": {},
     }

@@ -87,7 +87,6 @@ def format_row(row: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
-    ee_jax.keep_freed_memory()
     rng = np.random.default_rng(args.seed)
     print(
         f"BK core, B={args.batch_size}, diag = -2 + U[-3, 3], off-diagonals 1, z = 1j, "

@@ -493,7 +493,6 @@ def print_output_tables(results: dict, config: TrainConfig) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
-    ee_jax.keep_freed_memory()
     if args.section == "output":
         timing = {"min_repeats": args.min_repeats, "budget_s": args.budget}
         print(

@@ -86,7 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)  # every numeric flag is checked here, before any work
     ee_jax.enable_compilation_cache()
-    ee_jax.keep_freed_memory()
     from ee_jax import evaluate, report, train
 
     try:

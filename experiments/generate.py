@@ -106,7 +106,6 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
 def main(argv=None) -> int:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
-    ee_jax.keep_freed_memory()
     from ee_jax import decode, train
 
     try:

@@ -90,7 +90,6 @@ def check_stream_flags(args: argparse.Namespace, config) -> tuple[list, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
-    ee_jax.keep_freed_memory()
     from ee_jax import decode, train
 
     try:

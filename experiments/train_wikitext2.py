@@ -132,7 +132,6 @@ def main(argv=None) -> int:
     except ValueError as error:  # a field out of range: the configs' own checks
         return cli.report_error(error)
     ee_jax.enable_compilation_cache()
-    ee_jax.keep_freed_memory()
     from ee_jax import evaluate, train  # after the cache is set
 
     try:

@@ -25,7 +25,6 @@ if os.environ.get("EE_JAX_CACHE_DIR"):
 else:
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     jax.config.update("jax_enable_compilation_cache", False)
-ee_jax.keep_freed_memory()
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # One tolerance table for the suite (relative unless the name says otherwise).
