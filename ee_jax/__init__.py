@@ -95,39 +95,32 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-def load_run(
-    workdir: str | os.PathLike,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    step: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    verify_checksums: bool = True,
-):
-    """Loads a trained run for a notebook or script: `model.apply(variables, tokens)`.
+def load_run(workdir: str | os.PathLike, *, step: int | None = None):
+    """Loads a trained run from its folder alone, for a notebook or script:
+    `model.apply(variables, tokens)`, `decode.generate(model, variables, ...)`;
+    `data.encode_text(text, vocab)` turns text into the run's token ids.
+
+    Works for WikiText-2 and custom corpora alike: the folder holds everything
+    (config.json, vocab.txt, checkpoints/). Scripts that evaluate on a corpus load
+    it too and check that its vocabulary is the run's (`train.restore_run`).
 
     Args:
-      workdir: the training run folder (config.json, vocab.txt, checkpoints/).
-      data_dir: the WikiText-2 folder the run was trained on (default
-        `$EE_JAX_DATA_DIR`, else download); its vocabulary must be the run's.
+      workdir: the training run folder.
       step: the checkpoint step (default: the latest).
-      cache_dir: the prepared-data cache folder (default `~/.cache/ee_jax/tfds`).
-      verify_checksums: check the data files against wikitext-2-v1 (turn off for
-        a custom corpus laid out as WikiText-2).
 
     Returns:
       (EarlyExitLM, {"params": ...}, Vocabulary, TrainConfig).
 
     Raises:
-      CheckpointError: missing or damaged run, or one trained with another vocabulary.
-      DataError: the corpus cannot be read.
+      CheckpointError: a missing or damaged run, or one without vocab.txt.
     """
+    from ee_jax.checkpoint import read_vocab
     from ee_jax.model import EarlyExitLM
-    from ee_jax.train import restore_run
+    from ee_jax.train import restore_params
 
-    config, variables, _, corpus = restore_run(
-        workdir, step, data_dir=data_dir, cache_dir=cache_dir, verify_checksums=verify_checksums
-    )
-    return EarlyExitLM(config.model), variables, corpus.vocab, config
+    vocab = read_vocab(pathlib.Path(workdir))
+    config, variables, _ = restore_params(workdir, step, vocab=vocab)
+    return EarlyExitLM(config.model), variables, vocab, config
 
 
 def user_cache_dir() -> pathlib.Path:

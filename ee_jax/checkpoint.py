@@ -315,6 +315,23 @@ def save_vocab(workdir: pathlib.Path, words: Sequence[str]) -> None:
     write_atomic(workdir / VOCAB_FILE, "\n".join(words).encode("utf-8"))
 
 
+def read_vocab(workdir: pathlib.Path):
+    """The run's vocabulary (`data.Vocabulary`) from `workdir/vocab.txt`.
+
+    Raises:
+      CheckpointError: the run has no vocab.txt (trained before runs recorded it).
+    """
+    from ee_jax.data import Vocabulary  # data imports TFDS: only when needed
+
+    path = pathlib.Path(workdir) / VOCAB_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: {workdir} is not a training run, or one trained before "
+            f"runs recorded their vocabulary"
+        )
+    return Vocabulary(tuple(path.read_bytes().decode("utf-8").split("\n")))
+
+
 def check_vocab(workdir: pathlib.Path, words: Sequence[str]) -> None:
     """Checks that the run in `workdir` was trained with exactly `words` (in order).
 

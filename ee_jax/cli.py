@@ -154,7 +154,7 @@ def write_json(path: str | pathlib.Path, value, **kwargs) -> None:
     pathlib.Path(path).write_text(text)
 
 
-def load_run(args: argparse.Namespace, step: int | None = None):
+def load_run_with_corpus(args: argparse.Namespace, step: int | None = None):
     """(TrainConfig, {"params": ...}, step, Corpus) of --workdir and the data flags
     (`train.restore_run`, as `ee_jax.load_run`).
 

@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import io
 import os
+import re
 import urllib.error
 import urllib.request
 import zipfile
@@ -40,6 +41,7 @@ import tensorflow_datasets as tfds
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 EOS = "<eos>"
+UNK = "<unk>"  # WikiText's own token for words outside its vocabulary
 ENV_VAR = "EE_JAX_DATA_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/ee_jax/tfds")
 # Accepted file names per split, in order of preference. The PyTorch example's
@@ -475,6 +477,77 @@ class Vocabulary:
         if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
             raise ValueError(f"Ids must lie in [0, {len(self)}), got {ids.min()}..{ids.max()}.")
         return [self.words[i] for i in ids.tolist()]
+
+
+# WikiText's tokenisation (Merity et al. 2016, Moses-style): separators inside
+# numbers and hyphens inside words become "@,@", "@.@", "@-@"; clitics are split
+# off ("game's" -> "game 's", "don't" -> "don 't"); punctuation is its own token,
+# except inside a word the vocabulary knows ("U.S.", "No.").
+_INFIX = re.compile(r"(?<=\d)([,.])(?=\d)|(?<=\w)(-)(?=\w)")
+_CLITIC = re.compile(r"(?<=\w)('(?:s|t|re|m|ve|ll|d))\b", re.IGNORECASE)
+_LEADING = "(\"'[{"
+_TRAILING = ".,;:!?)\"']}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedText:
+    """Text as a corpus's tokens and ids (`encode_text`)."""
+
+    ids: np.ndarray  # [N] int32
+    words: list[str]  # [N] the tokens, "<unk>" where unknown
+    unknown: dict[str, str | None]  # each unknown word -> a hint (or None)
+
+
+def encode_text(text: str, vocab: Vocabulary, *, eos_at_end: bool = False) -> EncodedText:
+    """Plain text -> token ids with WikiText-2's tokenisation rules (a line break is
+    "<eos>", as in the corpus; `eos_at_end` adds one after the last line too).
+
+    Words not in the vocabulary become "<unk>" (the corpus's own unknown word), each
+    listed in `unknown` with a hint when a change of case would find it ("japan":
+    'did you mean "Japan"?'). Punctuation is split off only where the word with it
+    is unknown, so the vocabulary's "U.S." stays whole.
+
+    Raises:
+      ValueError: the vocabulary has no "<unk>" (needed for unknown words) and the
+        text has some.
+    """
+    lines = text.split("\n")
+    words: list[str] = []
+    for number, line in enumerate(lines):
+        line = _CLITIC.sub(r" \1", _INFIX.sub(lambda m: f" @{m.group(1) or m.group(2)}@ ", line))
+        for raw in line.split():
+            words.extend(_split_punctuation(raw, vocab))
+        if number < len(lines) - 1 or eos_at_end:
+            words.append(EOS)
+    unknown = {}
+    for word in words:
+        if word not in vocab._index and word not in unknown:
+            unknown[word] = _case_hint(word, vocab)
+    if unknown and UNK not in vocab._index:
+        raise ValueError(f"words not in the vocabulary, which has no {UNK!r}: {list(unknown)[:5]}")
+    words = [UNK if word in unknown else word for word in words]
+    return EncodedText(vocab.encode(words), words, unknown)
+
+
+def _split_punctuation(raw: str, vocab: Vocabulary) -> list[str]:
+    """raw with the fewest leading and trailing punctuation marks split off that leaves
+    a word the vocabulary knows (raw itself when known), else with all of them; the
+    marks are tokens of their own ("..." one token)."""
+    lead = len(raw) - len(raw.lstrip(_LEADING))
+    trail = len(raw) - len(raw.rstrip(_TRAILING))
+    cuts = [(a, b) for a in range(lead + 1) for b in range(trail + 1) if a + b < len(raw)]
+    known = [(a, b) for a, b in cuts if raw[a : len(raw) - b] in vocab._index]
+    a, b = min(known, key=sum) if known else max(cuts, key=sum)
+    after = raw[len(raw) - b :].replace("...", "\0")  # "..." as one mark
+    marks = [mark.replace("\0", "...") for mark in after]
+    return [*raw[:a], raw[a : len(raw) - b], *marks]
+
+
+def _case_hint(word: str, vocab: Vocabulary) -> str | None:
+    for candidate in (word.lower(), word.capitalize(), word.upper(), word.title()):
+        if candidate != word and candidate in vocab._index:
+            return f"did you mean {candidate!r}? (the corpus is case-sensitive)"
+    return None
 
 
 def token_frequencies(ids: np.ndarray, vocab_size: int) -> np.ndarray:

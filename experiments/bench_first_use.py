@@ -9,6 +9,7 @@ L = 4, full 10,000-word softmax) forward at B = 8, N = 128, jitted, median of
 EE_JAX_KEEP_FREED_MEMORY=0 first, as a script would run without the fix.
 """
 
+import argparse
 import os
 import subprocess
 import sys
@@ -35,10 +36,14 @@ print(1e3 * statistics.median(times))
 """
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.make_parser(__doc__)
     parser.add_argument("--repeats", type=cli.positive_int, default=20, help="timed calls")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     results = {}
     for name, setting in (("import ee_jax, nothing else", "1"), ("opted out", "0")):
         env = {**os.environ, "EE_JAX_KEEP_FREED_MEMORY": setting}

@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     from ee_jax.model import EarlyExitLM
 
     try:
-        config, variables, step, corpus = cli.load_run(args)
+        config, variables, step, corpus = cli.load_run_with_corpus(args)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
     model = EarlyExitLM(config.model)

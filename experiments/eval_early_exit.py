@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from ee_jax import evaluate, report, train
 
     try:
-        config, params, step, corpus = cli.load_run(args, args.step)
+        config, params, step, corpus = cli.load_run_with_corpus(args, args.step)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
     try:  # measures the run cannot evaluate (untrained exit classifiers): none left

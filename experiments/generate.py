@@ -1,9 +1,12 @@
-r"""Generate WikiText-2-style text from a checkpoint, showing each token's exit depth.
+r"""Generate text from a trained run, showing each token's exit depth.
 
-    python experiments/generate.py --workdir runs/cpu --prompt "the game was" \
+    python experiments/generate.py --workdir runs/cpu --prompt "The game was" \
         --steps 40 --temperature 0.8 --sample_top_k 40
 
-The text is printed as it is produced (--chunk tokens at a time). A model with
+Needs only the run folder (`ee_jax.load_run`). The prompt is plain text, split
+with the corpus's rules (`data.encode_text`: "game's" -> "game 's"); words
+outside the vocabulary become <unk>, with a hint when their case is why. The
+text is printed as it is produced (--chunk tokens at a time). A model with
 position "none" generates any number of --steps; one with a learned position
 table at most n_seq positions in all.
 """
@@ -21,8 +24,8 @@ from ee_jax.config import ExitMeasure
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.make_parser(__doc__)
-    cli.add_data_flags(parser)
-    parser.add_argument("--prompt", default="the", help="space-separated words of the prompt")
+    parser.add_argument("--workdir", required=True, help="training run folder")
+    parser.add_argument("--prompt", default="The", help="the prompt, plain text")
     parser.add_argument("--steps", type=cli.nonnegative_int, default=30, help="tokens to generate")
     parser.add_argument(
         "--threshold",
@@ -65,14 +68,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def encode_prompt(vocab, text: str, model_config) -> np.ndarray:
-    """The --prompt words as token ids [1, P]; ValueError (one line for the user) on an
-    empty prompt, unknown words or ids the model cannot read (`check_tokens`)."""
+    """The --prompt text as token ids [1, P] (`data.encode_text`), a note on stderr per
+    unknown word; ValueError (one line for the user) on an empty prompt or ids the
+    model cannot read (`check_tokens`)."""
+    from ee_jax.data import encode_text
     from ee_jax.model import check_tokens
 
-    words = text.split()
-    if not words:
+    encoded = encode_text(text, vocab)
+    if not encoded.words:
         raise ValueError("--prompt must have at least one word")
-    prompt = vocab.encode(words)[None]  # [1, P] int32
+    for word, hint in encoded.unknown.items():
+        print(
+            f"note: {word!r} is not in the vocabulary: read as <unk>"
+            + (f"; {hint}" if hint else ""),
+            file=sys.stderr,
+        )
+    prompt = encoded.ids[None]  # [1, P] int32
     check_tokens(prompt, model_config)
     return prompt
 
@@ -106,13 +117,12 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
 def main(argv=None) -> int:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
-    from ee_jax import decode, train
+    from ee_jax import decode
 
     try:
-        config, params, _, corpus = cli.load_run(args)
+        model, params, vocab, config = ee_jax.load_run(args.workdir)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
-    vocab = corpus.vocab
     try:  # the flags' own checks: prompt words and ids, model, threshold, lengths, sampling
         prompt = encode_prompt(vocab, args.prompt, config.model)
         check_generate_flags(args, config, prompt.shape[1])
@@ -121,7 +131,7 @@ def main(argv=None) -> int:
     print(f"(word[d]: predicted at exit depth d of {config.model.n_layers})")
     print(" ".join(vocab.decode(list(prompt[0]))), flush=True)
     tokens, depths = decode.generate(
-        train.EarlyExitLM(config.model),
+        model,
         params,
         prompt,
         args.steps,

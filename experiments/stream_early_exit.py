@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from ee_jax import decode, train
 
     try:
-        config, params, step, corpus = cli.load_run(args)
+        config, params, step, corpus = cli.load_run_with_corpus(args)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
     try:

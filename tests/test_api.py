@@ -16,7 +16,7 @@ import ee_jax
 from ee_jax import train as train_lib
 from ee_jax.checkpoint import CheckpointError
 from ee_jax.config import train_preset
-from ee_jax.data import load_wikitext2, make_lm_stream
+from ee_jax.data import encode_text, load_wikitext2, make_lm_stream
 from ee_jax.model import EarlyExitLM
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -106,8 +106,8 @@ def corpus_dir(tmp_path_factory) -> pathlib.Path:
     return folder
 
 
-def test_load_run_gives_the_trained_model(corpus_dir, tmp_path):
-    # Given the tiny preset trained a few steps on a small corpus.
+def test_load_run_needs_nothing_but_the_run_folder(corpus_dir, tmp_path, monkeypatch):
+    # Given the tiny preset trained a few steps on a custom corpus.
     data_cache = tmp_path / "data_cache"
     corpus = load_wikitext2(corpus_dir, cache_dir=data_cache, verify_checksums=False)
     config = train_preset("tiny", len(corpus.vocab)).replace(
@@ -115,13 +115,12 @@ def test_load_run_gives_the_trained_model(corpus_dir, tmp_path):
     )
     stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
     state = train_lib.train(config, stream, tmp_path / "run", vocab=corpus.vocab, progress=False)
-    # When ee_jax.load_run loads the run (latest step, and step 2).
-    model, variables, vocab, loaded = ee_jax.load_run(
-        tmp_path / "run", data_dir=corpus_dir, cache_dir=data_cache, verify_checksums=False
-    )
-    *_, earlier = ee_jax.load_run(
-        tmp_path / "run", data_dir=corpus_dir, cache_dir=data_cache, verify_checksums=False, step=2
-    )
+    # When ee_jax.load_run loads it (latest step, and step 2) with no corpus anywhere.
+    monkeypatch.delenv("EE_JAX_DATA_DIR", raising=False)
+    for module in ("ee_jax.data", "ee_jax.train", "ee_jax.cli"):  # any use would fail
+        monkeypatch.setattr(f"{module}.load_wikitext2", None)
+    model, variables, vocab, loaded = ee_jax.load_run(tmp_path / "run")
+    *_, earlier = ee_jax.load_run(tmp_path / "run", step=2)
     # Then it has the run's config and vocabulary, and its forward equals the trained state's.
     assert loaded == earlier == config
     assert vocab.words == corpus.vocab.words
@@ -131,15 +130,40 @@ def test_load_run_gives_the_trained_model(corpus_dir, tmp_path):
     got = model.apply(variables, tokens)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(trained))
     assert not np.allclose(got, fresh, atol=1e-3)  # the trained weights, not initial ones
-    # And a run of another corpus (another vocabulary) is refused.
-    other = tmp_path / "other"
-    other.mkdir()
-    for split in ("train", "valid", "test"):
-        (other / f"{split}.txt").write_text(markov_text(200, 7).replace("w1 ", "v1 "))
-    with pytest.raises(CheckpointError, match="different vocabulary"):
-        ee_jax.load_run(
-            tmp_path / "run", data_dir=other, cache_dir=data_cache, verify_checksums=False
-        )
+    # And a folder without its vocabulary is refused, naming the file.
+    (tmp_path / "run" / "vocab.txt").unlink()
+    with pytest.raises(CheckpointError, match="vocab.txt not found"):
+        ee_jax.load_run(tmp_path / "run")
+
+
+WORDS = ("<eos>", "<unk>", "the", "Japan", "game", "'s", "U.S.", "well", "@-@", "known", "1")
+WORDS += ("@,@", "000", ".", ",", "(", ")", '"', "don", "'t", "@.@", "5", "...")
+
+
+@pytest.mark.parametrize(
+    "text, words, unknown",
+    [
+        ("the game's", ["the", "game", "'s"], {}),
+        ("well-known (U.S.)", ["well", "@-@", "known", "(", "U.S.", ")"], {}),
+        (
+            '1,000 1.5 "don\'t."',
+            ["1", "@,@", "000", "1", "@.@", "5", '"', "don", "'t", ".", '"'],
+            {},
+        ),
+        ("the\ngame...", ["the", "<eos>", "game", "..."], {}),
+        ("japan", ["<unk>"], {"japan": "did you mean 'Japan'? (the corpus is case-sensitive)"}),
+        ("zebra,", ["<unk>", ","], {"zebra": None}),
+    ],
+)
+def test_encode_text_follows_the_corpus_rules(text, words, unknown):
+    # Given a vocabulary of WikiText-2-style tokens.
+    vocab = ee_jax.Vocabulary(WORDS)
+    # When plain text is encoded.
+    encoded = encode_text(text, vocab)
+    # Then its tokens are the corpus's, unknown words <unk> with a hint where case is why.
+    assert encoded.words == words
+    assert encoded.unknown == unknown
+    np.testing.assert_array_equal(encoded.ids, [WORDS.index(w) for w in words])
 
 
 # One forward of a model with a [B, N, V] = 136 MB output, called repeatedly; prints

@@ -369,7 +369,7 @@ def test_vocabulary_is_recorded_and_every_loader_checks_it(corpus, tmp_path, mon
     monkeypatch.setattr(cli, "load_wikitext2", lambda *a, **k: Corpus(other, *([None] * 3)))
     args = argparse.Namespace(workdir=str(tmp_path), data_dir=None, cache_dir=None)
     with pytest.raises(CheckpointError, match=mismatch):
-        cli.load_run(args)
+        cli.load_run_with_corpus(args)
     # And a run from before vocabularies were recorded refuses too, naming the folder.
     (tmp_path / "vocab.txt").unlink()
     old = rf"{tmp_path} has no vocab.txt.*Retrain"
