@@ -205,19 +205,32 @@ def _floats(rows: list[dict], key: str) -> np.ndarray:
     return np.asarray([row[key] for row in rows], float)
 
 
-def plot_training(runs: dict[str, list[dict]], path: str | pathlib.Path) -> None:
+def plot_training(
+    runs: dict[str, list[dict]], path: str | pathlib.Path, validation: dict | None = None
+) -> None:
     """Final-exit train perplexity against step, one line per run (log scale; a null
-    NLL is a gap)."""
+    NLL is a gap); validation rows (`train.train` with eval_every), if any, as
+    markers of the same colour."""
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, rows in runs.items():
-        axis.plot([r["step"] for r in rows], np.exp(_floats(rows, "exit_nll")[:, -1]), label=name)
+        steps, ppl = [r["step"] for r in rows], np.exp(_floats(rows, "exit_nll")[:, -1])
+        (line,) = axis.plot(steps, ppl, label=name)
+        checks = (validation or {}).get(name, [])
+        if checks:
+            axis.plot(
+                [r["step"] for r in checks],
+                [r["valid_exit_ppl"][-1] for r in checks],
+                "o",
+                color=line.get_color(),
+                label=f"{name}, valid",
+            )
     axis.set_yscale("log")
     _save(
         figure,
         axis,
         path,
         xlabel="step",
-        ylabel="final-exit perplexity (train batch)",
+        ylabel="final-exit perplexity (train batch; markers: valid)",
         title="Training",
     )
 

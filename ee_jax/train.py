@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorboardX
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -246,6 +247,9 @@ def train(
     resume_step: int | None = None,
     allow_config_change: bool = False,
     progress: bool = True,
+    valid: LMStream | None = None,
+    eval_every: int = 0,
+    tensorboard: bool = True,
 ) -> TrainState:
     """Trains (or resumes training) until `config.steps` (or `stop_at_step`).
 
@@ -271,6 +275,12 @@ def train(
         config.json in fields that change training (listed in the next metrics
         row's "config_changes"); otherwise that raises CheckpointError.
       progress: show a progress bar.
+      valid: windows to validate on every `eval_every` steps (with eval_every > 0):
+        the perplexity of every exit (`evaluate.exit_perplexities`, continuous
+        protocol when config.carry_state) in a metrics row {"step",
+        "valid_exit_ppl", "valid_tokens", "valid_protocol"}.
+      tensorboard: also write the metrics as TensorBoard event files in
+        workdir/tensorboard (tensorboardX; `tensorboard --logdir WORKDIR`).
 
     Returns:
       The final train state.
@@ -291,7 +301,12 @@ def train(
         raise TrainSetupError(
             f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices"
         )
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+        raise TrainSetupError(f"eval_every must be an integer >= 0, got {eval_every!r}")
+    if eval_every and valid is None:
+        raise TrainSetupError("eval_every > 0 needs the `valid` windows to evaluate on")
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    writer = None
     try:
         state, changes = _resume(
             config, workdir, checkpointer, vocab, resume_step, allow_config_change, replicated
@@ -323,6 +338,8 @@ def train(
             desc="train",
             unit="step",
         )
+        if tensorboard and _is_primary():
+            writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
         timed_steps, timer, compile_s = 0, time.perf_counter(), None
         with bar, _stop_signals() as stop:
             for step in bar:
@@ -351,11 +368,19 @@ def train(
                         compile_s,
                         config_changes=pending,
                     )
+                    _write_scalars(writer, row)
                     if row["tokens_per_s"]:
                         bar.set_postfix(
                             loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}"
                         )
                     timed_steps, timer, compile_s, pending = 0, time.perf_counter(), None, []
+                if eval_every and (step + 1) % eval_every == 0:
+                    row = _validate(config, state.params, valid, step + 1)
+                    if _is_primary():
+                        with open(metrics_file, "a") as file:
+                            file.write(json.dumps(row, allow_nan=False) + "\n")
+                    _write_scalars(writer, row)
+                    timer = time.perf_counter()  # validation time is not training time
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == end or stop:
                     checkpointer.save(step + 1, state)
                 if stop:
@@ -364,7 +389,41 @@ def train(
         checkpointer.wait()
     finally:
         checkpointer.close()
+        if writer is not None:
+            writer.close()
     return state
+
+
+def _validate(config: TrainConfig, params, valid: LMStream, step: int) -> dict:
+    """The metrics row of a validation pass at `step` (see `train`)."""
+    from ee_jax.evaluate import exit_perplexities  # evaluation builds on training's modules
+
+    model = EarlyExitLM(config.model)
+    result = exit_perplexities(model, params, valid, carry=config.carry_state, progress=False)
+    return {
+        "step": step,
+        "valid_exit_ppl": result["exit_ppl"],
+        "valid_tokens": result["tokens"],
+        "valid_protocol": result["protocol"],
+    }
+
+
+def _write_scalars(writer, row: dict) -> None:
+    """A metrics row as TensorBoard scalars (lists as one tag per exit)."""
+    if writer is None:
+        return
+    step = row["step"]
+    for name, value in row.items():
+        if name == "step" or value is None or isinstance(value, str | dict):
+            continue
+        prefix = "valid" if name.startswith("valid") else "train"
+        if isinstance(value, list):
+            for exit_index, item in enumerate(value):
+                if isinstance(item, int | float):
+                    writer.add_scalar(f"{prefix}/{name}/exit_{exit_index + 1}", item, step)
+        else:
+            writer.add_scalar(f"{prefix}/{name}", value, step)
+    writer.flush()
 
 
 def _end_step(config: TrainConfig, stop_at_step: int | None) -> int:

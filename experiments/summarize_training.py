@@ -30,12 +30,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    runs, compared = {}, {}
+    runs, compared, validation = {}, {}, {}
     for workdir in map(pathlib.Path, args.workdirs):
         path = workdir / "metrics.jsonl"
         if not path.is_file():
             return cli.report_error(FileNotFoundError(f"{path} does not exist"))
         runs[workdir.name] = [json.loads(line) for line in path.read_text().splitlines()]
+        runs[workdir.name] = [row for row in runs[workdir.name] if "loss" in row]  # training
+        validation[workdir.name] = [
+            row for row in map(json.loads, path.read_text().splitlines()) if "valid_exit_ppl" in row
+        ]
         if (workdir / "config.json").is_file():
             config = train.config_from_workdir(workdir)
             compared[workdir.name] = {
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     table = report.training_table(runs, args.every)
     (out / "comparison.md").write_text(comparison + "\n")
     (out / "training.md").write_text(table + "\n")
-    report.plot_training(runs, out / "training.png")
+    report.plot_training(runs, out / "training.png", validation)
     print(comparison, table, sep="\n\n")
     return 0
 

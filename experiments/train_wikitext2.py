@@ -7,8 +7,10 @@ Re-running the same command resumes from the latest checkpoint in --workdir
 (with other settings only with --allow_config_change true). Ctrl-C or SIGTERM
 saves the current step and prints the command that resumes it.
 Every TrainConfig and ModelConfig field can be overridden by name
-(e.g. --steps 2000 --d_model 256 --mixer none). After training it prints the
-validation perplexity of every exit.
+(e.g. --steps 2000 --d_model 256 --mixer none). With --eval_every N it
+validates every N steps; after training it prints the validation perplexity of
+every exit (--final_eval false skips it). Metrics go to WORKDIR/metrics.jsonl
+and, as TensorBoard event files, to WORKDIR/tensorboard.
 """
 
 import argparse
@@ -104,6 +106,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=False,
         help="after training, also print every exit's test perplexity (test_exit_ppl.json)",
     )
+    parser.add_argument(
+        "--eval_every",
+        type=cli.nonnegative_int,
+        default=0,
+        help="validate every N steps (every exit's perplexity, in metrics.jsonl and "
+        "TensorBoard); 0: only after training",
+    )
+    parser.add_argument(
+        "--eval_tokens",
+        type=cli.nonnegative_int,
+        default=0,
+        help="validate on the first N valid tokens during training (0: all of them)",
+    )
+    parser.add_argument(
+        "--final_eval",
+        type=parse_bool,
+        default=True,
+        help="after training, every exit's valid (and with --report_test, test) perplexity",
+    )
     add_config_flags(parser)
     return parser.parse_args(argv)
 
@@ -146,7 +167,9 @@ def main(argv=None) -> int:
         return cli.report_error(error)
     eos = corpus.vocab.eos_id
     stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=eos)
+    valid = corpus.valid[: args.eval_tokens or None]
     try:
+        valid = make_lm_stream(valid, config.eval_batch_size, config.model.n_seq, eos_id=eos)
         state = train.train(
             config,
             stream,
@@ -155,6 +178,8 @@ def main(argv=None) -> int:
             stop_at_step=args.stop_at_step,
             resume_step=args.resume_step,
             allow_config_change=args.allow_config_change,
+            valid=valid,
+            eval_every=args.eval_every,
         )
     except train.TrainingInterrupted as stopped:
         command = cli.resume_command(sys.argv[0], sys.argv[1:] if argv is None else argv)
@@ -162,6 +187,8 @@ def main(argv=None) -> int:
         return 128 + stopped.signal_number
     except (*cli.USER_ERRORS, FloatingPointError) as error:
         return cli.report_error(error)
+    if not args.final_eval:
+        return 0
     model = train.EarlyExitLM(config.model)
     recurrent = config.model.causal and config.model.mixer != "attention"
     protocols = {"": False, "_continuous": True} if recurrent else {"": False}

@@ -70,8 +70,8 @@ def test_training_lowers_every_exit_loss(corpus, tmp_path):
     stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
     valid = make_lm_stream(corpus.valid, 4, config.model.n_seq, eos_id=0)
     before = exit_perplexities(model, train_lib.init_state(config).params, valid, progress=False)
-    # When it trains for a few hundred steps.
-    state = train_lib.train(config, stream, tmp_path, progress=False)
+    # When it trains for a few hundred steps, validating every 100.
+    state = train_lib.train(config, stream, tmp_path, progress=False, valid=valid, eval_every=100)
     after = exit_perplexities(model, state.params, valid, progress=False)
     # Then every exit's validation perplexity is well below where it started.
     assert all(a < 0.5 * b for a, b in zip(after["exit_ppl"], before["exit_ppl"], strict=True)), (
@@ -79,7 +79,17 @@ def test_training_lowers_every_exit_loss(corpus, tmp_path):
         after,
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    checks = [row for row in rows if "valid_exit_ppl" in row]
+    rows = [row for row in rows if "loss" in row]
     assert rows[-1]["step"] == 300 and all(np.isfinite(row["loss"]) for row in rows)
+    # And the validations at steps 100, 200, 300 fell, the last one the final model's,
+    # also written as TensorBoard scalars.
+    assert [row["step"] for row in checks] == [100, 200, 300]
+    assert checks[0]["valid_exit_ppl"][-1] > checks[-1]["valid_exit_ppl"][-1]
+    np.testing.assert_allclose(checks[-1]["valid_exit_ppl"], after["exit_ppl"], rtol=1e-6)
+    events = b"".join(path.read_bytes() for path in (tmp_path / "tensorboard").iterdir())
+    for tag in (b"train/loss", b"valid/valid_exit_ppl/exit_1", b"train/exit_ppl/exit_3"):
+        assert tag in events
 
 
 def run_cli(workdir, corpus_dir, *extra, background=False, stderr=subprocess.DEVNULL):
