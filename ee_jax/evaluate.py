@@ -519,9 +519,12 @@ def evaluate_checkpoint(
         threshold = calibrate(
             valid_scores, config, measure, thresholds, max_ppl_change_pct=max_ppl_change_pct
         )
+        lowest = min(float(t) for t in thresholds)
         results["calibration"][measure] = {
             "threshold": threshold,
             "max_ppl_change_pct": max_ppl_change_pct,
+            # Even the grid's lowest threshold met the target: a lower one may too.
+            "whole_grid_meets_target": threshold == lowest < 1.0,
             "valid": depth_row(
                 valid_scores, exit_depths(valid_scores, measure, threshold), config, measure
             ),

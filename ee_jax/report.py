@@ -49,7 +49,13 @@ def calibration_table(results: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     real = {row["measure"]: row for row in results["real_loop"]}
+    notes = []
     for measure, row in results["calibration"].items():
+        if row.get("whole_grid_meets_target"):
+            notes.append(
+                f"{measure}: even the lowest threshold of the grid meets the target; "
+                "a lower one may too (pass lower --thresholds)."
+            )
         lines.append(
             f"| {measure} | {format_threshold(row['threshold'])} "
             f"| {row['valid']['ppl_change_pct']:+.1f}% "
@@ -57,7 +63,7 @@ def calibration_table(results: dict) -> str:
             f"| {row['test']['layer_speedup']:.2f}x | {real[measure]['ppl']:.1f} "
             f"| {real[measure]['avg_exit_layer']:.2f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + notes if notes else lines)
 
 
 def learn_then_test_table(results: dict) -> str:
@@ -126,6 +132,7 @@ def write_report(results: dict, directory: str | pathlib.Path) -> pathlib.Path:
     path.write_text(text + "\n")
     _plot_distribution(results, directory / "exit_distribution.png")
     _plot_tradeoff(results, directory / "ppl_vs_layer_speedup.png")
+    _plot_tradeoff(results, directory / "ppl_vs_flops_speedup.png", "halting_flops_speedup")
     _plot_measured(results, directory / "ppl_vs_measured_speedup.png")
     return path
 
@@ -236,36 +243,47 @@ def plot_training(
 
 
 def _plot_distribution(results, path):
-    rows = [row for row in results["sweep"] if row["measure"] == results["sweep"][0]["measure"]]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    bottom = [0.0] * len(rows)
-    labels = [format_threshold(row["threshold"]) for row in rows]
-    for depth in range(len(rows[0]["exit_distribution"])):
-        shares = [row["exit_distribution"][depth] for row in rows]
-        axis.bar(labels, shares, bottom=bottom, label=f"exit {depth + 1}")
-        bottom = [b + s for b, s in zip(bottom, shares, strict=True)]
-    _save(
-        figure,
-        axis,
-        path,
-        xlabel=f"threshold ({rows[0]['measure']})",
-        ylabel="fraction of test tokens",
-        title="Exit distribution",
+    """The exit distribution at each threshold, one panel per measure."""
+    measures = list(dict.fromkeys(row["measure"] for row in results["sweep"]))
+    figure, axes = plt.subplots(
+        len(measures), 1, figsize=(7, 3 * len(measures)), squeeze=False, sharex=True
     )
+    for axis, measure in zip(axes[:, 0], measures, strict=True):
+        rows = [row for row in results["sweep"] if row["measure"] == measure]
+        bottom = np.zeros(len(rows))
+        labels = [format_threshold(row["threshold"]) for row in rows]
+        for depth in range(len(rows[0]["exit_distribution"])):
+            shares = np.asarray([row["exit_distribution"][depth] for row in rows])
+            axis.bar(labels, shares, bottom=bottom, label=f"exit {depth + 1}")
+            bottom += shares
+        axis.set(ylabel="share of test tokens", title=measure)
+    axes[0, 0].legend(fontsize="small", ncols=3)
+    axes[-1, 0].set_xlabel("threshold")
+    axes[-1, 0].tick_params(axis="x", labelrotation=60)
+    figure.suptitle("Exit distribution")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
-def _plot_tradeoff(results, path):
+SPEEDUP_LABELS = {
+    "layer_speedup": "layer speedup (L / average exit layer)",
+    "halting_flops_speedup": "FLOPs speedup of real halting (exited tokens stop)",
+}
+
+
+def _plot_tradeoff(results, path, speedup="layer_speedup"):
+    """Test perplexity against a speedup of the sweep (and the oracle, and the
+    Learn-then-Test thresholds)."""
     figure, axis = plt.subplots(figsize=(6, 4))
     for measure in dict.fromkeys(row["measure"] for row in results["sweep"]):
         rows = [row for row in results["sweep"] if row["measure"] == measure]
-        axis.plot([r["layer_speedup"] for r in rows], [r["ppl"] for r in rows], "o-", label=measure)
+        axis.plot([r[speedup] for r in rows], [r["ppl"] for r in rows], "o-", label=measure)
     oracle = results["oracle"]
-    axis.plot([oracle["layer_speedup"]], [oracle["ppl"]], "k*", markersize=12, label="oracle")
+    axis.plot([oracle[speedup]], [oracle["ppl"]], "k*", markersize=12, label="oracle")
     certified = [r for r in results.get("learn_then_test", []) if r["threshold"] < 1.0]
     for risk, marker in (("consistency", "s"), ("quality", "D")):
-        points = [
-            (r["test"]["layer_speedup"], r["test"]["ppl"]) for r in certified if r["risk"] == risk
-        ]
+        points = [(r["test"][speedup], r["test"]["ppl"]) for r in certified if r["risk"] == risk]
         if points:
             axis.plot(
                 *zip(*points, strict=True),
@@ -280,9 +298,9 @@ def _plot_tradeoff(results, path):
         figure,
         axis,
         path,
-        xlabel="layer speedup (L / average exit layer)",
+        xlabel=SPEEDUP_LABELS[speedup],
         ylabel="test perplexity",
-        title="Perplexity vs layer speedup",
+        title="Perplexity vs speedup",
     )
 
 

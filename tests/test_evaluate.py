@@ -288,9 +288,19 @@ def test_report_writes_tables_and_plots(setup, tmp_path):
     text = path.read_text()
     assert "| softmax_max | 1.00 |" in text and "oracle" in text
     assert "vs the loop at threshold 1.0" in text
+    # Calibration says when even the grid's lowest threshold met the target.
+    calibrated = results["calibration"]["softmax_max"]
+    assert calibrated["whole_grid_meets_target"] == (calibrated["threshold"] == 0.02)
+    assert ("even the lowest threshold" in text) == calibrated["whole_grid_meets_target"]
+    # Learn-then-Test rows for both risks, with their violation rate over halvings.
+    ltt = results["learn_then_test"]
+    assert [row["risk"] for row in ltt] == ["consistency", "quality"]
+    assert all(0 <= row["violation_rate"] <= 1 and row["splits"] == 200 for row in ltt)
+    assert "Learn-then-Test" in text
     for name in (
         "exit_distribution.png",
         "ppl_vs_layer_speedup.png",
+        "ppl_vs_flops_speedup.png",
         "ppl_vs_measured_speedup.png",
     ):
         assert (tmp_path / name).stat().st_size > 1000
