@@ -162,3 +162,9 @@ def load_run_with_corpus(args: argparse.Namespace, step: int | None = None):
     """
     corpus = load_wikitext2(args.data_dir, cache_dir=args.cache_dir)
     return train.restore_run(args.workdir, step, corpus=corpus)
+
+
+def carried(protocol: str, config) -> bool:
+    """Whether an evaluation reads the split in the "continuous" protocol: as asked,
+    or for "auto" as the run trained (`TrainConfig.carry_state`)."""
+    return config.carry_state if protocol == "auto" else protocol == "continuous"

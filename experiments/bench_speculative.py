@@ -147,7 +147,8 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     key = jax.random.key(0)
     common = (model, variables, prompt, args.steps, key)
     calls = {
-        "full depth": lambda: generate(*common, threshold=1.0),
+        # Full depth: threshold 1.0 with the learned measure, whose check is a Dense(1).
+        "full depth": lambda: generate(*common, threshold=1.0, measure="learned"),
         "early exit": lambda: generate(*common, threshold=threshold, measure=args.exit_measure),
         "speculative": lambda: speculative_generate(*common, **best)[0],
     }

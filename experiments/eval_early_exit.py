@@ -75,10 +75,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="test windows timed for the wall-clock speedup (>= 1)",
     )
     parser.add_argument(
+        "--max_tokens",
+        type=cli.positive_int,
+        default=None,
+        help="score only the first tokens of valid and of test (default: all); with "
+        "--timing_windows 2, a quick look at a small run",
+    )
+    parser.add_argument(
         "--batch_size",
         type=cli.positive_int,
         default=None,
         help="rows per evaluation window (default: the run's eval_batch_size)",
+    )
+    parser.add_argument(
+        "--protocol",
+        default="auto",
+        choices=["auto", "window", "continuous"],
+        help="window: every window from a fresh state; continuous: each row one "
+        "contiguous text, the state carried; auto: continuous for a run trained "
+        "with the state carried (carry_state), else window",
     )
     return parser.parse_args(argv)
 
@@ -99,7 +114,10 @@ def main(argv=None) -> int:
     batch_size = args.batch_size or config.eval_batch_size
     streams = [
         make_lm_stream(
-            getattr(corpus, split), batch_size, config.model.n_seq, eos_id=corpus.vocab.eos_id
+            getattr(corpus, split)[: args.max_tokens],
+            batch_size,
+            config.model.n_seq,
+            eos_id=corpus.vocab.eos_id,
         )
         for split in ("valid", "test")
     ]
@@ -113,6 +131,7 @@ def main(argv=None) -> int:
         exit_weighting=config.exit_weighting,
         max_ppl_change_pct=args.max_ppl_change_pct,
         timing_windows=args.timing_windows,
+        carry=cli.carried(args.protocol, config),
     )
     results.update(step=step, config=config.to_dict(), command=" ".join(sys.argv))
     out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval")

@@ -60,6 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="score only the first tokens of test, >= 1 (default: all)",
     )
+    parser.add_argument(
+        "--protocol",
+        default="auto",
+        choices=["auto", "window", "continuous"],
+        help="window: every window from a fresh state; continuous: each row one "
+        "contiguous text, the state carried; auto: continuous for a run trained "
+        "with the state carried (carry_state), else window",
+    )
     return parser.parse_args(argv)
 
 
@@ -103,6 +111,7 @@ def main(argv=None) -> int:
     for measure, why in skipped.items():
         print(f"note: not evaluating the {measure!r} measure: {why}")
     model = train.EarlyExitLM(config.model)
+    carry = cli.carried(args.protocol, config)
     ids = corpus.test[: args.max_tokens]
     rows = []
     # Full depth: threshold 1.0 with the learned measure, whose per-layer check is a
@@ -114,7 +123,9 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):  # interleaved, so load changes hit every setting
             for runs, (measure, threshold) in zip(passes, settings, strict=True):
                 runs.append(
-                    decode.stream_evaluate(model, params, stream, threshold, measure=measure)
+                    decode.stream_evaluate(
+                        model, params, stream, threshold, measure=measure, carry=carry
+                    )
                 )
         full_s = statistics.median(run["seconds"] for run in passes[0])
         for runs, (measure, _) in zip(passes, settings, strict=True):
