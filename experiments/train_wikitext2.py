@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--preset",
         default="cpu",
-        choices=["tiny", "cpu", "gpu"],
+        choices=["tiny", "small", "cpu", "gpu"],
         help="training preset (see ee_jax.config.train_preset)",
     )
     cli.add_data_flags(parser)
