@@ -8,7 +8,7 @@ valid and test. A train perplexity well below valid's means the run over-fits an
 needs its dropout; one close to valid's means it under-fits.
 
     EE_JAX_DATA_DIR=../shared/data/wikitext-2 \
-        python docs/results/preset/train_vs_valid.py runs/cpu_bk_gap
+        python experiments/studies/train_vs_valid.py runs/cpu_bk_gap
 """
 
 import sys

@@ -16,7 +16,7 @@ classifiers, offline on a trained run's frozen parameters.
    test. An MLP's check costs 2*D*H + 2*H FLOPs instead of 2*D.
 
     EE_JAX_DATA_DIR=../shared/data/wikitext-2 \
-        python docs/results/preset/exit_headroom.py runs/cpu_bk_linear
+        python experiments/studies/exit_headroom.py runs/cpu_bk_linear
 """
 
 import sys
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from loss_gap_probe import collect, halting_depths  # the session-6 probe beside this file
+from loss_gap_probe import collect, halting_depths  # the loss-gap probe beside this file
 
 import ee_jax
 from ee_jax.data import make_lm_stream

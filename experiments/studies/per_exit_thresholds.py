@@ -9,7 +9,7 @@ coordinate descent on valid to minimise the FLOPs of the "freeze" cost model
 (`ee_jax.flops`) within the same +2%; both checked on test.
 
     EE_JAX_DATA_DIR=../shared/data/wikitext-2 \
-        python docs/results/preset/per_exit_thresholds.py runs/cpu_bk_linear
+        python experiments/studies/per_exit_thresholds.py runs/cpu_bk_linear
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Training-step time of cpu-preset variants on one real WikiText-2 window.
 
-    python docs/results/preset/step_variants.py [VARIANT ...]
+    python experiments/studies/step_variants.py [VARIANT ...]
 
 Starts from the trained parameters of the values probe (runs/probe_d128l6_values,
 made by probe.sh) where the shapes match, so the output layer is a trained one

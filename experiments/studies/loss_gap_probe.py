@@ -11,7 +11,7 @@ blocks run and one exit output only (no skipped-layer state, no checks): an uppe
 bound of `ee_jax.flops`.
 
     EE_JAX_DATA_DIR=../shared/data/wikitext-2 \
-        python docs/results/preset/loss_gap_probe.py runs/cpu_bk
+        python experiments/studies/loss_gap_probe.py runs/cpu_bk
 """
 
 import sys

@@ -7,7 +7,7 @@ the model uses no more context than that, and carrying state could at best bring
 every position down to the late positions' level.
 
     EE_JAX_DATA_DIR=../shared/data/wikitext-2 \
-        python docs/results/preset/context_by_position.py runs/cpu_bk
+        python experiments/studies/context_by_position.py runs/cpu_bk
 """
 
 import sys

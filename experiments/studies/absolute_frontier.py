@@ -10,7 +10,7 @@ under the "freeze" cost model (`ee_jax.flops`, from the sweep's exit
 distribution). Reads only the runs' WORKDIR/eval/results.json (sweep and config);
 needs the data only for the share of test targets in each tail cluster.
 
-    EE_JAX_DATA_DIR=../shared/data/wikitext-2 python docs/results/preset/absolute_frontier.py \
+    EE_JAX_DATA_DIR=../shared/data/wikitext-2 python experiments/studies/absolute_frontier.py \
         runs/cpu_bk_linear runs/cpu_bk_distill1
 """
 
