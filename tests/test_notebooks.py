@@ -38,6 +38,10 @@ def test_notebook_runs(name, tmp_path, monkeypatch, data_dir):
     monkeypatch.setenv("EE_JAX_NOTEBOOK_MODE", "tiny")
     monkeypatch.setenv("EE_JAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
     monkeypatch.setenv("EE_JAX_DATA_DIR", data_dir)
+    prompt = "The game was"  # the quickstart's default prompt, in WikiText-2's vocabulary
+    if name.startswith("01") and data_dir == str(tmp_path / "corpus"):
+        prompt = "the cat sat"  # the stand-in corpus has neither these words nor "<unk>"
+        monkeypatch.setenv("EE_JAX_NOTEBOOK_PROMPT", prompt)
     NotebookClient(
         notebook,
         timeout=600,
@@ -52,3 +56,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch, data_dir):
         assert "identical: True" in text and "| softmax_max |" in text
         # The generation cell: the 4 prompt words, then 8 new words with exit depths.
         assert re.search(r"(\S+ ){4}(\S+\[\d\] ){7}\S+\[\d\]", text), text[-2000:]
+    if name.startswith("01"):
+        assert "halting FLOPs" in text and "blocks run" in text, text[-2000:]
+        # The generation cell: the prompt, then at least one new word with its exit depth.
+        assert re.search(re.escape(prompt) + r"( \S+\[\d\])+\n", text), text[-2000:]
