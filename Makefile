@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test
+.PHONY: run test publish
 
 
 $(STAMP): pyproject.toml
@@ -28,3 +28,9 @@ run: $(STAMP)
 # ends the run at once (a restarted worker can leave xdist waiting forever).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 --durations=15 tests
+
+# Publish a finished `make run` (WORKDIR, default runs/cpu) into docs/results/cpu/:
+# its evaluation, decoding results, config, metrics, exit perplexities and training
+# summary, with a header in docs/results/cpu/README.md (experiments/publish_run.py).
+publish: $(STAMP)
+	$(VENV)/bin/python experiments/publish_run.py --workdir $(WORKDIR) --out docs/results/cpu

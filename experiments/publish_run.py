@@ -1,0 +1,182 @@
+r"""Publish a finished `make run` into the repository's results folder.
+
+    python experiments/publish_run.py --workdir runs/cpu --out docs/results/cpu
+
+Copies what `make run` wrote into --workdir to --out: the early-exit evaluation
+(eval/results.json, eval/results.md, eval/*.png), the token-by-token decoding
+(eval/stream_results.json), the training run's config.json, metrics.jsonl,
+valid_exit_ppl*.json and test_exit_ppl*.json; writes the training summary
+(comparison.md, training.md, training.png, by summarize_training.py); and puts a
+header naming the run, its step, the date and the commands at the top of
+README.md in --out (replacing an earlier publication's header; the rest of an
+existing README.md is kept). Files of an earlier publication with the same names
+or patterns are replaced. Nothing is copied when a file is missing or the files
+are of different steps: one error line says which.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import pathlib
+import shutil
+import sys
+
+from ee_jax import cli
+
+# (pattern relative to the work directory, must match at least one file)
+PUBLISHED = (
+    "eval/results.json",
+    "eval/results.md",
+    "eval/*.png",
+    "eval/stream_results.json",
+    "config.json",
+    "metrics.jsonl",
+    "valid_exit_ppl*.json",
+    "test_exit_ppl*.json",
+)
+SUMMARY = ("comparison.md", "training.md", "training.png")  # summarize_training.py's files
+
+
+class PublishError(Exception):
+    """A work directory that is not a finished `make run` (one line for the user)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.make_parser(__doc__)
+    parser.add_argument("--workdir", required=True, help="the finished run (make run's WORKDIR)")
+    parser.add_argument("--out", required=True, help="results folder to write")
+    return parser.parse_args(argv)
+
+
+def published_files(workdir: pathlib.Path) -> list[pathlib.Path]:
+    """Every file to copy; PublishError when a pattern matches none."""
+    if not workdir.is_dir():
+        raise PublishError(f"{workdir} is not a folder: train and evaluate it with make run first")
+    files = []
+    for pattern in PUBLISHED:
+        found = sorted(path for path in workdir.glob(pattern) if path.is_file())
+        if not found:
+            raise PublishError(
+                f"{workdir / pattern} does not exist: {workdir} is not a finished make run "
+                "(training with --report_test true, eval_early_exit.py, stream_early_exit.py)"
+            )
+        files.extend(found)
+    return files
+
+
+def read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PublishError(f"{path} cannot be read as JSON: {error}") from None
+
+
+def check_steps(workdir: pathlib.Path, files: list[pathlib.Path]) -> int:
+    """The evaluated step; PublishError when the files are of different steps."""
+    steps = {}
+    for path in files:
+        if path.suffix == ".json" and path.name != "config.json":
+            step = read_json(path).get("step")
+            if step is not None:
+                steps[path.relative_to(workdir).as_posix()] = step
+    step = steps.get("eval/results.json")
+    if step is None:
+        raise PublishError(f"{workdir / 'eval/results.json'} names no step")
+    others = {name: s for name, s in steps.items() if s != step}
+    if others:
+        listed = ", ".join(f"{name} is step {s}" for name, s in sorted(others.items()))
+        raise PublishError(
+            f"eval/results.json is step {step} but {listed}: re-run the stale commands of make run"
+        )
+    return step
+
+
+def summarize(workdir: pathlib.Path, out: pathlib.Path) -> None:
+    """summarize_training.py WORKDIR --out OUT, in this process."""
+    path = pathlib.Path(__file__).with_name("summarize_training.py")
+    spec = importlib.util.spec_from_file_location("summarize_training", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    status = module.main([str(workdir), "--out", str(out)])
+    if status:
+        raise PublishError(f"summarize_training.py {workdir} --out {out} failed (status {status})")
+
+
+def describe(config: dict) -> str:
+    """The run's settings in a few words, from its config.json."""
+    model = config.get("model", {})
+    parts = [
+        f"D = {model.get('d_model')}, L = {model.get('n_layers')}",
+        f"mixer {model.get('mixer', 'bk')}",
+        f"position {model.get('position', 'learned')}",
+        "state carried across windows" if config.get("carry_state") else "window resets",
+        f"{model.get('output', 'full')} output",
+        f"exit weights {config.get('exit_weighting')}",
+        f"distillation {config.get('distillation_weight', 0.0)}",
+        f"{config.get('steps'):,} steps" if config.get("steps") else "steps unknown",
+    ]
+    return ", ".join(parts)
+
+
+def header(workdir: pathlib.Path, out: pathlib.Path, step: int, argv: list[str]) -> str:
+    results = read_json(workdir / "eval" / "results.json")
+    stream = read_json(workdir / "eval" / "stream_results.json")
+    config = read_json(workdir / "config.json")
+    evaluated = datetime.date.fromtimestamp((workdir / "eval" / "results.json").stat().st_mtime)
+    publish = " ".join(["python experiments/publish_run.py", *argv])
+    return (
+        f"# `make run` output: {workdir.name}, step {step:,}, evaluated {evaluated.isoformat()}\n"
+        f"\n"
+        f"The run: `{workdir.as_posix()}` ({describe(config)}), trained by `make run`'s\n"
+        f"`experiments/train_wikitext2.py` and evaluated at step {step:,} by\n"
+        f"`python {results.get('command', 'experiments/eval_early_exit.py')}` and\n"
+        f"`python {stream.get('command', 'experiments/stream_early_exit.py')}`;\n"
+        f"published into `{out.as_posix()}` on {datetime.date.today().isoformat()} by\n"
+        f"`{publish}` (what `make publish` runs).\n"
+    )
+
+
+MARKER = "<!-- header written by experiments/publish_run.py; the text below it is kept -->"
+
+
+def write_readme(path: pathlib.Path, text: str) -> None:
+    """Puts `text` at the top of README.md: it replaces the header an earlier
+    publication wrote (everything up to its MARKER line) and keeps the rest."""
+    rest = path.read_text() if path.is_file() else ""
+    if MARKER in rest:
+        rest = rest.split(MARKER, 1)[1].lstrip("\n")
+    path.write_text(f"{text}{MARKER}\n" + (f"\n{rest}" if rest.strip() else ""))
+
+
+def publish(workdir: pathlib.Path, out: pathlib.Path, argv: list[str]) -> list[pathlib.Path]:
+    files = published_files(workdir)
+    step = check_steps(workdir, files)
+    text = header(workdir, out, step, argv)
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in {pathlib.PurePosixPath(p).name for p in PUBLISHED} | set(SUMMARY):
+        for stale in out.glob(pattern):  # an earlier publication's files
+            if stale.is_file():
+                stale.unlink()
+    for path in files:
+        shutil.copy2(path, out / path.name)
+    summarize(workdir, out)
+    write_readme(out / "README.md", text)
+    names = [path.name for path in files] + [*SUMMARY, "README.md"]
+    return [out / name for name in dict.fromkeys(names)]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        written = publish(pathlib.Path(args.workdir), pathlib.Path(args.out), argv)
+    except (PublishError, OSError) as error:
+        return cli.report_error(error)
+    print(f"wrote {len(written)} files into {args.out}:")
+    print("\n".join(f"  {path.as_posix()}" for path in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

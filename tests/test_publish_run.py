@@ -1,0 +1,98 @@
+"""experiments/publish_run.py on a tiny fake `make run` work directory."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from ee_jax.config import train_preset
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def publish_run():
+    path = REPO / "experiments" / "publish_run.py"
+    spec = importlib.util.spec_from_file_location("publish_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(workdir: pathlib.Path, step: int = 4) -> pathlib.Path:
+    """The files `make run` leaves in its work directory, with made-up numbers."""
+    config = train_preset("tiny", 50).to_dict()
+    (workdir / "eval").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(config))
+    row = {"exit_nll": [4.1, 4.0], "exit_ppl": [60.0, 55.0], "grad_norm": 1.0}
+    rows = [
+        {"step": s, "loss": 4.0 - s / 10, **row, "tokens_per_s": 100.0, "compile_s": 1.0}
+        for s in range(1, step + 1)
+    ]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for split in ("valid", "test"):
+        exits = {"exit_ppl": [60.0, 55.0], "step": step}
+        (workdir / f"{split}_exit_ppl.json").write_text(json.dumps(exits))
+    command = "experiments/eval_early_exit.py --workdir runs/cpu"
+    (workdir / "eval" / "results.json").write_text(json.dumps({"step": step, "command": command}))
+    (workdir / "eval" / "results.md").write_text("## Threshold sweep\n")
+    (workdir / "eval" / "exit_distribution.png").write_bytes(b"png")
+    stream = {"step": step, "command": "experiments/stream_early_exit.py --workdir runs/cpu"}
+    (workdir / "eval" / "stream_results.json").write_text(json.dumps(stream))
+    return workdir
+
+
+def test_publishes_every_file_with_a_header_and_keeps_the_readme_text(
+    publish_run, tmp_path, capsys
+):
+    # Given a finished run and a results folder whose README has text below a header.
+    run, out = fake_run(tmp_path / "cpu"), tmp_path / "results"
+    argv = ["--workdir", str(run), "--out", str(out)]
+    assert publish_run.main(argv) == 0
+    (out / "README.md").write_text((out / "README.md").read_text() + "\nThe table.\n")
+    # When it is published again.
+    assert publish_run.main(argv) == 0
+    # Then every published file is there, and README.md has one header, then the text.
+    names = {path.name for path in out.iterdir()}
+    assert {
+        "results.json",
+        "results.md",
+        "exit_distribution.png",
+        "stream_results.json",
+        "config.json",
+        "metrics.jsonl",
+        "valid_exit_ppl.json",
+        "test_exit_ppl.json",
+        "comparison.md",
+        "training.md",
+        "training.png",
+        "README.md",
+    } <= names
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# `make run` output: cpu, step 4, evaluated ")
+    assert readme.count(publish_run.MARKER) == 1
+    assert readme.endswith("The table.\n")
+    assert "python experiments/eval_early_exit.py --workdir runs/cpu" in readme
+
+
+@pytest.mark.parametrize("missing", ["eval/stream_results.json", "test_exit_ppl.json"])
+def test_a_missing_file_is_one_error_line_and_nothing_is_written(
+    publish_run, tmp_path, capsys, missing
+):
+    run, out = fake_run(tmp_path / "cpu"), tmp_path / "results"
+    (run / missing).unlink()
+    assert publish_run.main(["--workdir", str(run), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1
+    assert missing.split("/")[-1].split(".")[0].rstrip("*") in error
+    assert not out.exists()
+
+
+def test_files_of_another_step_are_refused(publish_run, tmp_path, capsys):
+    run, out = fake_run(tmp_path / "cpu"), tmp_path / "results"
+    (run / "test_exit_ppl.json").write_text(json.dumps({"exit_ppl": [1.0], "step": 3}))
+    assert publish_run.main(["--workdir", str(run), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "test_exit_ppl.json is step 3" in error and error.count("\n") == 1
+    assert not out.exists()
