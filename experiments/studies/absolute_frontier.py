@@ -1,6 +1,6 @@
 """Early exit in absolute terms: the fewest blocks for a given test perplexity.
 
-The issue's goals calibrate each model against its own last exit (+2%), so a
+The +2% calibration measures each model against its own last exit, so a
 training change that makes the last exit worse also loosens the budget of the
 early ones. This compares runs at equal absolute test perplexity instead: for
 each target, the learned-exit threshold of the test sweep (`eval_early_exit.py`'s
