@@ -300,8 +300,8 @@ def train_preset(name: str, vocab_size: int) -> TrainConfig:
           (truncated BPTT), adaptive-softmax exits weighted linearly in depth and
           distilled from the last exit (weight 0.5), 5,500 steps (about 5.4 epochs
           of WikiText-2 train), learned exits regressing the loss gap;
-          docs/results/preset/ and docs/results/recurrence/ have the runs that
-          chose it, the README its measured time.
+          docs/results/archive/preset-probes_d128-l6_2026-11-30/ and
+          docs/results/recurrence/ have the runs that chose it.
     gpu:  Colab GPU/TPU: the cpu preset's choices at D = 256, L = 8, N = 256,
           B = 64: 1,300 steps, about 10 epochs; not yet run on an accelerator.
     """
@@ -349,7 +349,7 @@ TRAIN_PRESETS = {
         distillation_weight=0.5,
         carry_state=True,
     ),
-    # Chosen by measured short runs: docs/results/preset/README.md.
+    # Chosen by measured short runs: docs/results/archive/preset-probes_d128-l6_2026-11-30.
     "cpu": lambda vocab_size: TrainConfig(
         model=ModelConfig(
             vocab_size=vocab_size,
@@ -361,7 +361,7 @@ TRAIN_PRESETS = {
             bk_value_dim=8,
             z_imag=(0.05, 1.0),
             dropout=0.1,
-            bk_method="sequential",  # faster than the associative scan on CPU (README)
+            bk_method="sequential",  # faster than the associative scan on CPU (docs/benchmarks.md)
             output="adaptive",
         ),
         batch_size=16,

@@ -268,7 +268,7 @@ def train(
       vocab: the corpus vocabulary the stream's ids come from; recorded as
         vocab.txt (loaders check it) and checked against it when resuming.
       stop_at_step: stop (with a checkpoint) at this step in [1, steps] without
-        changing the schedule, e.g. to split a run over several sessions.
+        changing the schedule, e.g. to split a run over several sittings.
       resume_step: resume from this checkpoint instead of the latest one; the
         later checkpoints are moved to workdir/superseded/.
       allow_config_change: resume although `config` differs from the run's

@@ -1,7 +1,7 @@
 r"""Summarise training runs: Markdown tables of their metrics and a PNG curve.
 
-    python experiments/summarize_training.py runs/cpu_bk runs/cpu_attention \
-        runs/cpu_none --every 250 --out docs/results/mixers
+    python experiments/summarize_training.py runs/cpu runs/small \
+        --every 250 --out /tmp/summary
 
 Reads each run's config.json and metrics.jsonl, and valid_exit_ppl.json /
 test_exit_ppl.json when the training script wrote them; writes comparison.md (one
