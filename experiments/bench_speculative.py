@@ -78,7 +78,7 @@ def prompts(corpus, batch: int, length: int) -> np.ndarray:
 
 
 def calibrated_threshold(workdir, measure: str) -> float | None:
-    path = pathlib.Path(workdir) / "results.json"
+    path = pathlib.Path(workdir) / "eval" / "results.json"
     if not path.exists():
         return None
     calibration = json.loads(path.read_text()).get("calibration", {})
