@@ -50,6 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--check_tokens", type=cli.positive_int, default=10_000)
     parser.add_argument("--steps", type=cli.positive_int, default=512, help="timed tokens")
     parser.add_argument("--repeats", type=cli.positive_int, default=3)
+    parser.add_argument(
+        "--temperature",
+        type=cli.nonnegative_float,
+        default=0.0,
+        help="0: greedy (and the lossless check); > 0: speculative sampling against "
+        "sampling at full depth (same distribution: tests/test_speculative.py)",
+    )
+    parser.add_argument("--sample_top_k", type=cli.positive_int, default=None)
     parser.add_argument("--exit_measure", default="learned")
     parser.add_argument(
         "--exit_threshold",
@@ -100,6 +108,7 @@ def search(model, variables, prompt, args) -> list[dict]:
                 args.search_steps,
                 jax.random.key(0),
                 **options,
+                **sampling(args),
             )
             seconds = median_s(lambda run=run: run()[0], 1)
             stats = run()[1]
@@ -118,6 +127,10 @@ def search(model, variables, prompt, args) -> list[dict]:
                 flush=True,
             )
     return rows
+
+
+def sampling(args) -> dict:
+    return dict(temperature=args.temperature, sample_top_k=args.sample_top_k)
 
 
 def lossless(model, variables, corpus, best, args) -> dict:
@@ -146,11 +159,14 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     prompt = prompts(corpus, batch, args.prompt_length)
     key = jax.random.key(0)
     common = (model, variables, prompt, args.steps, key)
+    sample = sampling(args)
     calls = {
         # Full depth: threshold 1.0 with the learned measure, whose check is a Dense(1).
-        "full depth": lambda: generate(*common, threshold=1.0, measure="learned"),
-        "early exit": lambda: generate(*common, threshold=threshold, measure=args.exit_measure),
-        "speculative": lambda: speculative_generate(*common, **best)[0],
+        "full depth": lambda: generate(*common, threshold=1.0, measure="learned", **sample),
+        "early exit": lambda: generate(
+            *common, threshold=threshold, measure=args.exit_measure, **sample
+        ),
+        "speculative": lambda: speculative_generate(*common, **best, **sample)[0],
     }
     seconds = {name: median_s(call, args.repeats) for name, call in calls.items()}
     row = {f"{name} tokens/s": batch * args.steps / s for name, s in seconds.items()}
@@ -194,6 +210,7 @@ def main(argv=None) -> int:
                 "pass --exit_threshold"
             )
         )
+    greedy = args.temperature == 0
     prompt = prompts(corpus, 1, args.prompt_length)
     rows = search(model, variables, prompt, args)
     best_row = max(rows, key=lambda row: row["tokens_per_s"])
@@ -207,7 +224,8 @@ def main(argv=None) -> int:
         "search": rows,
         "best": best,
         "early_exit": {"measure": args.exit_measure, "threshold": threshold},
-        "lossless": lossless(model, variables, corpus, best, args),
+        "sampling": sampling(args),
+        "lossless": lossless(model, variables, corpus, best, args) if greedy else {},
         "speed": {
             f"B{batch}": speed_row(model, variables, corpus, best, threshold, args, batch)
             for batch in (1, 8)
