@@ -32,11 +32,13 @@ _EXPORTS = {
     "generate": "decode",
     "decode_sequence": "decode",
     "stream_evaluate": "decode",
+    "speculative_generate": "speculative",
     "Corpus": "data",
     "LMStream": "data",
     "Vocabulary": "data",
     "load_wikitext2": "data",
     "make_lm_stream": "data",
+    "encode_text": "data",
     "TrainState": "train",
     "restore_params": "train",
     "exit_perplexities": "evaluate",
@@ -56,11 +58,13 @@ __all__ = [  # the lazily imported names of _EXPORTS and this module's own
     "generate",
     "decode_sequence",
     "stream_evaluate",
+    "speculative_generate",
     "Corpus",
     "LMStream",
     "Vocabulary",
     "load_wikitext2",
     "make_lm_stream",
+    "encode_text",
     "TrainState",
     "restore_params",
     "exit_perplexities",
@@ -75,11 +79,19 @@ __all__ = [  # the lazily imported names of _EXPORTS and this module's own
 if TYPE_CHECKING:  # static checkers and IDEs see the names; runtime imports them lazily
     from ee_jax.checkpoint import CheckpointError
     from ee_jax.config import ExitMeasure, ModelConfig, TrainConfig, train_preset
-    from ee_jax.data import Corpus, LMStream, Vocabulary, load_wikitext2, make_lm_stream
+    from ee_jax.data import (
+        Corpus,
+        LMStream,
+        Vocabulary,
+        encode_text,
+        load_wikitext2,
+        make_lm_stream,
+    )
     from ee_jax.decode import decode_sequence, generate, stream_evaluate
     from ee_jax.early_exit import ExitInfo, ExitStats, early_exit_forward
     from ee_jax.evaluate import evaluate_checkpoint, exit_perplexities
     from ee_jax.model import EarlyExitLM
+    from ee_jax.speculative import speculative_generate
     from ee_jax.train import TrainState, restore_params
 
 
