@@ -2,6 +2,9 @@
 models of any length, carried training and evaluation, unbounded generation."""
 
 import functools
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +193,21 @@ def test_greedy_generation_far_past_n_seq_is_the_full_models_argmax():
 
 
 def test_sampling_does_not_depend_on_the_chunk_and_a_saved_state_continues_it(tmp_path):
+    # Run in a fresh interpreter: in a suite worker that had compiled the programs of
+    # many earlier test files, XLA's CPU compiler (jax 0.10.2) segfaulted while
+    # compiling this test's generation program, in three suite runs; alone it passes.
+    code = "import sys, pathlib, test_recurrence as t; t.sampling_check(pathlib.Path(sys.argv[1]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=pathlib.Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def sampling_check(tmp_path):
     # Given sampled generation with early exit, 45 tokens in one call.
     model, variables = model_and_variables()
     prompt, rng = random_tokens((2, 3), seed=5), jax.random.key(7)
