@@ -10,9 +10,8 @@ import pathlib
 # with the same tolerances either way.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # glibc's malloc as it is (not `ee_jax.keep_freed_memory`, which importing ee_jax
-# applies): with one arena and no mmap, a test worker that had run many files
-# segfaulted inside XLA's compiler, once a suite run, in two suite runs of three.
-# Only the test of that setting turns it on, in its own subprocesses.
+# applies): the suite's programs are small, and the test of that setting turns it on
+# in its own subprocesses.
 os.environ.setdefault("EE_JAX_KEEP_FREED_MEMORY", "0")
 
 import jax  # noqa: E402
