@@ -26,8 +26,13 @@ run: $(STAMP)
 # The whole test suite, two worker processes (pytest-xdist; a test file stays on one
 # worker, so its module fixtures and compiled shapes are shared). A worker that dies
 # ends the run at once (a restarted worker can leave xdist waiting forever).
+# tests/test_recurrence.py runs in a process of its own: in a worker that had compiled
+# the programs of earlier files, XLA's CPU compiler (jaxlib 0.10.2) crashed on its
+# programs in four suite runs (segfault or abort, always in that file); alone it passes.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 --durations=15 \
+	    --ignore tests/test_recurrence.py tests
+	$(VENV)/bin/python -m pytest -q tests/test_recurrence.py
 
 # Publish a finished `make run` (WORKDIR, default runs/cpu) into docs/results/cpu/:
 # its evaluation, decoding results, config, metrics, exit perplexities and training
