@@ -164,6 +164,18 @@ def load_run_with_corpus(args: argparse.Namespace, step: int | None = None):
     return train.restore_run(args.workdir, step, corpus=corpus)
 
 
+def add_protocol_flag(parser: argparse.ArgumentParser) -> None:
+    """--protocol of the evaluation scripts (read with `carried`)."""
+    parser.add_argument(
+        "--protocol",
+        default="auto",
+        choices=["auto", "window", "continuous"],
+        help="window: every window from a fresh state; continuous: each row one "
+        "contiguous text, the state carried; auto: continuous for a run trained "
+        "with the state carried (carry_state), else window",
+    )
+
+
 def carried(protocol: str, config) -> bool:
     """Whether an evaluation reads the split in the "continuous" protocol: as asked,
     or for "auto" as the run trained (`TrainConfig.carry_state`)."""

@@ -60,14 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="score only the first tokens of test, >= 1 (default: all)",
     )
-    parser.add_argument(
-        "--protocol",
-        default="auto",
-        choices=["auto", "window", "continuous"],
-        help="window: every window from a fresh state; continuous: each row one "
-        "contiguous text, the state carried; auto: continuous for a run trained "
-        "with the state carried (carry_state), else window",
-    )
+    cli.add_protocol_flag(parser)
     return parser.parse_args(argv)
 
 
