@@ -117,8 +117,8 @@ def test_load_run_needs_nothing_but_the_run_folder(corpus_dir, tmp_path, monkeyp
     state = train_lib.train(config, stream, tmp_path / "run", vocab=corpus.vocab, progress=False)
     # When ee_jax.load_run loads it (latest step, and step 2) with no corpus anywhere.
     monkeypatch.delenv("EE_JAX_DATA_DIR", raising=False)
-    for module in ("ee_jax.data", "ee_jax.train", "ee_jax.cli"):  # any use would fail
-        monkeypatch.setattr(f"{module}.load_wikitext2", None)
+    for module in ("ee_jax.data", "ee_jax.data.corpus", "ee_jax.train", "ee_jax.cli"):
+        monkeypatch.setattr(f"{module}.load_wikitext2", None)  # any use would fail
     model, variables, vocab, loaded = ee_jax.load_run(tmp_path / "run")
     *_, earlier = ee_jax.load_run(tmp_path / "run", step=2)
     # Then it has the run's config and vocabulary, and its forward equals the trained state's.
