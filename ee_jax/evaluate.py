@@ -484,8 +484,9 @@ def evaluate_checkpoint(
 
     Returns a JSON-ready dict: full-depth exit perplexities, the threshold sweep per
     measure on test, the oracle row, the threshold calibrated on valid per measure
-    and its test row, the real halting loop at each calibrated threshold, and
-    wall-clock timings.
+    and its test row, the real halting loop at each calibrated threshold (its
+    perplexity change against "real_loop_reference_ppl", the final exit in the
+    loop's "window" protocol), and wall-clock timings.
 
     Raises:
       ValueError: a stream the model cannot read (`check_stream`), a bad threshold
@@ -535,6 +536,14 @@ def evaluate_checkpoint(
         results["real_loop"].append(
             real_loop_row(model, params, test, threshold, measure, progress=progress)
         )
+    # The halting loop reads every window from a fresh state: its perplexity change is
+    # against the final exit in that ("window") protocol, one more pass when carried.
+    reference = results["test_exit_ppl"][-1]
+    if carry:
+        reference = exit_perplexities(model, params, test, progress=progress)["exit_ppl"][-1]
+    results["real_loop_reference_ppl"] = reference
+    for row in results["real_loop"]:
+        row["ppl_change_pct"] = 100 * (row["ppl"] / reference - 1)
     results["learn_then_test"] = learn_then_test_rows(
         valid_scores, test_scores, config, measures, thresholds, ltt_risks, ltt_delta
     )

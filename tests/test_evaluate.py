@@ -297,6 +297,23 @@ def test_report_writes_tables_and_plots(setup, tmp_path):
     assert [row["risk"] for row in ltt] == ["consistency", "quality"]
     assert all(0 <= row["violation_rate"] <= 1 and row["splits"] == 200 for row in ltt)
     assert "Learn-then-Test" in text
+    # The headline comes first and shows real halting: the halting loop's perplexity
+    # change against the final exit read the same way (every window fresh), and the
+    # FLOPs of halting, also in the sweep rows.
+    assert text.index("## Headline") < text.index("## Threshold sweep")
+    real = results["real_loop"][0]
+    assert results["real_loop_reference_ppl"] == results["test_exit_ppl"][-1]
+    assert real["ppl_change_pct"] == pytest.approx(
+        100 * (real["ppl"] / results["test_exit_ppl"][-1] - 1)
+    )
+    headline = report.headline_table(results).splitlines()[2]
+    assert f"| {real['ppl_change_pct']:+.1f}% |" in headline
+    assert f"| {calibrated['test']['halting_flops_speedup']:.2f}x |" in headline
+    sweep_rows = [
+        line for line in report.sweep_table(results).splitlines() if "| softmax_max |" in line
+    ]
+    for line, row in zip(sweep_rows, results["sweep"], strict=True):
+        assert line.endswith(f"| {row['halting_flops_speedup']:.2f}x |")
     for name in (
         "exit_distribution.png",
         "ppl_vs_layer_speedup.png",
