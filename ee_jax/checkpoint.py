@@ -311,7 +311,7 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
 
 def save_vocab(workdir: pathlib.Path, words: Sequence[str]) -> None:
     """Records the run's vocabulary as `workdir/vocab.txt` (bytes: universal
-    newlines must not touch the words, as in data._save_cached)."""
+    newlines must not touch the words, as in data.corpus._save_cached)."""
     write_atomic(workdir / VOCAB_FILE, "\n".join(words).encode("utf-8"))
 
 
