@@ -382,17 +382,23 @@ def real_loop_row(
     check_stream(stream, model.config)
     tail_use = tail_use_of(model.config, stream.targets, stream.mask)
     per_depth, full = exit_flops(model.config, measure, "freeze", tail_use)
-    stats, total = ExitStats.zeros(model.config.n_layers), 0.0
-    for index in tqdm(range(len(stream)), desc=f"halting loop {threshold}", disable=not progress):
-        batch = stream.window(index)
+
+    def window(state, batch):
         nll, info = _halting_loop_nll(
             model, params, batch.inputs, batch.targets, batch.mask, jnp.float32(threshold), measure
         )
-        total += float(nll)
         info = info.replace(
             flops_per_depth=jnp.float32(per_depth), full_depth_flops=jnp.float32(full)
         )
-        stats = stats.update(info, batch.mask)
+        return (float(nll), info, batch.mask), state  # every window from a fresh state
+
+    parts = map_windows(
+        model, stream, window, carry=False, desc=f"halting loop {threshold}", progress=progress
+    )
+    stats, total = ExitStats.zeros(model.config.n_layers), 0.0
+    for nll, info, mask in parts:
+        total += nll
+        stats = stats.update(info, mask)
     summary = stats.summary()
     return {
         "measure": measure,

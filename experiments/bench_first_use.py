@@ -45,9 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = {}
-    for name, setting in (("import ee_jax, nothing else", "1"), ("opted out", "0")):
-        env = {**os.environ, "EE_JAX_KEEP_FREED_MEMORY": setting}
-        env.pop("GLIBC_TUNABLES", None)
+    for name, setting in (("import ee_jax, nothing else", None), ("opted out", "0")):
+        unset = ("GLIBC_TUNABLES", "EE_JAX_KEEP_FREED_MEMORY")  # the first: the default
+        env = {key: value for key, value in os.environ.items() if key not in unset}
+        if setting is not None:
+            env["EE_JAX_KEEP_FREED_MEMORY"] = setting
         run = subprocess.run(
             [sys.executable, "-c", USER_SCRIPT, str(args.repeats)],
             env=env,
