@@ -35,7 +35,7 @@ from ee_jax.checkpoint import (
 )
 from ee_jax.config import ModelConfig, TrainConfig, upgrade_dict
 from ee_jax.data import Batch, Corpus, LMStream, Vocabulary, load_wikitext2, train_batch
-from ee_jax.losses import exit_weights, lm_loss_from, tail_capacities
+from ee_jax.losses import lm_loss_from, tail_capacities
 from ee_jax.model import EarlyExitLM, RecurrentState
 
 
@@ -130,26 +130,17 @@ def make_train_step(
     """
     if config.carry_state and not windows_per_epoch:
         raise ValueError("carry_state=True needs windows_per_epoch (len of the train stream)")
-    model = EarlyExitLM(config.model)
     optimizer = make_optimizer(config)
-    weights = exit_weights(config.model.n_layers, config.exit_weighting)
 
     def loss_fn(params, start: RecurrentState, batch: Batch, rngs):
         return lm_loss_from(
-            model,
             params,
             start,
             batch.inputs,
             batch.targets,
             batch.mask,
-            weights=weights,
-            balance_weight=config.balance_weight,
-            dropout_rng=rngs["dropout"],
-            exit_token_fraction=config.exit_token_fraction,
-            classifier_token_fraction=config.classifier_token_fraction,
-            classifier_target=config.classifier_target,
-            distillation_weight=config.distillation_weight,
-            sample_rng=rngs["sample"],
+            config,
+            rngs=rngs,
             tail_capacities=capacities,
         )
 

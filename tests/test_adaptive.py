@@ -11,7 +11,7 @@ import pytest
 from conftest import TOLERANCE
 
 from ee_jax import adaptive
-from ee_jax.config import ExitMeasure, ModelConfig, tiny
+from ee_jax.config import ExitMeasure, ModelConfig, TrainConfig, tiny
 from ee_jax.early_exit import early_exit_forward
 from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.losses import exit_weights, lm_loss, tail_capacities
@@ -308,25 +308,29 @@ def test_training_loss_and_gradients_equal_a_materialised_log_softmax(unembeddin
     # Row 0 puts 16 targets in tail cluster 2: a capacity of 1 overflows.
     targets = jnp.roll(tokens, -1, axis=1).at[0].set(90)
     mask = jnp.ones_like(tokens).at[1, 9:].set(0)
-    weights = exit_weights(CONFIG.n_layers, "linear")
+    config = TrainConfig(model=model.config, exit_weighting="linear", balance_weight=0.01)
     if capacities == "tight":  # what training computes from the data
         capacities = tail_capacities(CONFIG, np.asarray(targets)[None], np.asarray(mask)[None])
 
     # When both are differentiated, then loss and gradients agree.
     assert_loss_and_gradients_match(
-        (model, variables, tokens, targets, mask, weights), dict(tail_capacities=capacities)
+        (model, variables, tokens, targets, mask), config, tail_capacities=capacities
     )
 
 
-def assert_loss_and_gradients_match(arguments, options, sample=None, classified=None):
-    """`lm_loss` with `options` against `materialised_loss` on the same arguments."""
-    target = options.get("classifier_target", "agreement")
-    distillation = options.get("distillation_weight", 0.0)
-    model, variables, tokens, targets, mask, weights = arguments
+def assert_loss_and_gradients_match(
+    arguments, config, *, rngs=None, tail_capacities=None, sample=None, classified=None
+):
+    """`lm_loss` with TrainConfig `config` (balance_weight 0.01), `rngs` and
+    `tail_capacities` against `materialised_loss` on the same arguments."""
+    target, distillation = config.classifier_target, config.distillation_weight
+    model, variables, tokens, targets, mask = arguments
+    weights = exit_weights(CONFIG.n_layers, config.exit_weighting)
+    arguments = (*arguments, weights)
 
     def loss(v):
         return lm_loss(
-            model, v, tokens, targets, mask, weights=weights, balance_weight=0.01, **options
+            v, tokens, targets, mask, config, rngs=rngs, tail_capacities=tail_capacities
         )[0]
 
     got_loss, got = jax.jit(jax.value_and_grad(loss))(variables)
@@ -352,21 +356,23 @@ def test_sampled_exits_and_classifiers_equal_the_reference_on_those_positions(
     tokens = random_tokens(5, batch=4)
     targets = jnp.roll(tokens, -1, axis=1)
     mask = jnp.ones_like(tokens).at[2, 5:].set(0)
-    weights = exit_weights(CONFIG.n_layers, "uniform")
     rng = jax.random.key(11)
     total = tokens.size
     order = jax.random.permutation(rng, total)
 
-    options = dict(
+    config = TrainConfig(
+        model=model.config,
+        exit_weighting="uniform",
+        balance_weight=0.01,
         exit_token_fraction=0.5,
         classifier_token_fraction=0.125,
-        sample_rng=rng,
         classifier_target=classifier_target,
         distillation_weight=distillation,
     )
     assert_loss_and_gradients_match(
-        (model, variables, tokens, targets, mask, weights),
-        options,
+        (model, variables, tokens, targets, mask),
+        config,
+        rngs={"sample": rng},
         sample=order[: total // 2],
         classified=order[: total // 8],
     )

@@ -9,7 +9,7 @@ import pytest
 from conftest import TOLERANCE
 
 from ee_jax.bk_core import resolve_method
-from ee_jax.config import ModelConfig, tiny
+from ee_jax.config import ModelConfig, TrainConfig, tiny
 from ee_jax.losses import exit_weights, lm_loss
 from ee_jax.model import EarlyExitLM
 from ee_jax.moe import MoEFeedForward
@@ -221,14 +221,12 @@ def test_training_loss_gradients_reach_every_exit_router_and_potentials(tokens, 
 
     def loss(v):
         return lm_loss(
-            model,
             v,
             tokens,
             targets,
             jnp.ones_like(tokens),
-            weights=exit_weights(config.n_layers, weighting),
-            balance_weight=0.01,
-            dropout_rng=jax.random.key(3),
+            TrainConfig(model=config, exit_weighting=weighting, balance_weight=0.01),
+            rngs={"dropout": jax.random.key(3)},
         )[0]
 
     # When it is differentiated.
@@ -256,13 +254,11 @@ def test_loss_matches_log_softmax_of_materialised_logits(tokens):
     targets = jnp.roll(tokens, -1, axis=1)
     mask = jnp.ones_like(tokens).at[1, 5:].set(0)
     _, metrics = lm_loss(
-        model,
         variables,
         tokens,
         targets,
         mask,
-        weights=exit_weights(CONFIG.n_layers, "uniform"),
-        balance_weight=0.0,
+        TrainConfig(model=CONFIG, exit_weighting="uniform", balance_weight=0.0),
     )
     logits = model.apply(variables, tokens, method=EarlyExitLM.exit_logits)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[None, ..., None], -1)[..., 0]
@@ -277,9 +273,10 @@ def test_chunked_loss_gradient_equals_autodiff_of_materialised_log_softmax(token
     targets = jnp.roll(tokens, -1, axis=1)
     mask = jnp.ones_like(tokens).at[0, 9:].set(0)
     weights = exit_weights(CONFIG.n_layers, "linear")
+    train_config = TrainConfig(model=model.config, exit_weighting="linear", balance_weight=0.01)
 
     def chunked(v):
-        return lm_loss(model, v, tokens, targets, mask, weights=weights, balance_weight=0.01)
+        return lm_loss(v, tokens, targets, mask, train_config)
 
     def reference(v):
         logits = model.apply(v, tokens, method=EarlyExitLM.exit_logits)  # [L, B, N, V]
@@ -387,39 +384,32 @@ def test_old_configs_with_use_bk_read_as_a_mixer():
 
 
 def test_old_runs_keep_the_agreement_classifiers_and_bad_targets_are_refused():
-    from ee_jax.config import TrainConfig
-
     # A run saved before classifier_target existed trained agreement classifiers.
     values = TrainConfig(model=CONFIG, classifier_target="loss_gap").to_dict()
     del values["classifier_target"]
     assert TrainConfig.from_dict(values).classifier_target == "agreement"
     with pytest.raises(ValueError, match="classifier_target must be one of"):
         TrainConfig(model=CONFIG, classifier_target="gap")
-    model = EarlyExitLM(CONFIG)
     tokens = jnp.zeros((1, CONFIG.n_seq), jnp.int32)
     with pytest.raises(ValueError, match="classifier_target must be one of"):
+        # lm_loss reads the target from a TrainConfig, which refuses it.
         lm_loss(
-            model,
             {},
             tokens,
             tokens,
             tokens,
-            weights=np.ones(CONFIG.n_layers),
-            balance_weight=0.0,
-            classifier_target="gap",
+            TrainConfig(model=CONFIG, balance_weight=0.0).replace(classifier_target="gap"),
         )
 
 
 def joint_loss(model, variables, tokens, targets, mask):
     return lm_loss(
-        model,
         variables,
         tokens,
         targets,
         mask,
-        weights=exit_weights(model.config.n_layers, "uniform"),
-        balance_weight=0.5,
-        dropout_rng=jax.random.key(3),
+        TrainConfig(model=model.config, exit_weighting="uniform", balance_weight=0.5),
+        rngs={"dropout": jax.random.key(3)},
     )
 
 
