@@ -10,7 +10,7 @@ from conftest import TOLERANCE
 
 from ee_jax.bk_core import resolve_method
 from ee_jax.config import ModelConfig, TrainConfig, tiny
-from ee_jax.losses import exit_weights, lm_loss
+from ee_jax.losses import exit_classifier_loss, exit_weights, lm_loss
 from ee_jax.model import EarlyExitLM
 from ee_jax.moe import MoEFeedForward
 
@@ -390,16 +390,9 @@ def test_old_runs_keep_the_agreement_classifiers_and_bad_targets_are_refused():
     assert TrainConfig.from_dict(values).classifier_target == "agreement"
     with pytest.raises(ValueError, match="classifier_target must be one of"):
         TrainConfig(model=CONFIG, classifier_target="gap")
-    tokens = jnp.zeros((1, CONFIG.n_seq), jnp.int32)
     with pytest.raises(ValueError, match="classifier_target must be one of"):
-        # lm_loss reads the target from a TrainConfig, which refuses it.
-        lm_loss(
-            {},
-            tokens,
-            tokens,
-            tokens,
-            TrainConfig(model=CONFIG, balance_weight=0.0).replace(classifier_target="gap"),
-        )
+        # The loss term refuses it too, for a caller without a TrainConfig.
+        exit_classifier_loss(EarlyExitLM(CONFIG), {}, None, None, None, "gap")
 
 
 def joint_loss(model, variables, tokens, targets, mask):
