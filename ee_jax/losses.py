@@ -165,7 +165,7 @@ def lm_loss_from(
     exits = exit_cross_entropies(
         model, params, states, targets, mask, weights, sample, tail_capacities
     )
-    # Summed in the order of the earlier one-function form: the same loss to the bit.
+    # This order of summation fixes the last bit of the logged loss (recorded runs).
     loss = exits.final_loss + config.balance_weight * moe_balance_loss(balance) + exits.early_loss
     classifier_loss = distillation_loss = jnp.zeros(())
     if len(exits.early) and config.distillation_weight > 0:

@@ -40,6 +40,18 @@ def time_jitted(function: Callable, *args, min_repeats: int = 5, budget_s: float
     )
 
 
+def median_s(call: Callable, repeats: int) -> float:
+    """Median wall time in seconds of `call()` (its outputs made ready), over
+    `repeats` calls after one warm-up call (which compiles a jitted call)."""
+    jax.block_until_ready(call())
+    durations = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        durations.append(time.perf_counter() - start)
+    return statistics.median(durations)
+
+
 @contextlib.contextmanager
 def cold_compilation():
     """Compiles without the persistent compilation cache, so compile times are real.

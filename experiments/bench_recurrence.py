@@ -21,7 +21,6 @@ table and writes --json.
 
 import argparse
 import pathlib
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ import numpy as np
 
 import ee_jax
 from ee_jax import cli
+from ee_jax.timing import median_s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,16 +107,6 @@ def time_generation(model, variables, args) -> dict:
     )
     result["rss_ratio_end_to_1000"] = result["rss_mb_at_end"] / result["rss_mb_at_1000"]
     return result
-
-
-def median_s(call, repeats: int) -> float:
-    jax.block_until_ready(call())  # compile and warm up
-    durations = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        durations.append(time.perf_counter() - start)
-    return statistics.median(durations)
 
 
 def time_prefill(model, variables, args) -> dict:

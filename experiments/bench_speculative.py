@@ -23,7 +23,6 @@ import argparse
 import functools
 import json
 import pathlib
-import statistics
 import sys
 import time
 
@@ -33,6 +32,7 @@ import numpy as np
 
 import ee_jax
 from ee_jax import cli
+from ee_jax.timing import median_s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,17 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default="bench_speculative.json", help="results file")
     return parser.parse_args(argv)
-
-
-def median_s(call, repeats: int) -> float:
-    """Median wall time of call() (its outputs made ready) after one warm-up call."""
-    jax.block_until_ready(call())
-    durations = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        durations.append(time.perf_counter() - start)
-    return statistics.median(durations)
 
 
 def prompts(corpus, batch: int, length: int) -> np.ndarray:
