@@ -9,17 +9,10 @@ import pathlib
 # multi-process and notebook tests) inherit it; results are compared to references
 # with the same tolerances either way.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# XLA's CPU compiler without its MLIR fusion emitters and with one LLVM module per
-# program: compiling is what the suite spends its time on, and with these a test
-# file ran in about 0.6 of the time on 2 cores (jaxlib 0.10.2). Numerics are
-# checked against the same references either way.
-os.environ["XLA_FLAGS"] = " ".join(
-    [
-        os.environ.get("XLA_FLAGS", ""),
-        "--xla_cpu_use_fusion_emitters=false",
-        "--xla_cpu_parallel_codegen_split_count=1",
-    ]
-).strip()
+# `import ee_jax` below adds its CPU compiler flags to XLA_FLAGS
+# (`ee_jax.use_cpu_xla_flags`), which the suite's subprocesses inherit: compiling is
+# what the suite spends its time on, and they compile a test file in about 0.6 of
+# the time on 2 cores.
 # glibc's malloc as it is (not `ee_jax.keep_freed_memory`, which importing ee_jax
 # applies): the suite's programs are small, and the test of that setting turns it on
 # in its own subprocesses.

@@ -67,6 +67,39 @@ def test_import_changes_no_jax_setting_and_cache_defaults_to_the_user_folder(tmp
     assert package not in expected.resolve().parents
 
 
+@pytest.mark.parametrize(
+    "given, opt_out, expected",
+    [
+        (None, None, list(ee_jax.CPU_XLA_FLAGS)),
+        (
+            "--xla_force_host_platform_device_count=2 --xla_cpu_use_fusion_emitters=true",
+            None,
+            [
+                "--xla_force_host_platform_device_count=2",
+                "--xla_cpu_use_fusion_emitters=true",  # the user's own value stays
+                "--xla_cpu_parallel_codegen_split_count=1",
+            ],
+        ),
+        (
+            "--xla_force_host_platform_device_count=2",
+            "0",
+            ["--xla_force_host_platform_device_count=2"],
+        ),
+    ],
+)
+def test_import_adds_the_cpu_compiler_flags_unless_set_or_opted_out(given, opt_out, expected):
+    # Given a fresh process with these XLA_FLAGS and EE_JAX_CPU_XLA_FLAGS, when it
+    # imports ee_jax (and nothing else), then XLA_FLAGS holds exactly the expected flags.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "EE_JAX_CPU_XLA_FLAGS")}
+    env.update({"XLA_FLAGS": given} if given is not None else {})
+    env.update({"EE_JAX_CPU_XLA_FLAGS": opt_out} if opt_out is not None else {})
+    script = "import os, ee_jax; print(os.environ.get('XLA_FLAGS', ''))"
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.split() == expected
+
+
 def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("EE_JAX_CACHE_DIR", raising=False)
@@ -86,6 +119,8 @@ def test_public_names_are_the_modules_objects():
         *ee_jax._EXPORTS,
         "enable_compilation_cache",
         "keep_freed_memory",
+        "use_cpu_xla_flags",
+        "CPU_XLA_FLAGS",
         "load_run",
         "user_cache_dir",
     }

@@ -62,7 +62,9 @@ def start_worker(spec: dict, devices: int, **spec_changes) -> subprocess.Popen:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": " ".join(
+            [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"]
+        ),
     }
     return subprocess.Popen(
         [sys.executable, "-c", WORKER, json.dumps({**spec, **spec_changes})],

@@ -301,7 +301,7 @@ def test_data_parallel_step_equals_single_device():
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
     }
     result = subprocess.run(
         [sys.executable, "-c", DATA_PARALLEL_SCRIPT],
