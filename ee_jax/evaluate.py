@@ -68,7 +68,11 @@ def map_windows(
     """
     if carry:
         check_carry(model.config)
-    fresh = RecurrentState.make(model.config, stream.inputs.shape[0])
+    # Committed to the device, as the states the windows return are: a jitted
+    # window_fn then compiles once, not once more for the uncommitted first state.
+    fresh = jax.device_put(
+        RecurrentState.make(model.config, stream.inputs.shape[0]), jax.devices()[0]
+    )
     state, results = fresh, []
     for index in tqdm(range(len(stream)), desc=desc, disable=not progress):
         result, after = window_fn(state if carry else fresh, stream.window(index))
