@@ -636,7 +636,14 @@ def restore_params(
         check_vocab(workdir, vocab_words(vocab))
     checkpointer = Checkpointer(workdir / "checkpoints")
     try:
-        state = checkpointer.restore(init_state(config), step)
+        # An abstract template (shapes, dtypes, this device): nothing is initialised
+        # or compiled only to be overwritten.
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        template = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+            jax.eval_shape(lambda: init_state(config)),
+        )
+        state = checkpointer.restore(template, step)
     finally:
         checkpointer.close()
     return config, state.params, int(state.step)
