@@ -209,10 +209,14 @@ def keep_freed_memory() -> bool:
 # XLA CPU compiler options (GPUs and TPUs ignore them): the MLIR fusion emitters off,
 # one LLVM module per program.
 CPU_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
+# The jaxlib releases they were measured with: XLA aborts the process on a flag it
+# does not know, and a later release may drop one.
+CPU_XLA_FLAGS_JAXLIB = ("0.10.",)
 
 
 def use_cpu_xla_flags() -> str:
-    """Adds CPU_XLA_FLAGS to $XLA_FLAGS, each unless $XLA_FLAGS already sets it.
+    """Adds CPU_XLA_FLAGS to $XLA_FLAGS, each unless $XLA_FLAGS already sets it, when
+    the installed jaxlib is one of CPU_XLA_FLAGS_JAXLIB (else changes nothing).
 
     With XLA's MLIR fusion emitters (jaxlib 0.10.2) a CPU compiles more slowly and
     runs these models more slowly. Measured on 2 cores, a fresh 150-step run of
@@ -224,8 +228,16 @@ def use_cpu_xla_flags() -> str:
     unless EE_JAX_CPU_XLA_FLAGS=0.
 
     Returns:
-      The new $XLA_FLAGS.
+      $XLA_FLAGS as it is now.
     """
+    from importlib import metadata
+
+    try:
+        measured = metadata.version("jaxlib").startswith(CPU_XLA_FLAGS_JAXLIB)
+    except metadata.PackageNotFoundError:
+        measured = False
+    if not measured:
+        return os.environ.get("XLA_FLAGS", "")
     flags = os.environ.get("XLA_FLAGS", "").split()
     named = {flag.split("=")[0] for flag in flags}
     flags += [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in named]

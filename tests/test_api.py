@@ -100,6 +100,17 @@ def test_import_adds_the_cpu_compiler_flags_unless_set_or_opted_out(given, opt_o
     assert run.stdout.split() == expected
 
 
+def test_the_cpu_compiler_flags_wait_for_a_jaxlib_they_were_measured_with(monkeypatch):
+    # XLA aborts on an unknown flag: another jaxlib release gets none of them.
+    from importlib import metadata
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setattr(metadata, "version", lambda name: "0.11.0")
+    assert ee_jax.use_cpu_xla_flags() == "--xla_force_host_platform_device_count=2"
+    monkeypatch.setattr(metadata, "version", lambda name: "0.10.7")
+    assert ee_jax.use_cpu_xla_flags().split()[1:] == list(ee_jax.CPU_XLA_FLAGS)
+
+
 def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("EE_JAX_CACHE_DIR", raising=False)
