@@ -20,8 +20,7 @@ are evaluated: the first tokens of a window then see the text before it.
 
 import dataclasses
 import functools
-import statistics
-import time
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +41,7 @@ from ee_jax.early_exit import (
 from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.losses import exit_nll, exit_weights
 from ee_jax.model import EarlyExitLM, RecurrentState, check_carry
+from ee_jax.timing import median_s
 
 
 def map_windows(
@@ -329,13 +329,10 @@ def time_early_exit(
     batches = [stream.window(i) for i in range(min(windows, len(stream)))]
 
     def median_ms(call) -> float:
-        jax.block_until_ready(call(batches[0].inputs))  # compile and warm up
-        durations = []
-        for batch in batches * repeats:
-            start = time.perf_counter()
-            jax.block_until_ready(call(batch.inputs))
-            durations.append(1e3 * (time.perf_counter() - start))
-        return statistics.median(durations)
+        # The warm-up call takes the first window; the timed calls then take every
+        # window `repeats` times.
+        windows = itertools.cycle([batch.inputs for batch in batches])
+        return 1e3 * median_s(lambda: call(next(windows)), len(batches) * repeats)
 
     result = {
         "forward_ms": median_ms(lambda tokens: _plain_forward(model, params, tokens)),

@@ -166,7 +166,8 @@ def lm_loss_from(
         model, params, states, targets, mask, weights, sample, tail_capacities
     )
     # This order of summation fixes the last bit of the logged loss (recorded runs).
-    loss = exits.final_loss + config.balance_weight * moe_balance_loss(balance) + exits.early_loss
+    balance_loss = moe_balance_loss(balance)
+    loss = exits.final_loss + config.balance_weight * balance_loss + exits.early_loss
     classifier_loss = distillation_loss = jnp.zeros(())
     if len(exits.early) and config.distillation_weight > 0:
         distillation_loss = head_distillation_loss(
@@ -187,7 +188,7 @@ def lm_loss_from(
         loss = loss + classifier_loss
     metrics = {
         "exit_nll": exits.per_exit,
-        "balance_loss": moe_balance_loss(balance),
+        "balance_loss": balance_loss,
         "classifier_loss": classifier_loss,
         "distillation_loss": distillation_loss,
     }
