@@ -9,9 +9,11 @@ valid_exit_ppl*.json and test_exit_ppl*.json; writes the training summary
 (comparison.md, training.md, training.png, by summarize_training.py); and puts a
 header naming the run, its step, the date and the commands at the top of
 README.md in --out (replacing an earlier publication's header; the rest of an
-existing README.md is kept). Files of an earlier publication with the same names
-or patterns are replaced. Nothing is copied when a file is missing or the files
-are of different steps: one error line says which.
+existing README.md is kept). --out records what it wrote in published_files.txt:
+a later publication replaces and removes only those files. Nothing is written
+(one error line says why) when a file is missing, the files are of different
+steps, --out is the run folder or inside it, or --out holds a file of a name it
+would write that an earlier publication did not write (the user's own file).
 """
 
 import argparse
@@ -36,6 +38,7 @@ PUBLISHED = (
     "test_exit_ppl*.json",
 )
 SUMMARY = ("comparison.md", "training.md", "training.png")  # summarize_training.py's files
+MANIFEST = "published_files.txt"  # in --out: the names the last publication wrote
 
 
 class PublishError(Exception):
@@ -149,21 +152,41 @@ def write_readme(path: pathlib.Path, text: str) -> None:
     path.write_text(f"{text}{MARKER}\n" + (f"\n{rest}" if rest.strip() else ""))
 
 
+def check_out(workdir: pathlib.Path, out: pathlib.Path, names: list[str]) -> list[str]:
+    """The names an earlier publication wrote into `out` (its manifest).
+
+    Raises PublishError when `out` is the run folder or inside it, or when `out`
+    holds a file named like one this publication writes that no earlier
+    publication wrote (README.md excepted: its text below the header is kept).
+    """
+    if out.resolve() == workdir.resolve() or workdir.resolve() in out.resolve().parents:
+        raise PublishError(f"--out {out} is inside the run folder {workdir}: choose a folder outside it")
+    manifest = out / MANIFEST
+    earlier = manifest.read_text().split() if manifest.is_file() else []
+    foreign = [n for n in names if n not in earlier and n != "README.md" and (out / n).exists()]
+    if foreign:
+        raise PublishError(
+            f"{out / foreign[0]} exists and was not written by publish_run.py "
+            f"(not in {manifest}): move it or choose another --out"
+        )
+    return earlier
+
+
 def publish(workdir: pathlib.Path, out: pathlib.Path, argv: list[str]) -> list[pathlib.Path]:
     files = published_files(workdir)
     step = check_steps(workdir, files)
+    names = list(dict.fromkeys([path.name for path in files] + [*SUMMARY, "README.md"]))
+    earlier = check_out(workdir, out, names)
     text = header(workdir, out, step, argv)
     out.mkdir(parents=True, exist_ok=True)
-    for pattern in {pathlib.PurePosixPath(p).name for p in PUBLISHED} | set(SUMMARY):
-        for stale in out.glob(pattern):  # an earlier publication's files
-            if stale.is_file():
-                stale.unlink()
+    for name in set(earlier) - set(names) - {"README.md"}:  # an earlier publication's files
+        (out / name).unlink(missing_ok=True)
     for path in files:
         shutil.copy2(path, out / path.name)
     summarize(workdir, out)
     write_readme(out / "README.md", text)
-    names = [path.name for path in files] + [*SUMMARY, "README.md"]
-    return [out / name for name in dict.fromkeys(names)]
+    (out / MANIFEST).write_text("".join(f"{name}\n" for name in names))
+    return [out / name for name in names]
 
 
 def main(argv=None) -> int:

@@ -96,3 +96,44 @@ def test_files_of_another_step_are_refused(publish_run, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "test_exit_ppl.json is step 3" in error and error.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("inside", ["", "eval", "published"])
+def test_out_in_the_run_folder_is_refused_and_nothing_changes(publish_run, tmp_path, capsys, inside):
+    run = fake_run(tmp_path / "cpu")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert publish_run.main(["--workdir", str(run), "--out", str(run / inside)]) == 2
+    error = capsys.readouterr().err
+    assert "inside the run folder" in error and error.count("\n") == 1
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_users_files_in_out_are_never_deleted_or_overwritten(publish_run, tmp_path, capsys):
+    run, out = fake_run(tmp_path / "cpu"), tmp_path / "results"
+    out.mkdir()
+    (out / "my_plot.png").write_bytes(b"mine")
+    argv = ["--workdir", str(run), "--out", str(out)]
+    assert publish_run.main(argv) == 0
+    assert (out / "my_plot.png").read_bytes() == b"mine"  # a pattern it writes (*.png), not its file
+    # A file of a name it would write, which it did not write, stops it before any write.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    assert publish_run.main(["--workdir", str(run), "--out", str(mine)]) == 2
+    error = capsys.readouterr().err
+    assert "results.md exists and was not written by publish_run.py" in error
+    assert [p.name for p in mine.iterdir()] == ["results.md"]
+    assert (mine / "results.md").read_text() == "my notes"
+
+
+def test_a_republication_removes_only_its_own_stale_files(publish_run, tmp_path):
+    run, out = fake_run(tmp_path / "cpu"), tmp_path / "results"
+    (run / "eval" / "extra.png").write_bytes(b"png")
+    argv = ["--workdir", str(run), "--out", str(out)]
+    assert publish_run.main(argv) == 0
+    (out / "mine.png").write_bytes(b"mine")
+    (run / "eval" / "extra.png").unlink()
+    assert publish_run.main(argv) == 0
+    assert not (out / "extra.png").exists() and (out / "mine.png").read_bytes() == b"mine"
+    written = (out / publish_run.MANIFEST).read_text().split()
+    assert "extra.png" not in written and "exit_distribution.png" in written
