@@ -31,23 +31,43 @@ Two risks:
 
 import dataclasses
 import math
+import numbers
 
 import numpy as np
 import scipy.stats
 
-from ee_jax.evaluate import ExitScores, depth_row, exit_depths
+from ee_jax.evaluate import ExitScores, check_count, depth_row, exit_depths
 
 RISKS = ("consistency", "quality")
+
+
+def check_risk(risk: str) -> None:
+    """Raises ValueError for a risk not in RISKS."""
+    if risk not in RISKS:
+        raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
+
+
+def _check_open_unit(**levels) -> None:
+    """Raises ValueError unless every keyword's value is a number in (0, 1)."""
+    if not all(isinstance(v, numbers.Real) and 0 < v < 1 for v in levels.values()):
+        got = ", ".join(map(str, levels.values()))
+        raise ValueError(f"{' and '.join(levels)} must be in (0, 1), got {got}")
+
+
+def check_levels(risk: str, epsilon, delta) -> None:
+    """Raises ValueError (one line) for an unknown risk, or epsilon or delta
+    outside (0, 1): the checks of every Learn-then-Test entry point."""
+    check_risk(risk)
+    _check_open_unit(epsilon=epsilon, delta=delta)
 
 
 def unit_risks(scores: ExitScores, measure: str, thresholds, risk: str):
     """Each unit's risk at each threshold: ([len(thresholds), U] float64, unit ids [U]).
 
     Raises:
-      ValueError: an unknown risk.
+      ValueError: an unknown risk, or a threshold outside [0, 1].
     """
-    if risk not in RISKS:
-        raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
+    check_risk(risk)
     units, index = np.unique(scores.unit, return_inverse=True)
     count = np.bincount(index)
     columns = np.arange(scores.tokens)
@@ -66,7 +86,9 @@ def unit_risks(scores: ExitScores, measure: str, thresholds, risk: str):
 
 def hoeffding_bentkus_p_value(losses, epsilon: float) -> float:
     """p-value of "mean loss > epsilon" from n i.i.d. losses in [0, 1] (Bates et al.
-    2021, Proposition 3.5 with the Hoeffding and Bentkus bounds)."""
+    2021, Proposition 3.5 with the Hoeffding and Bentkus bounds). Raises ValueError
+    for epsilon outside (0, 1)."""
+    _check_open_unit(epsilon=epsilon)
     losses = np.asarray(losses, np.float64)
     n, mean = losses.size, float(losses.mean())
     low = min(mean, epsilon)
@@ -90,7 +112,13 @@ def betting_p_value(losses, epsilon: float, delta: float, *, low=0.0, high=1.0) 
     Mapped to [0, 1], K_t = prod_i (1 + lambda_i (epsilon - x_i)) is a nonnegative
     supermartingale when the mean is >= epsilon, so P(max_t K_t >= 1/delta) <= delta
     (Ville's inequality): 1 / max_t K_t is a valid p-value.
+
+    Raises:
+      ValueError: delta outside (0, 1), or not low < high.
     """
+    _check_open_unit(delta=delta)
+    if not low < high:
+        raise ValueError(f"low must be below high, got {low}, {high}")
     x = (np.asarray(losses, np.float64) - low) / (high - low)
     m = (epsilon - low) / (high - low)
     if m >= 1:
@@ -106,7 +134,9 @@ def betting_p_value(losses, epsilon: float, delta: float, *, low=0.0, high=1.0) 
 
 
 def p_value(losses, risk: str, epsilon: float, delta: float) -> float:
-    """The p-value of "risk > epsilon" this module uses for `risk` (module docstring)."""
+    """The p-value of "risk > epsilon" this module uses for `risk` (module docstring).
+    Raises ValueError for bad levels (`check_levels`)."""
+    check_levels(risk, epsilon, delta)
     if risk == "consistency":
         return hoeffding_bentkus_p_value(losses, epsilon)
     return betting_p_value(losses, epsilon, delta, low=-1.0, high=1.0)
@@ -133,13 +163,17 @@ def learn_then_test(risks, thresholds, risk: str, epsilon: float, delta: float, 
         random order fixed by `seed` (the betting p-value is sequential).
 
     Raises:
-      ValueError: epsilon or delta outside (0, 1), or thresholds not descending.
+      ValueError: bad levels (`check_levels`), thresholds not descending, or risks
+        not one row per threshold.
     """
-    if not (0 < epsilon < 1 and 0 < delta < 1):
-        raise ValueError(f"epsilon and delta must be in (0, 1), got {epsilon}, {delta}")
+    check_levels(risk, epsilon, delta)
     thresholds = np.asarray(thresholds, np.float64)
     if np.any(np.diff(thresholds) >= 0):
         raise ValueError("thresholds must be strictly descending (most conservative first)")
+    if np.ndim(risks) != 2 or len(risks) != len(thresholds):
+        raise ValueError(
+            f"risks must be [{len(thresholds)} thresholds, units], got shape {np.shape(risks)}"
+        )
     order = np.random.default_rng(seed).permutation(risks.shape[1])
     chosen, tested = 1.0, []
     for threshold, losses in zip(thresholds, risks[:, order], strict=True):
@@ -169,7 +203,9 @@ def certify(
     Returns a JSON-ready dict: measure, risk, epsilon, delta, p-value method, the
     certified threshold, its valid (calibration) risk, its realised test risk and
     its `depth_row` on test (perplexity change, exit distribution, speedups).
+    Raises ValueError for bad levels (`check_levels`) before any computation.
     """
+    check_levels(risk, epsilon, delta)
     grid = np.sort(np.unique(np.append(np.asarray(thresholds, np.float64), 1.0)))[::-1]
     result = learn_then_test(unit_risks(valid, measure, grid, risk)[0], grid, risk, epsilon, delta)
     test_risk = float(unit_risks(test, measure, [result.threshold], risk)[0].mean())
@@ -201,7 +237,12 @@ def violation_rate(
 
     Returns:
       (violation rate, mean realised risk, mean certified threshold).
+
+    Raises:
+      ValueError: splits not an integer >= 1, or bad levels (`check_levels`).
     """
+    check_count("splits", splits)
+    check_levels(risk, epsilon, delta)
     rng = np.random.default_rng(seed)
     units = risks.shape[1]
     violations, realised, chosen = [], [], []

@@ -21,6 +21,8 @@ are evaluated: the first tokens of a window then see the text before it.
 import dataclasses
 import functools
 import itertools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,19 @@ from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.losses import exit_nll, exit_weights
 from ee_jax.model import EarlyExitLM, RecurrentState, check_carry
 from ee_jax.timing import median_s
+
+
+def check_count(name: str, value, low: int = 1) -> None:
+    """Raises ValueError unless `value` is an integer >= low (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_ppl_budget(max_ppl_change_pct) -> None:
+    """Raises ValueError unless the calibration tolerance is a finite number >= 0."""
+    value = max_ppl_change_pct
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"max_ppl_change_pct must be finite and >= 0, got {value!r}")
 
 
 def map_windows(
@@ -226,10 +241,13 @@ def exit_depths(scores: ExitScores, measure: str, threshold) -> np.ndarray:
     threshold is 1.0, as in `early_exit_forward`), else at the last layer.
 
     Raises:
-      ValueError: an array threshold whose shape is not [L-1].
+      ValueError: a threshold outside [0, 1], or an array threshold whose shape is
+        not [L-1].
     """
     n_layers = scores.nll.shape[0]
     thresholds = np.asarray(threshold, scores.confidence[measure].dtype)
+    if not np.all((thresholds >= 0) & (thresholds <= 1)):
+        raise ValueError(f"thresholds must be in [0, 1], got {threshold}")
     if thresholds.ndim:
         if thresholds.shape != (n_layers - 1,):
             raise ValueError(
@@ -291,10 +309,10 @@ def calibrate(scores: ExitScores, config, measure: str, thresholds, *, max_ppl_c
     Returns the threshold, or 1.0 (full depth) when none qualifies.
 
     Raises:
-      ValueError: max_ppl_change_pct is not a finite number >= 0.
+      ValueError: max_ppl_change_pct is not a finite number >= 0, or a threshold
+        outside [0, 1].
     """
-    if not (np.isfinite(max_ppl_change_pct) and max_ppl_change_pct >= 0):
-        raise ValueError(f"max_ppl_change_pct must be finite and >= 0, got {max_ppl_change_pct}")
+    check_ppl_budget(max_ppl_change_pct)
     for threshold in sorted(thresholds):
         row = depth_row(scores, exit_depths(scores, measure, threshold), config, measure)
         if row["ppl_change_pct"] <= max_ppl_change_pct:
@@ -321,8 +339,11 @@ def time_early_exit(
       exits), is the part of the speedup that exiting earns.
 
     Raises:
-      ValueError: a stream the model cannot read (`check_stream`).
+      ValueError: windows or repeats not an integer >= 1, a bad threshold or
+        measure, or a stream the model cannot read (`check_stream`).
     """
+    check_count("windows", windows)
+    check_count("repeats", repeats)
     for threshold in thresholds:
         check_exit_options(threshold, measure, "freeze")
     check_stream(stream, model.config)
@@ -451,12 +472,57 @@ def untrained_measures(exit_weighting: str, n_layers: int) -> dict[str, str]:
 def evaluated_measures(measures, exit_weighting: str | None, n_layers: int):
     """(measures to evaluate, {skipped measure: why}) for a run's exit weighting
     (None: unknown, every measure is kept). Raises ValueError when none is left."""
+    if not measures:
+        raise ValueError("measures must name at least one confidence measure")
     untrained = {} if exit_weighting is None else untrained_measures(exit_weighting, n_layers)
     skipped = {m: why for m, why in untrained.items() if m in measures}
     kept = [m for m in measures if m not in skipped]
     if not kept:
         raise ValueError(f"no confidence measure left to evaluate: {'; '.join(skipped.values())}")
     return kept, skipped
+
+
+LTT_RISKS = (("consistency", 0.05), ("quality", 1 - 1 / 1.02))  # (risk, epsilon) pairs
+
+
+def check_evaluation(
+    config,
+    *,
+    thresholds,
+    measures,
+    exit_weighting: str | None = None,
+    max_ppl_change_pct: float = 2.0,
+    timing_windows: int = 8,
+    carry: bool = False,
+    ltt_risks=LTT_RISKS,
+    ltt_delta: float = 0.1,
+):
+    """Checks the options of `evaluate_checkpoint` for a model of `config`, on the
+    host, before any work; returns (measures to evaluate, {skipped measure: why})
+    (`evaluated_measures`).
+
+    Raises:
+      ValueError (one line): no threshold, or one outside [0, 1]; no or an unknown
+        measure, or none left; an unknown exit_weighting; max_ppl_change_pct not
+        finite and >= 0; timing_windows not an integer >= 1; carry for a model that
+        cannot carry its state; an unknown Learn-then-Test risk, or its epsilon or
+        ltt_delta outside (0, 1).
+    """
+    from ee_jax import calibrate  # it builds on this module's scores
+
+    if not len(thresholds):
+        raise ValueError("thresholds must hold at least one threshold")
+    measures, skipped = evaluated_measures(measures, exit_weighting, config.n_layers)
+    for measure in measures:
+        for threshold in thresholds:
+            check_exit_options(threshold, measure, "freeze")
+    check_ppl_budget(max_ppl_change_pct)
+    check_count("timing_windows", timing_windows)
+    if carry:
+        check_carry(config)
+    for risk, epsilon in ltt_risks:
+        calibrate.check_levels(risk, epsilon, ltt_delta)
+    return measures, skipped
 
 
 def evaluate_checkpoint(
@@ -472,7 +538,7 @@ def evaluate_checkpoint(
     timing_windows: int = 8,
     carry: bool = False,
     progress: bool = True,
-    ltt_risks=(("consistency", 0.05), ("quality", 1 - 1 / 1.02)),
+    ltt_risks=LTT_RISKS,
     ltt_delta: float = 0.1,
 ) -> dict:
     """The whole early-exit evaluation of a trained model (see the module docstring).
@@ -489,21 +555,29 @@ def evaluate_checkpoint(
       ltt_risks: (risk, epsilon) pairs certified by Learn-then-Test at level
         ltt_delta (`learn_then_test_rows`).
 
-    Returns a JSON-ready dict: full-depth exit perplexities, the threshold sweep per
+    Returns a JSON-ready dict: the tokens scored per split ("tokens": {"valid",
+    "test"}), full-depth exit perplexities, the threshold sweep per
     measure on test, the oracle row, the threshold calibrated on valid per measure
     and its test row, the real halting loop at each calibrated threshold (its
     perplexity change against "real_loop_reference_ppl", the final exit in the
     loop's "window" protocol), and wall-clock timings.
 
     Raises:
-      ValueError: a stream the model cannot read (`check_stream`), a bad threshold
-        or measure, or no measure left; raised before any computation.
+      ValueError: a bad option (`check_evaluation`) or a stream the model cannot
+        read (`check_stream`); raised before any computation.
     """
     config = model.config
-    measures, skipped = evaluated_measures(measures, exit_weighting, config.n_layers)
-    for measure in measures:
-        for threshold in thresholds:
-            check_exit_options(threshold, measure, "freeze")
+    measures, skipped = check_evaluation(
+        config,
+        thresholds=thresholds,
+        measures=measures,
+        exit_weighting=exit_weighting,
+        max_ppl_change_pct=max_ppl_change_pct,
+        timing_windows=timing_windows,
+        carry=carry,
+        ltt_risks=ltt_risks,
+        ltt_delta=ltt_delta,
+    )
     check_stream(valid, config)
     check_stream(test, config)
     for measure, why in skipped.items():
@@ -516,6 +590,7 @@ def evaluate_checkpoint(
         "exit_weighting": exit_weighting,
         "measures": measures,
         "skipped_measures": skipped,
+        "tokens": {"valid": valid_scores.tokens, "test": test_scores.tokens},
         "test_exit_ppl": np.exp(test_scores.nll.mean(axis=1)).tolist(),
         "valid_exit_ppl": np.exp(valid_scores.nll.mean(axis=1)).tolist(),
         "sweep": [row for m in measures for row in sweep(test_scores, config, m, thresholds)],
@@ -575,9 +650,16 @@ def learn_then_test_rows(valid, test, config, measures, thresholds, risks, delta
 
     Returns a JSON-ready list of rows (`calibrate.certify` plus "violation_rate",
     "splits", and for quality "smallest_budget_pct").
+
+    Raises:
+      ValueError: splits not an integer >= 1, an unknown risk, or an epsilon or
+        delta outside (0, 1); before any computation.
     """
     from ee_jax import calibrate  # it builds on this module's scores
 
+    check_count("splits", splits)
+    for risk, epsilon in risks:
+        calibrate.check_levels(risk, epsilon, delta)
     grid = np.sort(np.unique(np.append(np.asarray(thresholds, np.float64), 1.0)))[::-1]
     rows = []
     for measure in measures:

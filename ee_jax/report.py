@@ -17,6 +17,20 @@ def format_threshold(threshold: float) -> str:
     return f"{whole}.{decimals.rstrip('0').ljust(2, '0')}"
 
 
+def partial_note(results: dict) -> str:
+    """The line "Partial evaluation: the first 32,768 of 245,569 test tokens." when
+    results (`evaluate_checkpoint`'s or stream_early_exit.py's JSON) scored only the
+    first tokens of a split, else "": "tokens" holds the tokens scored per split and
+    "split_tokens" the split's whole length (each {split: count})."""
+    whole = results.get("split_tokens") or {}
+    parts = [
+        f"the first {results['tokens'][split]:,} of {total:,} {split} tokens"
+        for split, total in whole.items()
+        if results.get("tokens", {}).get(split, total) < total
+    ]
+    return f"Partial evaluation: {' and '.join(parts)}." if parts else ""
+
+
 def headline_table(results: dict) -> str:
     """Per measure, its threshold calibrated on valid and what it gives on test with
     real halting, the measure with the largest halting FLOPs speedup first.
@@ -165,6 +179,7 @@ def write_report(results: dict, directory: str | pathlib.Path) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
     text = "\n\n".join(
         [
+            *filter(None, [partial_note(results)]),
             "## Headline: thresholds calibrated on valid, real halting on test",
             "The halting loop runs each test window with exited tokens skipping their "
             "remaining blocks; the measured speedup is the batched wall-clock of that loop "

@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max_tokens",
         type=cli.positive_int,
         default=None,
-        help="score only the first tokens of valid and of test (default: all); with "
-        "--timing_windows 2, a quick look at a small run",
+        help="score only the first tokens of valid and of test (default: all), said at "
+        "the top of results.md; with --timing_windows 2, a quick look at a small run",
     )
     parser.add_argument(
         "--batch_size",
@@ -100,8 +100,16 @@ def main(argv=None) -> int:
         config, params, step, corpus = cli.load_run_with_corpus(args, args.step)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
-    try:  # measures the run cannot evaluate (untrained exit classifiers): none left
-        evaluate.evaluated_measures(args.measures, config.exit_weighting, config.model.n_layers)
+    options = dict(
+        thresholds=args.thresholds,
+        measures=args.measures,
+        exit_weighting=config.exit_weighting,
+        max_ppl_change_pct=args.max_ppl_change_pct,
+        timing_windows=args.timing_windows,
+        carry=cli.carried(args.protocol, config),
+    )
+    try:  # the library's own checks (say, no measure left the run trained), up front
+        evaluate.check_evaluation(config.model, **options)
     except ValueError as error:
         return cli.report_error(error)
     batch_size = args.batch_size or config.eval_batch_size
@@ -115,18 +123,13 @@ def main(argv=None) -> int:
         for split in ("valid", "test")
     ]
     model = train.EarlyExitLM(config.model)
-    results = evaluate.evaluate_checkpoint(
-        model,
-        params,
-        *streams,
-        thresholds=args.thresholds,
-        measures=args.measures,
-        exit_weighting=config.exit_weighting,
-        max_ppl_change_pct=args.max_ppl_change_pct,
-        timing_windows=args.timing_windows,
-        carry=cli.carried(args.protocol, config),
+    results = evaluate.evaluate_checkpoint(model, params, *streams, **options)
+    results.update(
+        split_tokens={split: len(getattr(corpus, split)) for split in ("test", "valid")},
+        step=step,
+        config=config.to_dict(),
+        command=" ".join(sys.argv),
     )
-    results.update(step=step, config=config.to_dict(), command=" ".join(sys.argv))
     out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     cli.write_json(out / "results.json", results, default=str)

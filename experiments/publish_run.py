@@ -128,9 +128,18 @@ def header(workdir: pathlib.Path, out: pathlib.Path, step: int, argv: list[str])
     config = read_json(workdir / "config.json")
     evaluated = datetime.date.fromtimestamp((workdir / "eval" / "results.json").stat().st_mtime)
     publish = " ".join(["python experiments/publish_run.py", *argv])
+    from ee_jax import report
+
+    # A run evaluated on only the first tokens of a split says so first.
+    partial = "".join(
+        f"**{name}**: {report.partial_note(data)}\n\n"
+        for name, data in (("results.md", results), ("stream_results.json", stream))
+        if report.partial_note(data)
+    )
     return (
         f"# `make run` output: {workdir.name}, step {step:,}, evaluated {evaluated.isoformat()}\n"
         f"\n"
+        f"{partial}"
         f"The run: `{workdir.as_posix()}` ({describe(config)}), trained by `make run`'s\n"
         f"`experiments/train_wikitext2.py` and evaluated at step {step:,} by\n"
         f"`python {results.get('command', 'experiments/eval_early_exit.py')}` and\n"

@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max_tokens",
         type=cli.positive_int,
         default=None,
-        help="score only the first tokens of test, >= 1 (default: all)",
+        help="score only the first tokens of test, >= 1 (default: all); the results "
+        "then say they are partial",
     )
     cli.add_protocol_flag(parser)
     return parser.parse_args(argv)
@@ -133,18 +134,20 @@ def main(argv=None) -> int:
                     "measured_speedup": full_s / seconds,
                 }
             )
+    results = {
+        "step": step,
+        "command": " ".join(sys.argv),
+        "exit_weighting": config.exit_weighting,
+        "skipped_measures": skipped,
+        "tokens": {"test": len(ids)},
+        "split_tokens": {"test": len(corpus.test)},
+        "rows": rows,
+    }
     out = pathlib.Path(args.workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    cli.write_json(
-        out / "stream_results.json",
-        {
-            "step": step,
-            "command": " ".join(sys.argv),
-            "exit_weighting": config.exit_weighting,
-            "skipped_measures": skipped,
-            "rows": rows,
-        },
-    )
+    cli.write_json(out / "stream_results.json", results)
+    if report.partial_note(results):
+        print(report.partial_note(results) + "\n")
     print(
         "| B | measure | threshold | test ppl | avg exit layer | tokens/s | measured speedup "
         "| FLOP-model speedup | measured / FLOP |"

@@ -8,7 +8,9 @@ from ee_jax.calibrate import (
     betting_p_value,
     hoeffding_bentkus_p_value,
     learn_then_test,
+    p_value,
     unit_risks,
+    violation_rate,
 )
 from ee_jax.evaluate import ExitScores, exit_depths
 
@@ -110,3 +112,25 @@ def test_bad_levels_are_refused(args, message):
 def test_thresholds_must_be_tested_from_the_most_conservative():
     with pytest.raises(ValueError, match="descending"):
         learn_then_test(np.zeros((2, 10)), [0.5, 1.0], "consistency", 0.05, 0.1)
+
+
+def test_bad_arguments_of_every_entry_point_are_refused():
+    risks = np.zeros((2, 10))
+    # An unknown risk is refused, not scored with another risk's p-value.
+    for call in (
+        lambda: learn_then_test(risks, [1.0, 0.5], "coverage", 0.05, 0.1),
+        lambda: p_value(risks[0], "coverage", 0.05, 0.1),
+    ):
+        with pytest.raises(ValueError, match="risk must be one of"):
+            call()
+    with pytest.raises(ValueError, match=r"epsilon must be in \(0, 1\), got 1.0"):
+        hoeffding_bentkus_p_value(risks[0], 1.0)
+    with pytest.raises(ValueError, match=r"delta must be in \(0, 1\), got 0"):
+        betting_p_value(risks[0], 0.05, 0)
+    with pytest.raises(ValueError, match="low must be below high"):
+        betting_p_value(risks[0], 0.05, 0.1, low=1.0, high=-1.0)
+    # Rows of risks must be the thresholds', and a rate needs at least one split.
+    with pytest.raises(ValueError, match=r"risks must be \[3 thresholds, units\]"):
+        learn_then_test(risks, [1.0, 0.7, 0.5], "consistency", 0.05, 0.1)
+    with pytest.raises(ValueError, match="splits must be an integer >= 1, got 0"):
+        violation_rate(risks, [1.0, 0.5], "consistency", 0.05, 0.1, splits=0)

@@ -187,3 +187,50 @@ def test_training_flags_are_checked_before_the_corpus_is_loaded(
     # When a config field is out of range, it exits with one error line at once.
     assert script.main(["--preset", "tiny", *WORKDIR, *flags]) == 2
     assert re.fullmatch(f"error: {message}\n", capsys.readouterr().err)
+
+
+def fake_run(monkeypatch, split_tokens: int):
+    """The evaluation scripts' run loading replaced by a tiny random model and a
+    corpus of random ids (every split `split_tokens` long)."""
+    import jax
+    import numpy as np
+
+    import ee_jax
+    from ee_jax import cli
+    from ee_jax.config import train_preset
+    from ee_jax.data.corpus import Corpus
+    from ee_jax.data.vocabulary import EOS, Vocabulary
+    from ee_jax.model import EarlyExitLM
+
+    config = train_preset("tiny", 97)
+    params = EarlyExitLM(config.model).init(
+        jax.random.key(0), np.zeros((1, config.model.n_seq), np.int32)
+    )
+    ids = np.random.default_rng(0).integers(0, 97, split_tokens).astype(np.int32)
+    corpus = Corpus(Vocabulary((EOS, *(f"w{i}" for i in range(96)))), ids, ids, ids)
+    monkeypatch.setattr(cli, "load_run_with_corpus", lambda *args: (config, params, 7, corpus))
+    monkeypatch.setattr(ee_jax, "enable_compilation_cache", lambda *args: None)
+
+
+def test_a_partial_evaluation_says_so_in_its_results(monkeypatch, tmp_path, capsys):
+    # Given a run whose splits are 600 tokens long.
+    fake_run(monkeypatch, 600)
+    flags = ["--workdir", str(tmp_path), "--max_tokens", "200", "--measures", "softmax_max"]
+    # When both evaluations score only the first 200 tokens.
+    assert load_script("eval_early_exit").main([*flags, "--timing_windows", "1"]) == 0
+    stream_flags = ["--batch_size", "2", "--repeats", "1", "--threshold", "0.5"]
+    assert load_script("stream_early_exit").main([*flags, *stream_flags]) == 0
+    # Then results.md says so first, the JSON records what was scored of what,
+    # and the streaming table says so too.
+    eval_dir = tmp_path / "eval"
+    note = "Partial evaluation: the first 200 of 600 test tokens"
+    markdown = (eval_dir / "results.md").read_text()
+    assert markdown.startswith(f"{note} and the first 200 of 600 valid tokens.\n\n## Headline")
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert results["tokens"] == {"valid": 200, "test": 200}
+    assert results["split_tokens"] == {"test": 600, "valid": 600}
+    assert all(row["total_tokens"] == 200 for row in results["real_loop"])
+    stream = json.loads((eval_dir / "stream_results.json").read_text())
+    assert stream["tokens"] == {"test": 200} and stream["split_tokens"] == {"test": 600}
+    assert all(row["total_tokens"] == 200 for row in stream["rows"])
+    assert f"{note}.\n\n| B | measure |" in capsys.readouterr().out

@@ -474,3 +474,61 @@ def test_untrained_exit_classifiers_are_skipped_and_said_so(setup, capsys):
     # And asking for the learned measure alone is refused before any computation.
     with pytest.raises(ValueError, match="no confidence measure left"):
         evaluate.evaluated_measures(["learned"], "final", CONFIG.n_layers)
+
+
+def no_work(*args, **kwargs):
+    raise AssertionError("a split was read or timed before the options were checked")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(timing_windows=0), "timing_windows must be an integer >= 1, got 0"),
+        (dict(timing_windows=2.5), "timing_windows must be an integer >= 1, got 2.5"),
+        (dict(max_ppl_change_pct=-1.0), "max_ppl_change_pct must be finite and >= 0"),
+        (dict(thresholds=[]), "thresholds must hold at least one threshold"),
+        (dict(measures=[]), "measures must name at least one confidence measure"),
+        (dict(ltt_delta=1.0), r"epsilon and delta must be in \(0, 1\)"),
+        (dict(ltt_risks=[("coverage", 0.1)]), "risk must be one of"),
+    ],
+)
+def test_bad_evaluation_options_raise_one_line_before_any_work(
+    setup, options, message, monkeypatch
+):
+    # Given an evaluation whose every pass over a split would fail the test.
+    model, params, _, stream, _ = setup
+    monkeypatch.setattr(evaluate, "map_windows", no_work)
+    monkeypatch.setattr(evaluate, "median_s", no_work)
+    arguments = dict(thresholds=[0.5, 1.0], measures=["softmax_max"], progress=False)
+    # When an option is out of range, one one-line ValueError says which, at once.
+    with pytest.raises(ValueError, match=message) as error:
+        evaluate.evaluate_checkpoint(model, params, stream, stream, **{**arguments, **options})
+    assert "\n" not in str(error.value)
+
+
+def test_bad_counts_and_thresholds_of_the_parts_are_refused(setup, monkeypatch):
+    model, params, _, stream, scores = setup
+    monkeypatch.setattr(evaluate, "median_s", no_work)
+    for options, name in [(dict(windows=0), "windows"), (dict(repeats=0), "repeats")]:
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 0"):
+            evaluate.time_early_exit(model, params, stream, [0.5], measure="softmax_max", **options)
+    # A threshold outside [0, 1] (or nan) neither always nor never exits: it is refused.
+    for bad in (1.5, -0.1, float("nan"), [0.5, 2.0]):
+        with pytest.raises(ValueError, match=r"thresholds must be in \[0, 1\]"):
+            evaluate.exit_depths(scores, "softmax_max", bad)
+    with pytest.raises(ValueError, match="splits must be an integer >= 1, got 0"):
+        evaluate.learn_then_test_rows(
+            scores, scores, CONFIG, ["softmax_max"], [0.5], evaluate.LTT_RISKS, 0.1, splits=0
+        )
+
+
+def test_results_say_partial_only_when_a_split_was_cut():
+    # Given results that scored every token of test, or only its first ones.
+    full = {"tokens": {"test": 600}, "split_tokens": {"test": 600}}
+    cut = {"tokens": {"test": 200, "valid": 200}, "split_tokens": {"test": 600, "valid": 900}}
+    # Then only the cut ones are called partial, with the counts of each split.
+    assert report.partial_note(full) == report.partial_note({}) == ""
+    assert report.partial_note(cut) == (
+        "Partial evaluation: the first 200 of 600 test tokens "
+        "and the first 200 of 900 valid tokens."
+    )

@@ -137,3 +137,27 @@ def test_a_republication_removes_only_its_own_stale_files(publish_run, tmp_path)
     assert not (out / "extra.png").exists() and (out / "mine.png").read_bytes() == b"mine"
     written = (out / publish_run.MANIFEST).read_text().split()
     assert "extra.png" not in written and "exit_distribution.png" in written
+
+
+@pytest.mark.parametrize("evaluated", [32768, 245569])
+def test_the_header_says_when_the_run_was_evaluated_on_part_of_a_split(
+    publish_run, tmp_path, evaluated
+):
+    # Given a run whose evaluations scored the first `evaluated` test tokens.
+    run, out = fake_run(tmp_path / "cpu"), tmp_path / "results"
+    for name in ("results.json", "stream_results.json"):
+        path = run / "eval" / name
+        counts = {"tokens": {"test": evaluated}, "split_tokens": {"test": 245569}}
+        path.write_text(json.dumps({**json.loads(path.read_text()), **counts}))
+    # When it is published.
+    assert publish_run.main(["--workdir", str(run), "--out", str(out)]) == 0
+    # Then the header says a partial evaluation is one, for each file, and a full one
+    # is not called partial.
+    header = (out / "README.md").read_text().split(publish_run.MARKER)[0]
+    note = "Partial evaluation: the first 32,768 of 245,569 test tokens."
+    if evaluated < 245569:
+        assert f"**results.md**: {note}" in header
+        assert f"**stream_results.json**: {note}" in header
+        assert header.index(note) < header.index("The run:")
+    else:
+        assert "partial" not in header.lower()
