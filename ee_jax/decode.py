@@ -72,10 +72,15 @@ def decode_step(
     target's NLL needs only the head and that target's cluster.
 
     Raises:
-      ValueError: the model is bidirectional (`check_decodable`); raised when
-        traced, before any computation.
+      ValueError: the model is bidirectional (`check_decodable`), or the state's
+        position is past a "learned" position table (`check_positions`: checked
+        when the position is concrete; under jit it is traced, and the entry
+        point that jits the steps checks it, as `generate` does); raised before
+        any computation.
     """
     check_decodable(model.config)
+    if not isinstance(state.position, jax.core.Tracer):
+        check_positions(model.config, int(state.position), 1)
     apply = functools.partial(model.apply, variables)
     config = model.config
     hidden = apply(tokens, state.position, method=EarlyExitLM.embed_position)  # [B, D]
@@ -127,6 +132,18 @@ def check_decodable(config: ModelConfig) -> None:
     not seen, and the attention mixer would need a key-value cache.
     """
     check_carry(config)
+
+
+def check_positions(config: ModelConfig, start: int, count: int) -> None:
+    """Raises ValueError unless the `count` positions from `start` are rows of a
+    "learned" position table (0..n_seq-1): inside jit, a gather past it would
+    silently read the last row. Position "none" reads any length."""
+    if config.position == "learned" and start + count > config.n_seq:
+        raise ValueError(
+            f"positions {start}..{start + count - 1} pass the position table of "
+            f'n_seq={config.n_seq} rows (position "learned"); a model with position "none" '
+            f"reads any length"
+        )
 
 
 def decode_sequence(
@@ -196,12 +213,15 @@ def generate(
       prompt: [B, P] ids, P >= 1 (after a returned state: its last token).
       steps: new tokens per row, an integer >= 0; unbounded for position "none".
       state: the state before the prompt (a returned or loaded `DecodeState`).
-      stop_token: a row stops at this id (e.g. `Vocabulary.eos_id`): later places
-        repeat it, and generation ends once every row has stopped.
+      stop_token: a row stops at this id (e.g. `Vocabulary.eos_id`): it reads
+        nothing more, its later places repeat the id (exit depth 0), and
+        generation ends at the stop of the last row to stop.
       chunk: steps per jitted scan (>= 1); on_chunk(tokens [B, n], exit depths [B, n])
         sees each chunk's new tokens as soon as they exist (to print them).
       return_state: also return the state after the last token fed (the last
-        generated token is not fed yet: continue with it as the prompt).
+        generated token is not fed yet: continue with it as the prompt). A row
+        that stopped has read its text up to its stop token (not fed yet); the
+        position, one for the batch, is that of the last token returned.
 
     Returns:
       (tokens [B, P + S] int32, exit depths [B, S] of each new token), S <= steps
@@ -225,14 +245,7 @@ def generate(
     batch, prompt_length = np.shape(prompt)
     state = DecodeState.make(config, batch) if state is None else state
     check_state(state, config, batch)
-    start = int(state.position)
-    if config.position == "learned" and start + prompt_length + steps - 1 > config.n_seq:
-        raise ValueError(
-            f"positions {start}..{start + prompt_length + steps - 2} pass the position table: "
-            f"state position {start} + prompt length {prompt_length} + steps {steps} - 1 must "
-            f'be at most n_seq={config.n_seq} for position "learned"; a model with '
-            f'position "none" generates any length'
-        )
+    check_positions(config, int(state.position), prompt_length + steps - 1)
     if stop_token is not None:
         _check_count("stop_token", stop_token, 0)
         if stop_token >= config.vocab_size:
@@ -241,23 +254,23 @@ def generate(
     if prompt_length > 1:
         state = _prefill(model, variables, state, prompt[:, :-1])
     options = dict(measure=measure, sample_top_k=sample_top_k, greedy=temperature == 0)
-    scalars = (jnp.float32(threshold), jnp.float32(temperature), rng)
-    last, stopped = prompt[:, -1], np.zeros(batch, bool)
+    stop = jnp.int32(-1 if stop_token is None else stop_token)  # -1: no id matches
+    scalars = (jnp.float32(threshold), jnp.float32(temperature), rng, stop)
+    last, stopped = prompt[:, -1], jnp.zeros(batch, bool)
     tokens, depths = [np.asarray(prompt)], []
     for done in range(0, steps, chunk):
-        length = min(chunk, steps - done)
-        new, depth, state = _generate_chunk(
-            model, variables, state, last, *scalars, length, **options
+        length, fed = min(chunk, steps - done), int(state.position)
+        new, depth, state, stopped = _generate_chunk(
+            model, variables, state, last, stopped, *scalars, length, **options
         )
-        new, last = np.asarray(new), new[:, -1]
-        if stop_token is not None:
-            new = _after_stop(new, stopped, stop_token)
-            stopped |= (new == stop_token).any(axis=1)
-        tokens.append(new)
-        depths.append(np.asarray(depth))
+        last = new[:, -1]
+        # The position advances while a row is going: the chunk ends at the last stop.
+        kept = int(state.position) - fed
+        tokens.append(np.asarray(new)[:, :kept])
+        depths.append(np.asarray(depth)[:, :kept])
         if on_chunk is not None:
-            on_chunk(new, depths[-1])
-        if stopped.all():
+            on_chunk(tokens[-1], depths[-1])
+        if np.all(stopped):
             break
     tokens = jnp.asarray(np.concatenate(tokens, axis=1))
     depths = jnp.asarray(
@@ -269,14 +282,6 @@ def generate(
 def _check_count(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _after_stop(new: np.ndarray, stopped: np.ndarray, stop_token: int) -> np.ndarray:
-    """new [B, n] with every place after a row's first stop_token (this chunk or an
-    earlier one: `stopped` [B]) set to stop_token."""
-    seen = np.cumsum(new == stop_token, axis=1) > 0  # [B, n]: at or after a stop
-    after = np.concatenate([np.zeros_like(seen[:, :1]), seen[:, :-1]], axis=1) | stopped[:, None]
-    return np.where(after, stop_token, new)
 
 
 def check_state(state: DecodeState, config: ModelConfig, batch: int) -> None:
@@ -306,16 +311,18 @@ def greedy_token(output: adaptive.OutputLayer, features: jax.Array) -> jax.Array
 
 
 @functools.partial(
-    jax.jit, static_argnums=(0, 7), static_argnames=("measure", "sample_top_k", "greedy")
+    jax.jit, static_argnums=(0, 9), static_argnames=("measure", "sample_top_k", "greedy")
 )
 def _generate_chunk(
     model,
     variables,
     state,
     token,
+    stopped,
     threshold,
     temperature,
     rng,
+    stop,
     length,
     *,
     measure,
@@ -323,22 +330,39 @@ def _generate_chunk(
     greedy,
 ):
     """`length` generation steps from `token` [B] in one scan: (new tokens [B, length],
-    their exit depths [B, length], state after feeding all but the last new token)."""
+    their exit depths [B, length], state after feeding all but the last new token,
+    stopped [B]).
+
+    A row that has written `stop` (stopped [B]) is frozen: its state keeps what it
+    had before the stop was fed, its places repeat `stop` at exit depth 0. The
+    position advances while some row has not stopped."""
 
     def step(carry, _):
-        state, token = carry
+        state, token, stopped = carry
         key = jax.random.fold_in(rng, state.position)
         if greedy:  # the exact argmax, without every word's log-probability
-            token, depth, _, state = decode_step(
+            new, depth, _, after = decode_step(
                 model, variables, state, token, threshold, measure, greedy_token
             )
-            return (state, token), (token, depth)
-        logits, depth, _, state = decode_step(model, variables, state, token, threshold, measure)
-        token = sample_tokens(logits, key, temperature, sample_top_k)
-        return (state, token), (token, depth)
+        else:
+            logits, depth, _, after = decode_step(
+                model, variables, state, token, threshold, measure
+            )
+            new = sample_tokens(logits, key, temperature, sample_top_k)
+        keep = lambda new, old: jnp.where(  # noqa: E731
+            stopped.reshape(1, -1, *[1] * (new.ndim - 2)), old, new
+        )
+        state = DecodeState(
+            position=jnp.where(jnp.all(stopped), state.position, after.position),
+            bk_state=jax.tree.map(keep, after.bk_state, state.bk_state),
+        )
+        new, depth = jnp.where(stopped, stop, new), jnp.where(stopped, 0, depth)
+        return (state, new, stopped | (new == stop)), (new, depth)
 
-    (state, _), (tokens, depths) = jax.lax.scan(step, (state, token), length=length)
-    return tokens.T, depths.T, state
+    (state, _, stopped), (tokens, depths) = jax.lax.scan(
+        step, (state, token, stopped), length=length
+    )
+    return tokens.T, depths.T, state, stopped
 
 
 def save_state(path: str | os.PathLike, state: DecodeState) -> None:
@@ -399,17 +423,25 @@ def sample_tokens(logits, rng, temperature, sample_top_k: int | None = None) -> 
       temperature: [] finite, >= 0 (traced: one compilation for all).
       sample_top_k: None (every id) or k in [1, V] (static).
     """
-    logits = logits.astype(jnp.float32)
+    logits = top_k_logits(logits, sample_top_k)
     temperature = jnp.asarray(temperature, jnp.float32)
-    if sample_top_k is not None:
-        order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V] ids, largest first
-        rank = jnp.argsort(order, axis=-1)  # [B, V] each id's place in that order
-        logits = jnp.where(rank < sample_top_k, logits, -jnp.inf)
     noise = jax.random.gumbel(rng, logits.shape, jnp.float32)  # [B, V], finite
     scores = jnp.where(
         temperature >= 1, logits / temperature + noise, logits + temperature * noise
     )  # [B, V]
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def top_k_logits(logits, sample_top_k: int | None) -> jax.Array:
+    """logits [..., V] as float32, all but the sample_top_k largest set to -inf (None:
+    every id kept): the first k of a stable descending order, so a tie at the cut
+    keeps the lowest ids."""
+    logits = logits.astype(jnp.float32)
+    if sample_top_k is None:
+        return logits
+    order = jnp.argsort(-logits, axis=-1, stable=True)  # [..., V] ids, largest first
+    rank = jnp.argsort(order, axis=-1)  # [..., V] each id's place in that order
+    return jnp.where(rank < sample_top_k, logits, -jnp.inf)
 
 
 def stream_evaluate(

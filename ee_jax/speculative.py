@@ -38,8 +38,10 @@ from ee_jax.decode import (
     _check_count,
     _prefill,
     check_decodable,
+    check_positions,
     check_sampling,
     greedy_token,
+    top_k_logits,
 )
 from ee_jax.model import EarlyExitLM, check_tokens
 
@@ -125,12 +127,7 @@ def speculative_generate(
         )
     check_sampling(temperature, sample_top_k, config.vocab_size)
     batch, prompt_length = np.shape(prompt)
-    if config.position == "learned" and prompt_length + steps - 1 > config.n_seq:
-        raise ValueError(
-            f"prompt length {prompt_length} + steps {steps} - 1 must be at most "
-            f'n_seq={config.n_seq} for position "learned"; a model with position "none" '
-            f"generates any length"
-        )
+    check_positions(config, 0, prompt_length + steps - 1)
     prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
     state = DecodeState.make(config, batch)
     if prompt_length > 1:
@@ -158,14 +155,17 @@ def speculative_generate(
 
 def warped_log_probs(logits, temperature, sample_top_k):
     """log of `sample_tokens`' distribution for temperature > 0: softmax(logits / T) over
-    the sample_top_k largest logits (ties at the cut: lowest ids); [..., V]."""
-    logits = logits.astype(jnp.float32)
-    if sample_top_k is not None:
-        order = jnp.argsort(-logits, axis=-1, stable=True)
-        rank = jnp.argsort(order, axis=-1)
-        logits = jnp.where(rank < sample_top_k, logits, -jnp.inf)
+    the sample_top_k largest logits (ties at the cut: lowest ids); [..., V].
+
+    As `sample_tokens`, a T that is 0 to float32 arithmetic (XLA flushes one below
+    the normal range, < 1.2e-38, to 0) gives all the mass to the argmax (ties: the
+    lowest id): sampling tends to greedy as T -> 0+."""
+    logits = top_k_logits(logits, sample_top_k)
+    temperature = jnp.asarray(temperature, jnp.float32)
     # (logits - max) <= 0, so dividing by a small T gives -inf at worst, never inf.
-    return jax.nn.log_softmax((logits - jnp.max(logits, -1, keepdims=True)) / temperature)
+    tempered = jax.nn.log_softmax((logits - jnp.max(logits, -1, keepdims=True)) / temperature)
+    argmax = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=bool)
+    return jnp.where(temperature > 0, tempered, jnp.where(argmax, 0.0, -jnp.inf))
 
 
 def _per_row(x, index, position_axis: int, batch_axis: int):

@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stop_at_eos",
         type=lambda text: {"true": True, "false": False}[text.lower()],
         default=False,
-        help="true: stop once the model writes <eos> (the end of a line of the corpus)",
+        help="true: stop once the model writes <eos> (the end of a line of the corpus): "
+        "the text and the exit-depth counts end with it",
     )
     return parser.parse_args(argv)
 
@@ -102,12 +103,12 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
-    if config.model.position == "learned" and prompt_length + args.steps - 1 > config.model.n_seq:
+    try:  # the positions generate reads: the prompt's and all but the last new token's
+        decode.check_positions(config.model, 0, prompt_length + args.steps - 1)
+    except ValueError as error:  # name the flag
         raise ValueError(
-            f"this model has a learned table of n_seq={config.model.n_seq} positions: prompt "
-            f"length {prompt_length} + --steps {args.steps} - 1 must be at most that (a model "
-            f"trained with --position none generates any length)"
-        )
+            f"prompt length {prompt_length} + --steps {args.steps} - 1: {error}"
+        ) from None
     try:
         decode.check_sampling(args.temperature, args.sample_top_k, config.model.vocab_size)
     except ValueError as error:  # name the flags

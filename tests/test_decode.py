@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import TOLERANCE
 
+import ee_jax
 from ee_jax import decode
 from ee_jax.config import tiny, train_preset
 from ee_jax.data import Vocabulary, make_lm_stream
@@ -28,6 +29,7 @@ from ee_jax.model import EarlyExitLM
 CONFIG = tiny()
 ADAPTIVE = CONFIG.replace(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
 VALUES = ADAPTIVE.replace(bk_value_dim=3)  # the BK solve of value vectors
+FREE = CONFIG.replace(position="none")  # no position table: any length
 V = CONFIG.vocab_size
 BAD_IDS = r"token ids must be in \[0, vocab_size=97\)"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,7 +37,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @functools.cache
 def model_and_tokens(output="full"):
-    config = {"full": CONFIG, "adaptive": ADAPTIVE, "values": VALUES}[output]
+    config = {"full": CONFIG, "adaptive": ADAPTIVE, "values": VALUES, "free": FREE}[output]
     model = EarlyExitLM(config)
     tokens = jax.random.randint(jax.random.key(3), (2, config.n_seq), 0, config.vocab_size)
     params = dict(model.init(jax.random.key(1), tokens)["params"])
@@ -372,3 +374,115 @@ def test_stream_cli_checks_the_model_and_skips_untrained_classifiers():
             script.parse_args(["--workdir", "w", flag, "0"])
     with pytest.raises(ValueError, match="attention"):
         script.check_stream_flags(args, script_config(mixer="attention"))
+
+
+# ------------------------------------------------------------ stops and positions
+
+
+def reference_state(model, variables, tokens):
+    """The state after tokens [N] of one row, fed one decode_step at a time."""
+    step = jax.jit(decode_step, static_argnums=0)
+    state = DecodeState.make(model.config, 1)
+    for token in np.asarray(tokens):
+        state = step(model, variables, state, jnp.asarray([token]), 1.0)[3]
+    return state
+
+
+# Row 1 never writes the id of row 0's 3rd new token; it writes its 5th before row 0 does.
+@pytest.mark.parametrize("place", [2, 4])
+def test_the_state_after_a_stop_has_read_each_row_up_to_its_stop_token(place):
+    # Given greedy continuations of 2 prompts (position "none": a row's state does not
+    # depend on the batch's one position), and a stop id: row 0's new token at `place`.
+    model, variables, tokens = model_and_tokens("free")
+    prompt, key, steps = tokens[:, :3], jax.random.key(0), 20
+    free, _ = generate(model, variables, prompt, steps, key, threshold=1.0)
+    new = np.asarray(free[:, 3:])
+    stop = int(new[0, place])
+    firsts = [int(np.argmax(row == stop)) if np.any(row == stop) else None for row in new]
+    assert firsts[0] == place and firsts[1] != place
+    # When generation stops there, in chunks of 4, returning the state.
+    out, depths, state = generate(
+        model,
+        variables,
+        prompt,
+        steps,
+        key,
+        threshold=1.0,
+        stop_token=stop,
+        chunk=4,
+        return_state=True,
+    )
+    # Then each row's state is that of its text read up to the last token it shows, a
+    # stopped row's up to its stop (not fed yet); the position is the last token's.
+    ends = [steps if first is None else first + 1 for first in firsts]  # new tokens shown
+    rows = [reference_state(model, variables, free[row, : 2 + end]) for row, end in enumerate(ends)]
+    expected = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *[r.bk_state for r in rows])
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, state.bk_state, expected)  # (G [L, B, H], y [L, B, H, P])
+    assert int(state.position) == 2 + max(ends)
+    # So each row continues as its own text does from a fresh start.
+    more, _ = generate(model, variables, out[:, -1:], 4, key, threshold=1.0, state=state)
+    for row, end in enumerate(ends):
+        alone, _ = generate(model, variables, free[row : row + 1, : 3 + end], 4, key, threshold=1.0)
+        np.testing.assert_array_equal(more[row, 1:], alone[0, -4:])
+    # And the tokens end at the last row's stop, a stopped row repeating its stop at depth 0.
+    assert out.shape == (2, 3 + max(ends)) and depths.shape == (2, max(ends))
+    for row, end in enumerate(ends):
+        np.testing.assert_array_equal(out[row, : 3 + end], free[row, : 3 + end])
+        assert np.all(out[row, 3 + end :] == stop) and np.all(depths[row, end:] == 0)
+        assert np.all(depths[row, :end] == CONFIG.n_layers)
+
+
+def test_decode_step_refuses_a_position_past_the_learned_table(setup):
+    # Given a model with a learned table of n_seq = 16 positions.
+    model, variables, tokens = setup
+    fresh = DecodeState.make(CONFIG, 2)
+    at = lambda position: fresh.replace(position=jnp.int32(position))  # noqa: E731
+    # When one token is fed at the last row of the table, it reads that row.
+    decode_step(model, variables, at(15), tokens[:, 0], 1.0)
+    # Then a step at position 16 (past the table) raises one line, as generate does.
+    message = r"positions 16\.\.16 pass the position table of n_seq=16 rows"
+    with pytest.raises(ValueError, match=message) as error:
+        decode_step(model, variables, at(16), tokens[:, 0], 1.0)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"positions 15\.\.16 pass the position table"):
+        generate(model, variables, tokens[:, :1], 2, jax.random.key(0), state=at(15))
+
+
+def test_generate_cli_prints_and_counts_the_tokens_up_to_eos(monkeypatch, capsys):
+    # Given an untrained tiny model, its greedy continuation of "w3 w1" (12 tokens), and
+    # a vocabulary whose <eos> is the first new id it writes after its 2nd token.
+    script = load_script("generate")
+    config = script_config()
+    model = EarlyExitLM(config.model)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    prompt, steps, chunk = np.array([[3, 1]]), 12, 4
+    free, free_depths = generate(model, variables, prompt, steps, jax.random.key(0))
+    new, new_depths = np.asarray(free[0, 2:]), np.asarray(free_depths[0])
+    seen = {3, 1}
+    for eos, token in enumerate(new):
+        if eos >= 2 and token not in seen:
+            break
+        seen.add(int(token))
+    assert eos < steps - 1 and eos % chunk != chunk - 1  # tokens after it in its chunk
+    words = [f"w{i}" for i in range(V)]
+    words[new[eos]] = "<eos>"
+    vocab = Vocabulary(tuple(words))
+    monkeypatch.setattr(ee_jax, "load_run", lambda workdir: (model, variables, vocab, config))
+    monkeypatch.setattr(ee_jax, "enable_compilation_cache", lambda *args: None)
+    # When the script generates with --stop_at_eos true.
+    argv = ["--workdir", "w", "--prompt", "w3 w1", "--steps", str(steps), "--chunk", str(chunk)]
+    assert script.main([*argv, "--stop_at_eos", "true"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Then it prints and counts the tokens up to <eos> with their depths, and no more.
+    shown = [
+        f"{word}[{depth}]"
+        for word, depth in zip(
+            vocab.decode(list(new[: eos + 1])), new_depths[: eos + 1], strict=True
+        )
+    ]
+    assert shown[-1].startswith("<eos>[")
+    assert lines[2:-1] == [" ".join(shown[i : i + chunk]) for i in range(0, eos + 1, chunk)]
+    layers = config.model.n_layers
+    counts = np.bincount(new_depths[: eos + 1], minlength=layers + 1)[1:]
+    assert lines[-1] == f"{eos + 1} tokens; exit depths 1..{layers}: {counts.tolist()}"

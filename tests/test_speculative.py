@@ -14,7 +14,7 @@ from conftest import TOLERANCE
 from ee_jax.config import tiny
 from ee_jax.decode import generate
 from ee_jax.model import EarlyExitLM, RecurrentState
-from ee_jax.speculative import speculative_generate
+from ee_jax.speculative import speculative_generate, warped_log_probs
 
 ADAPTIVE = dict(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
 FREE = tiny().replace(position="none", bk_value_dim=3, **ADAPTIVE)
@@ -186,3 +186,29 @@ def test_a_learned_position_table_bounds_the_length():
             draft_exit=1,
             draft_tokens=2,
         )
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45])
+def test_sampling_at_a_temperature_float32_flushes_to_zero_gives_greedy_tokens(temperature):
+    # Given full-depth greedy decoding's continuation of 2 prompts.
+    model, variables = model_and_variables(FREE)
+    tokens = prompt(2, 5, FREE.vocab_size)
+    expected, _ = generate(model, variables, tokens, 30, jax.random.key(0), threshold=1.0)
+    # When sampling speculatively at a T below float32's normal range (XLA reads it as 0).
+    got, _ = speculative_generate(
+        model,
+        variables,
+        tokens,
+        30,
+        jax.random.key(1),
+        draft_exit=1,
+        draft_tokens=3,
+        temperature=temperature,
+    )
+    # Then the tokens are the greedy ones, as decode.generate's sampling gives there.
+    np.testing.assert_array_equal(got, expected)
+    # And the distribution both draw from is all on the argmax (ties: the lowest id).
+    logits = jnp.asarray([[1.0, 3.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(
+        np.exp(warped_log_probs(logits, temperature, None)), [[0, 1, 0, 0]]
+    )
