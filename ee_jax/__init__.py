@@ -17,6 +17,7 @@ it is.
 import importlib
 import os
 import pathlib
+import shlex
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -128,13 +129,16 @@ def load_run(workdir: str | os.PathLike, *, step: int | None = None):
       (EarlyExitLM, {"params": ...}, Vocabulary, TrainConfig).
 
     Raises:
-      CheckpointError: a missing or damaged run, or one without vocab.txt.
+      CheckpointError: a missing or damaged run, or one whose vocab.txt is missing or
+        not the run's: not the model's vocab_size words, not the words whose sha256
+        training recorded (vocab.sha256), or with CR line endings.
     """
     from ee_jax.checkpoint import read_vocab
     from ee_jax.model import EarlyExitLM
-    from ee_jax.train import restore_params
+    from ee_jax.train import config_from_workdir, restore_params
 
-    vocab = read_vocab(pathlib.Path(workdir))
+    workdir = pathlib.Path(workdir).expanduser()
+    vocab = read_vocab(workdir, config_from_workdir(workdir).model.vocab_size)
     config, variables, _ = restore_params(workdir, step, vocab=vocab)
     return EarlyExitLM(config.model), variables, vocab, config
 
@@ -216,7 +220,8 @@ CPU_XLA_FLAGS_JAXLIB = ("0.10.",)
 
 def use_cpu_xla_flags() -> str:
     """Adds CPU_XLA_FLAGS to $XLA_FLAGS, each unless $XLA_FLAGS already sets it, when
-    the installed jaxlib is one of CPU_XLA_FLAGS_JAXLIB (else changes nothing).
+    the installed jaxlib is one of CPU_XLA_FLAGS_JAXLIB (else changes nothing). The
+    flags are appended: $XLA_FLAGS as the user wrote it stays its exact prefix.
 
     With XLA's MLIR fusion emitters (jaxlib 0.10.2) a CPU compiles more slowly and
     runs these models more slowly. Measured on 2 cores, a fresh 150-step run of
@@ -236,13 +241,17 @@ def use_cpu_xla_flags() -> str:
         measured = metadata.version("jaxlib").startswith(CPU_XLA_FLAGS_JAXLIB)
     except metadata.PackageNotFoundError:
         measured = False
+    given = os.environ.get("XLA_FLAGS", "")
     if not measured:
-        return os.environ.get("XLA_FLAGS", "")
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    named = {flag.split("=")[0] for flag in flags}
-    flags += [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in named]
-    os.environ["XLA_FLAGS"] = " ".join(flags)
-    return os.environ["XLA_FLAGS"]
+        return given
+    try:  # parsed only to find the flags set: the user's string stays as written
+        named = {flag.split("=")[0] for flag in shlex.split(given)}
+    except ValueError:  # an unclosed quote: XLA reports it
+        named = {flag.split("=")[0] for flag in given.split()}
+    missing = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in named]
+    if missing:
+        os.environ["XLA_FLAGS"] = " ".join([given, *missing] if given else missing)
+    return os.environ.get("XLA_FLAGS", "")
 
 
 if os.environ.get("EE_JAX_KEEP_FREED_MEMORY", "1") != "0":

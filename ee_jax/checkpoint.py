@@ -1,6 +1,7 @@
 """Checkpoints of a training run: orbax steps, and the vocabulary and settings
 they were made with, with clear errors when they cannot be used."""
 
+import hashlib
 import logging
 import os
 import pathlib
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 VOCAB_FILE = "vocab.txt"  # the run's words, one per line (utf-8): line i is id i
+VOCAB_CHECKSUM_FILE = "vocab.sha256"  # sha256 of vocab.txt's bytes, written with it
 SHOWN_DIFFERENCES = 6  # arrays named when a checkpoint does not fit the model
 
 
@@ -310,44 +312,101 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
 
 
 def save_vocab(workdir: pathlib.Path, words: Sequence[str]) -> None:
-    """Records the run's vocabulary as `workdir/vocab.txt` (bytes: universal
-    newlines must not touch the words, as in data.corpus._save_cached)."""
-    write_atomic(workdir / VOCAB_FILE, "\n".join(words).encode("utf-8"))
-
-
-def read_vocab(workdir: pathlib.Path):
-    """The run's vocabulary (`data.Vocabulary`) from `workdir/vocab.txt`.
+    """Records the run's vocabulary as `workdir/vocab.txt` (utf-8 bytes, "\n" between
+    words: universal newlines must not touch them) and its sha256 as
+    `workdir/vocab.sha256` (`sha256sum -c` format), which loaders verify.
 
     Raises:
-      CheckpointError: the run has no vocab.txt (trained before runs recorded it).
+      CheckpointError: a word holds a line break ("\n" or "\r"): one word a line
+        could not record it.
+    """
+    broken = next((word for word in words if "\n" in word or "\r" in word), None)
+    if broken is not None:
+        raise CheckpointError(f"{VOCAB_FILE} has a word a line: {broken!r} cannot be one")
+    data = "\n".join(words).encode("utf-8")
+    line = f"{hashlib.sha256(data).hexdigest()}  {VOCAB_FILE}\n"
+    write_atomic(workdir / VOCAB_CHECKSUM_FILE, line.encode())
+    write_atomic(workdir / VOCAB_FILE, data)
+
+
+def recorded_words(workdir: pathlib.Path, vocab_size: int | None) -> tuple[str, ...] | None:
+    """The words of `workdir/vocab.txt` (id i is line i), None when there is no such
+    file, checked to be the run's: no "\r", the sha256 of `vocab.sha256` where the
+    run recorded one (runs before it did not), and `vocab_size` words (the model's V;
+    None: not checked here, as when the caller compares the words with its own).
+
+    Raises:
+      CheckpointError: the file fails a check (truncated, edited, CRLF line endings,
+        another run's): its ids would map to the wrong words.
+    """
+    path = pathlib.Path(workdir) / VOCAB_FILE
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    checksum = path.with_name(VOCAB_CHECKSUM_FILE)
+    recorded = checksum.read_text(errors="replace").split()[:1] if checksum.is_file() else None
+    restore = f"put back the {VOCAB_FILE} this run was trained with"
+    if b"\r" in data:
+        raise CheckpointError(
+            f"{path} has CR (\\r) line endings (saved by a Windows editor or git's "
+            f"autocrlf?), so its words would end in \\r: convert it to LF endings "
+            f"(dos2unix) or {restore}"
+        )
+    if recorded is not None and recorded != [hashlib.sha256(data).hexdigest()]:
+        raise CheckpointError(
+            f"{path} is not the vocabulary this run recorded (its sha256 differs from "
+            f"{checksum.name}): it was edited, truncated or replaced, and ids would map "
+            f"to the wrong words; {restore}"
+        )
+    try:
+        words = tuple(data.decode("utf-8").split("\n"))
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path} is not utf-8 ({error.reason}): {restore}") from None
+    if vocab_size is not None and len(words) != vocab_size:
+        raise CheckpointError(
+            f"{path} has {len(words)} words but the run's model has vocab_size {vocab_size}: "
+            f"the file is truncated or another run's, and ids would map to the wrong "
+            f"words; {restore}"
+        )
+    return words
+
+
+def read_vocab(workdir: pathlib.Path, vocab_size: int):
+    """The run's vocabulary (`data.Vocabulary`) from `workdir/vocab.txt`, checked by
+    `recorded_words` against the model's `vocab_size` and the run's checksum.
+
+    Raises:
+      CheckpointError: the run has no vocab.txt (trained before runs recorded it),
+        or it is not the run's (`recorded_words`).
     """
     from ee_jax.data import Vocabulary  # data imports TFDS: only when needed
 
-    path = pathlib.Path(workdir) / VOCAB_FILE
-    if not path.is_file():
+    words = recorded_words(workdir, vocab_size)
+    if words is None:
         raise CheckpointError(
-            f"{path} not found: {workdir} is not a training run, or one trained before "
-            f"runs recorded their vocabulary"
+            f"{pathlib.Path(workdir) / VOCAB_FILE} not found: {workdir} is not a training "
+            f"run, or one trained before runs recorded their vocabulary"
         )
-    return Vocabulary(tuple(path.read_bytes().decode("utf-8").split("\n")))
+    return Vocabulary(words)
 
 
-def check_vocab(workdir: pathlib.Path, words: Sequence[str]) -> None:
-    """Checks that the run in `workdir` was trained with exactly `words` (in order).
+def check_vocab(workdir: pathlib.Path, words: Sequence[str], vocab_size: int | None = None) -> None:
+    """Checks that the run in `workdir` was trained with exactly `words` (in order),
+    its recorded vocabulary intact (`recorded_words`, with the model's `vocab_size`).
 
     Raises:
       CheckpointError: the run has no recorded vocabulary (trained before it was
-        recorded) or another one; its word ids would silently mean other words.
+        recorded), a damaged one (`recorded_words`) or another one; its word ids
+        would silently mean other words.
     """
-    path = workdir / VOCAB_FILE
     words = tuple(words)
-    if not path.is_file():
+    recorded = recorded_words(workdir, vocab_size)
+    if recorded is None:
         raise CheckpointError(
             f"{workdir} has no {VOCAB_FILE}: it was trained before runs recorded their "
             f"vocabulary, so its word ids cannot be checked against this corpus's "
             f"{len(words)} words (whose order has since changed). Retrain it."
         )
-    recorded = tuple(path.read_bytes().decode("utf-8").split("\n"))
     if recorded != words:
         first = next(
             (i for i, pair in enumerate(zip(recorded, words, strict=False)) if len(set(pair)) > 1),

@@ -1,10 +1,11 @@
 """Joint training of every exit with optax, orbax checkpoints and data parallelism.
 
 The work directory holds `config.json`, `vocab.txt` (the words of the ids),
-`metrics.jsonl` (one strict-JSON row per logged step) and `checkpoints/`. A run
-resumes from its latest checkpoint: the batch of step s is a pure function of s
-(`data.train_batch`) and so are its keys (`step_keys`: the run's named keys
-folded with s), so an interrupted run continues exactly where it stopped.
+`vocab.sha256` (its checksum), `metrics.jsonl` (one strict-JSON row per logged
+step) and `checkpoints/`. A run resumes from its latest checkpoint: the batch of
+step s is a pure function of s (`data.train_batch`) and so are its keys
+(`step_keys`: the run's named keys folded with s), so an interrupted run
+continues exactly where it stopped.
 """
 
 import contextlib
@@ -25,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from ee_jax.checkpoint import (
+    VOCAB_CHECKSUM_FILE,
     VOCAB_FILE,
     Checkpointer,
     CheckpointError,
@@ -255,9 +257,10 @@ def train(
     Args:
       config: the training configuration.
       stream: training windows (`data.make_lm_stream` with config.batch_size).
-      workdir: gets config.json, vocab.txt, metrics.jsonl and checkpoints/.
-      vocab: the corpus vocabulary the stream's ids come from; recorded as
-        vocab.txt (loaders check it) and checked against it when resuming.
+      workdir: gets config.json, vocab.txt, vocab.sha256, metrics.jsonl and checkpoints/.
+      vocab: the corpus vocabulary the stream's ids come from (config.model.vocab_size
+        words); recorded as vocab.txt with its sha256 in vocab.sha256 (loaders check
+        both) and checked against it when resuming.
       stop_at_step: stop (with a checkpoint) at this step in [1, steps] without
         changing the schedule, e.g. to split a run over several sittings.
       resume_step: resume from this checkpoint instead of the latest one; the
@@ -271,7 +274,9 @@ def train(
         protocol when config.carry_state) in a metrics row {"step",
         "valid_exit_ppl", "valid_tokens", "valid_protocol"}.
       tensorboard: also write the metrics as TensorBoard event files in
-        workdir/tensorboard (tensorboardX; `tensorboard --logdir WORKDIR`).
+        workdir/tensorboard (tensorboardX; `tensorboard --logdir WORKDIR`); on
+        resuming, TensorBoard drops the steps an earlier run logged after the
+        checkpoint resumed from (as metrics.jsonl does).
 
     Returns:
       The final train state.
@@ -280,7 +285,7 @@ def train(
       FloatingPointError: the loss became non-finite (says at which step).
       CheckpointError: the checkpoint to resume from is damaged, was made with
         another vocabulary or other settings, or a save did not happen.
-      TrainSetupError: stop_at_step or the batch size cannot be used.
+      TrainSetupError: stop_at_step, the batch size or the vocabulary's size cannot be used.
       TrainingInterrupted: a signal stopped training (after saving).
     """
     workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -296,6 +301,11 @@ def train(
         raise TrainSetupError(f"eval_every must be an integer >= 0, got {eval_every!r}")
     if eval_every and valid is None:
         raise TrainSetupError("eval_every > 0 needs the `valid` windows to evaluate on")
+    if vocab is not None and len(vocab_words(vocab)) != config.model.vocab_size:
+        raise TrainSetupError(
+            f"the vocabulary has {len(vocab_words(vocab))} words but the model's vocab_size "
+            f"is {config.model.vocab_size}: set vocab_size to the corpus's vocabulary size"
+        )
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     writer = None
     try:
@@ -330,7 +340,9 @@ def train(
             unit="step",
         )
         if tensorboard and _is_primary():
-            writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+            # TensorBoard hides the events of steps > start that an earlier run logged,
+            # as _truncate_metrics drops their rows (a row's step counts updates).
+            writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
         timed_steps, timer, compile_s = 0, time.perf_counter(), None
         with bar, _stop_signals() as stop:
             for step in bar:
@@ -455,7 +467,8 @@ def _resume(config, workdir, checkpointer, vocab, resume_step, allow_config_chan
     if words is not None:
         save_vocab(workdir, words)
     elif checkpointer.latest_step() is None:
-        (workdir / VOCAB_FILE).unlink(missing_ok=True)  # a fresh run's ids are unrecorded
+        for name in (VOCAB_FILE, VOCAB_CHECKSUM_FILE):  # a fresh run's ids are unrecorded
+            (workdir / name).unlink(missing_ok=True)
     write_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
     return state, changes
 
@@ -628,12 +641,13 @@ def restore_params(
 
     Raises:
       CheckpointError: missing or damaged run, or (with `vocab`) one trained
-        with another vocabulary or before vocabularies were recorded.
+        with another vocabulary or before vocabularies were recorded, or whose
+        vocab.txt is damaged (`checkpoint.recorded_words`).
     """
     workdir = pathlib.Path(workdir).expanduser().resolve()
     config = config_from_workdir(workdir)
     if vocab is not None:
-        check_vocab(workdir, vocab_words(vocab))
+        check_vocab(workdir, vocab_words(vocab), config.model.vocab_size)
     checkpointer = Checkpointer(workdir / "checkpoints")
     try:
         # An abstract template (shapes, dtypes, this device): nothing is initialised

@@ -257,3 +257,70 @@ def test_importing_ee_jax_stops_page_faults_on_every_fresh_output_unless_opted_o
     assert kept and ee_jax.keep_freed_memory()  # glibc accepts the settings
     assert default > 30_000, default
     assert keep < default / 2, (keep, default)
+
+
+def test_the_cpu_compiler_flags_keep_the_users_xla_flags_as_written(monkeypatch):
+    from importlib import metadata
+
+    # Given XLA_FLAGS with a quoted value holding two spaces and text that looks like a
+    # flag, and one of the CPU flags set by the user.
+    given = "--xla_dump_to='/tmp/a  b --xla_cpu_parallel_codegen_split_count=9'  "
+    given += "--xla_cpu_use_fusion_emitters=true"
+    monkeypatch.setenv("XLA_FLAGS", given)
+    # When the measured jaxlib adds its flags, then the user's string is the exact
+    # prefix, followed only by the flag it does not set (the quoted one is a value).
+    monkeypatch.setattr(metadata, "version", lambda name: "0.10.7")
+    result = ee_jax.use_cpu_xla_flags()
+    assert result == os.environ["XLA_FLAGS"]
+    assert result.startswith(given)
+    assert result[len(given) :].split() == ["--xla_cpu_parallel_codegen_split_count=1"]
+    # And another jaxlib leaves the string exactly as it is.
+    monkeypatch.setenv("XLA_FLAGS", given)
+    monkeypatch.setattr(metadata, "version", lambda name: "0.11.0")
+    assert ee_jax.use_cpu_xla_flags() == os.environ["XLA_FLAGS"] == given
+
+
+def test_load_run_refuses_a_vocab_txt_that_is_not_the_runs(corpus_dir, tmp_path):
+    # Given a tiny run trained on a custom corpus (V words, recorded with their sha256).
+    corpus = load_wikitext2(corpus_dir, cache_dir=tmp_path / "cache", verify_checksums=False)
+    config = train_preset("tiny", len(corpus.vocab)).replace(
+        steps=2, warmup_steps=1, checkpoint_every=2
+    )
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    run, words = tmp_path / "run", corpus.vocab.words
+    train_lib.train(config, stream, run, vocab=corpus.vocab, progress=False)
+    intact = (run / "vocab.txt").read_bytes()
+    damaged = {
+        "truncated": "\n".join(words[:-1]),
+        "10 words short": "\n".join(words[:-10]),
+        "20 words more": "\n".join(words + tuple(f"x{i}" for i in range(20))),
+        "another run's order": "\n".join(words[1:] + words[:1]),
+        "CRLF": "\r\n".join(words) + "\r\n",
+        "CR": "\r".join(words),
+    }
+    # When vocab.txt is damaged or replaced, in a run with its checksum and in one
+    # from before runs recorded it.
+    for recorded in (True, False):
+        if not recorded:
+            (run / "vocab.sha256").unlink()
+        assert ee_jax.load_run(run)[2].words == words  # the intact file loads
+        for name, text in damaged.items():
+            if name == "another run's order" and not recorded:
+                continue  # same size, no checksum: only a corpus can tell (test_train)
+            named = "CR" if "\r" in text else "sha256" if recorded else "vocab_size"
+            (run / "vocab.txt").write_bytes(text.encode())
+            # Then load_run and restore_params with the corpus refuse it in one line
+            # naming what is wrong, and the file stays as it was.
+            for load in (
+                lambda: ee_jax.load_run(run),
+                lambda: train_lib.restore_params(run, vocab=corpus.vocab),
+            ):
+                with pytest.raises(CheckpointError) as caught:
+                    load()
+                message = str(caught.value)
+                assert "\n" not in message and named in message and "vocab.txt" in message, (
+                    name,
+                    message,
+                )
+            assert (run / "vocab.txt").read_bytes() == text.encode()
+        (run / "vocab.txt").write_bytes(intact)

@@ -644,3 +644,26 @@ def test_concurrent_first_loads_all_succeed_with_identical_data(tmp_path):
     assert results[0] == results[1] == results[2]
     assert tuple(results[0]["words"]) == SMALL_VOCAB
     assert {split: len(results[0][split]) for split in data.SPLITS} == SMALL_COUNTS
+
+
+# Every line break str.splitlines knows (Python's documentation lists them).
+LINE_BREAKS = ("\r\n", "\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+
+
+@pytest.mark.parametrize("eos_at_end", [False, True])
+@pytest.mark.parametrize("ending", ["", *LINE_BREAKS])
+@pytest.mark.parametrize("break_", LINE_BREAKS)
+def test_encode_text_ends_every_line_with_one_eos_whatever_its_line_break(
+    break_, ending, eos_at_end
+):
+    # Given text whose lines (one of them empty) end in this line break, and whose
+    # last line ends in `ending` (none, or a line break).
+    vocab = data.Vocabulary(("<eos>", "<unk>", "the", "cat", "sat"))
+    text = break_.join(["the cat", "", " sat  the "]) + break_ + "cat sat" + ending
+    # When it is encoded.
+    words = data.encode_text(text, vocab, eos_at_end=eos_at_end).words
+    # Then each line is line.split() + ["<eos>"] (the corpus protocol, by hand), the
+    # last line's <eos> coming from its line break or else from eos_at_end.
+    lines = ["the cat", "", " sat  the ", "cat sat"]
+    expected = [word for line in lines for word in line.split() + ["<eos>"]]
+    assert words == (expected if ending or eos_at_end else expected[:-1])

@@ -499,3 +499,58 @@ def test_cli_reports_user_errors_and_shows_bugs(corpus_dir, tmp_path, monkeypatc
     monkeypatch.setattr(train_lib, "train", broken)
     with pytest.raises(ValueError, match="a bug inside training"):
         script.main(argv)
+
+
+def tensorboard_scalars(folder: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)...]} as TensorBoard shows the event files in `folder`: files
+    in name order, and a SessionLog START at step s drops the events read before it
+    of steps >= s (tensorboard's event_accumulator purge on a restart)."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    events = []
+    for path in sorted(folder.iterdir()):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: length u64, its crc u32, data, data crc u32
+            (length,) = np.frombuffer(data[at : at + 8], "<u8")
+            event = Event.FromString(data[at + 12 : at + 12 + int(length)])
+            at += 16 + int(length)
+            if event.session_log.status == SessionLog.START:
+                events = [e for e in events if e.step < event.step]
+            events.append(event)
+    scalars = {}
+    for event in events:
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_resuming_from_an_earlier_step_replaces_the_later_tensorboard_steps(corpus, tmp_path):
+    # Given a run of 4 steps, a metrics row every step, checkpoints at 2 and 4.
+    config = tiny_config(corpus, steps=4, warmup_steps=1, checkpoint_every=2, log_every=1)
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    train_lib.train(config, stream, tmp_path, progress=False)
+    first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # When it resumes from step 2 with another learning rate (so steps 3, 4 change).
+    faster = config.replace(learning_rate=10 * config.learning_rate)
+    train_lib.train(
+        faster, stream, tmp_path, resume_step=2, allow_config_change=True, progress=False
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] != first[-1]["loss"]  # the resumed run's step 4 is another
+    # Then TensorBoard shows each step once: steps 1, 2 of the first run, 3, 4 of the
+    # resumed one, as metrics.jsonl records them.
+    shown = tensorboard_scalars(tmp_path / "tensorboard")["train/loss"]
+    assert [step for step, _ in shown] == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        [value for _, value in shown], [row["loss"] for row in rows], rtol=1e-6
+    )
+
+
+def test_a_vocabulary_of_another_size_than_the_model_is_refused_before_training(corpus, tmp_path):
+    # Given a model one word larger than the corpus's vocabulary.
+    config = tiny_config(corpus, steps=2, warmup_steps=1).replace(vocab_size=len(corpus.vocab) + 1)
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    # When it trains with that vocabulary, then it is refused in one line, nothing recorded.
+    with pytest.raises(train_lib.TrainSetupError, match=r"^[^\n]*vocab_size[^\n]*$"):
+        train_lib.train(config, stream, tmp_path, vocab=corpus.vocab, progress=False)
+    assert not (tmp_path / "vocab.txt").exists() and not (tmp_path / "checkpoints").exists()

@@ -101,25 +101,34 @@ class EncodedText:
 
 
 def encode_text(text: str, vocab: Vocabulary, *, eos_at_end: bool = False) -> EncodedText:
-    """Plain text -> token ids with WikiText-2's tokenisation rules (a line break is
-    "<eos>", as in the corpus; `eos_at_end` adds one after the last line too).
+    """Plain text -> token ids with WikiText-2's tokenisation rules.
+
+    Each line is its words then "<eos>", as in the corpus (`tokenize`); a line ends
+    at any line break `str.splitlines` knows ("\n", "\r\n", "\r", "\u2028"...). A
+    last line without a line break gets its "<eos>" only with `eos_at_end`; text
+    ending in a line break already ends with that line's "<eos>" (never a second),
+    and empty text has no lines (no tokens).
 
     Words not in the vocabulary become "<unk>" (the corpus's own unknown word), each
     listed in `unknown` with a hint when a change of case would find it ("japan":
     'did you mean "Japan"?'). Punctuation is split off only where the word with it
     is unknown, so the vocabulary's "U.S." stays whole.
 
+    Returns:
+      EncodedText: ids [N] int32, words [N] and the unknown words with their hints.
+
     Raises:
       ValueError: the vocabulary has no "<unk>" (needed for unknown words) and the
         text has some.
     """
-    lines = text.split("\n")
     words: list[str] = []
-    for number, line in enumerate(lines):
+    for ended in text.splitlines(keepends=True):  # each line with its break, if any
+        (line,) = ended.splitlines()
+        has_break = line != ended
         line = _CLITIC.sub(r" \1", _INFIX.sub(lambda m: f" @{m.group(1) or m.group(2)}@ ", line))
         for raw in line.split():
             words.extend(_split_punctuation(raw, vocab))
-        if number < len(lines) - 1 or eos_at_end:
+        if has_break or eos_at_end:
             words.append(EOS)
     unknown = {}
     for word in words:
