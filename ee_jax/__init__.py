@@ -29,6 +29,7 @@ _EXPORTS = {
     "ExitMeasure": "config",
     "train_preset": "config",
     "EarlyExitLM": "model",
+    "RecurrentState": "state",
     "early_exit_forward": "early_exit",
     "ExitInfo": "early_exit",
     "ExitStats": "early_exit",
@@ -55,6 +56,7 @@ __all__ = [  # the lazily imported names of _EXPORTS and this module's own
     "ExitMeasure",
     "train_preset",
     "EarlyExitLM",
+    "RecurrentState",
     "early_exit_forward",
     "ExitInfo",
     "ExitStats",
@@ -97,6 +99,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names; runtime imports the
     from ee_jax.evaluate import evaluate_checkpoint, exit_perplexities
     from ee_jax.model import EarlyExitLM
     from ee_jax.speculative import speculative_generate
+    from ee_jax.state import RecurrentState
     from ee_jax.train import TrainState, restore_params
 
 

@@ -13,7 +13,7 @@ exited_state="freeze": decoding a sequence reproduces
 Generation reads the prompt in one parallel pass (`EarlyExitLM.hidden_states_from`,
 full depth: no prediction is made inside a prompt, so nothing exits there), then
 produces tokens in jitted `lax.scan`s over chunks of steps, each step one
-`decode_step` with per-token exits. The state (`DecodeState`) is all a
+`decode_step` with per-token exits. The state (`state.RecurrentState`) is all a
 continuation needs: it can be saved (`save_state`) and generation resumed later.
 For position "none" nothing bounds the length: work and memory per token are
 constant.
@@ -45,17 +45,14 @@ from ee_jax.early_exit import (
 )
 from ee_jax.evaluate import map_windows, protocol_name
 from ee_jax.flops import exit_flops, tail_use_of
-from ee_jax.model import EarlyExitLM, RecurrentState, check_carry, check_tokens
-
-# Everything a decoding step needs from the previous ones: the model's recurrent
-# state (position and every layer's BK state), as a parallel pass leaves it.
-DecodeState = RecurrentState
+from ee_jax.model import EarlyExitLM, check_tokens
+from ee_jax.state import RecurrentState, check_carry, check_state
 
 
 def decode_step(
     model: EarlyExitLM,
     variables,
-    state: DecodeState,
+    state: RecurrentState,
     tokens,
     threshold,
     measure: str = "softmax_max",
@@ -80,21 +77,21 @@ def decode_step(
     """
     check_decodable(model.config)
     if not isinstance(state.position, jax.core.Tracer):
-        check_positions(model.config, int(state.position), 1)
+        check_positions(model.config, int(np.max(state.position)), 1)
     apply = functools.partial(model.apply, variables)
     config = model.config
     hidden = apply(tokens, state.position, method=EarlyExitLM.embed_position)  # [B, D]
 
-    def mix_block(hidden, layer, bk_state):
+    def mix_block(hidden, layer, state):
         x, mixed, layer_state = apply(
-            "mix_step", layer, hidden, _at(bk_state, layer), method=EarlyExitLM.block_part
+            "mix_step", layer, hidden, state.layer(layer), method=EarlyExitLM.block_part
         )
-        return x, mixed, _set(bk_state, layer, layer_state)
+        return x, mixed, state.with_layer(layer, layer_state)
 
     halt = halting_loop(
         apply,
         config,
-        HaltState.make(hidden, state.bk_state),
+        HaltState.make(hidden, state),
         threshold,
         measure,
         "freeze",
@@ -102,25 +99,16 @@ def decode_step(
         compact,
     )
 
-    def propagate(layer, bk_state):  # layers every token skipped
+    def propagate(layer, state):  # layers every token skipped
         layer_state = apply(
-            "propagate", layer, halt.hidden, _at(bk_state, layer), method=EarlyExitLM.block_part
+            "propagate", layer, halt.hidden, state.layer(layer), method=EarlyExitLM.block_part
         )
-        return _set(bk_state, layer, layer_state)
+        return state.with_layer(layer, layer_state)
 
-    bk_state = jax.lax.fori_loop(halt.layer, config.n_layers, propagate, halt.block_state)
+    new_state = jax.lax.fori_loop(halt.layer, config.n_layers, propagate, halt.block_state)
     output = exit_outputs(apply, config, halt, output_fn)
-    new_state = DecodeState(position=state.position + 1, bk_state=bk_state)
+    new_state = new_state.replace(position=state.position + 1)
     return output, halt.exit_depth, halt.confidence, new_state
-
-
-def _at(layered, layer):
-    """Layer `layer` of a pytree with a leading layer axis."""
-    return jax.tree.map(lambda x: x[layer], layered)
-
-
-def _set(layered, layer, value):
-    return jax.tree.map(lambda x, v: x.at[layer].set(v), layered, value)
 
 
 def check_decodable(config: ModelConfig) -> None:
@@ -164,7 +152,7 @@ def decode_sequence(
     check_exit_options(threshold, measure, "freeze")
     check_tokens(tokens, model.config)
     tokens = jnp.asarray(tokens, jnp.int32)  # [B, N]; ids checked, so no value changes
-    state = DecodeState.make(model.config, tokens.shape[0])
+    state = RecurrentState.make(model.config, tokens.shape[0])
     return _decode_scan(model, variables, state, tokens, jnp.float32(threshold), measure)
 
 
@@ -192,7 +180,7 @@ def generate(
     measure: str = "softmax_max",
     temperature: float = 0.0,
     sample_top_k: int | None = None,
-    state: DecodeState | None = None,
+    state: RecurrentState | None = None,
     stop_token: int | None = None,
     chunk: int = 64,
     on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None,
@@ -205,14 +193,14 @@ def generate(
     exits, `chunk` steps per jitted scan. temperature 0 is greedy; otherwise
     samples from softmax(logits / temperature), restricted to the sample_top_k
     largest logits when given (`sample_tokens`), with the key
-    `fold_in(rng, position of the token fed)`: the output does not depend on
-    `chunk`, and a generation resumed from a returned state continues exactly as
+    `fold_in(rng, position of the token fed)` for each row: the output does not
+    depend on `chunk` or on the other rows of the batch, and a generation resumed from a returned state continues exactly as
     an uninterrupted one (pass the last token as the prompt and the same rng).
 
     Args:
       prompt: [B, P] ids, P >= 1 (after a returned state: its last token).
       steps: new tokens per row, an integer >= 0; unbounded for position "none".
-      state: the state before the prompt (a returned or loaded `DecodeState`).
+      state: the state before the prompt (a returned or loaded `RecurrentState`).
       stop_token: a row stops at this id (e.g. `Vocabulary.eos_id`): it reads
         nothing more, its later places repeat the id (exit depth 0), and
         generation ends at the stop of the last row to stop.
@@ -220,12 +208,12 @@ def generate(
         sees each chunk's new tokens as soon as they exist (to print them).
       return_state: also return the state after the last token fed (the last
         generated token is not fed yet: continue with it as the prompt). A row
-        that stopped has read its text up to its stop token (not fed yet); the
-        position, one for the batch, is that of the last token returned.
+        that stopped has read its text up to its stop token (not fed yet), and is
+        at that token's position.
 
     Returns:
       (tokens [B, P + S] int32, exit depths [B, S] of each new token), S <= steps
-      (less only with stop_token), plus the DecodeState with return_state.
+      (less only with stop_token), plus the RecurrentState with return_state.
 
     Raises:
       ValueError: a bidirectional or attention model, a bad prompt
@@ -243,9 +231,9 @@ def generate(
     _check_count("chunk", chunk, 1)
     check_sampling(temperature, sample_top_k, config.vocab_size)
     batch, prompt_length = np.shape(prompt)
-    state = DecodeState.make(config, batch) if state is None else state
+    state = RecurrentState.make(config, batch) if state is None else state
     check_state(state, config, batch)
-    check_positions(config, int(state.position), prompt_length + steps - 1)
+    check_positions(config, int(np.max(state.position)), prompt_length + steps - 1)
     if stop_token is not None:
         _check_count("stop_token", stop_token, 0)
         if stop_token >= config.vocab_size:
@@ -259,13 +247,13 @@ def generate(
     last, stopped = prompt[:, -1], jnp.zeros(batch, bool)
     tokens, depths = [np.asarray(prompt)], []
     for done in range(0, steps, chunk):
-        length, fed = min(chunk, steps - done), int(state.position)
+        length, fed = min(chunk, steps - done), np.asarray(state.position)
         new, depth, state, stopped = _generate_chunk(
             model, variables, state, last, stopped, *scalars, length, **options
         )
         last = new[:, -1]
-        # The position advances while a row is going: the chunk ends at the last stop.
-        kept = int(state.position) - fed
+        # A row's position advances while it is going: the chunk ends at the last stop.
+        kept = int(np.max(np.asarray(state.position) - fed))
         tokens.append(np.asarray(new)[:, :kept])
         depths.append(np.asarray(depth)[:, :kept])
         if on_chunk is not None:
@@ -284,21 +272,10 @@ def _check_count(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def check_state(state: DecodeState, config: ModelConfig, batch: int) -> None:
-    """Raises ValueError unless `state` is a `DecodeState` of this model for `batch` rows."""
-    expected = jax.eval_shape(lambda: DecodeState.make(config, batch))
-    if not isinstance(state, DecodeState):
-        raise ValueError(f"state must be a DecodeState, got {type(state).__name__}")
-    shapes = jax.tree.map(lambda x: (tuple(np.shape(x)), np.dtype(x.dtype)), (state, expected))
-    if shapes[0] != shapes[1]:
-        raise ValueError(
-            f"the state does not fit this model and batch of {batch} rows: its arrays are "
-            f"{jax.tree.leaves(shapes[0])}, this model needs {jax.tree.leaves(shapes[1])}"
-        )
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _prefill(model: EarlyExitLM, variables, state: DecodeState, tokens) -> DecodeState:
+def _prefill(model: EarlyExitLM, variables, state: RecurrentState, tokens) -> RecurrentState:
     """The state after tokens [B, N] read from `state` in one parallel pass."""
     return model.apply(variables, tokens, state, method=EarlyExitLM.hidden_states_from)[2]
 
@@ -333,13 +310,13 @@ def _generate_chunk(
     their exit depths [B, length], state after feeding all but the last new token,
     stopped [B]).
 
-    A row that has written `stop` (stopped [B]) is frozen: its state keeps what it
-    had before the stop was fed, its places repeat `stop` at exit depth 0. The
-    position advances while some row has not stopped."""
+    A row that has written `stop` (stopped [B]) is frozen: its state (position
+    included) keeps what it had before the stop was fed, its places repeat `stop`
+    at exit depth 0."""
 
     def step(carry, _):
         state, token, stopped = carry
-        key = jax.random.fold_in(rng, state.position)
+        key = jax.vmap(jax.random.fold_in, (None, 0))(rng, state.position)  # [B]
         if greedy:  # the exact argmax, without every word's log-probability
             new, depth, _, after = decode_step(
                 model, variables, state, token, threshold, measure, greedy_token
@@ -349,13 +326,7 @@ def _generate_chunk(
                 model, variables, state, token, threshold, measure
             )
             new = sample_tokens(logits, key, temperature, sample_top_k)
-        keep = lambda new, old: jnp.where(  # noqa: E731
-            stopped.reshape(1, -1, *[1] * (new.ndim - 2)), old, new
-        )
-        state = DecodeState(
-            position=jnp.where(jnp.all(stopped), state.position, after.position),
-            bk_state=jax.tree.map(keep, after.bk_state, state.bk_state),
-        )
+        state = after.select(~stopped, state)  # a stopped row keeps its state and position
         new, depth = jnp.where(stopped, stop, new), jnp.where(stopped, 0, depth)
         return (state, new, stopped | (new == stop)), (new, depth)
 
@@ -365,7 +336,7 @@ def _generate_chunk(
     return tokens.T, depths.T, state, stopped
 
 
-def save_state(path: str | os.PathLike, state: DecodeState) -> None:
+def save_state(path: str | os.PathLike, state: RecurrentState) -> None:
     """Writes a decoding state to `path` (flax msgpack, written whole or not at all)."""
     path = pathlib.Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -373,13 +344,13 @@ def save_state(path: str | os.PathLike, state: DecodeState) -> None:
     os.replace(temporary, path)
 
 
-def load_state(path: str | os.PathLike, config: ModelConfig, batch: int) -> DecodeState:
+def load_state(path: str | os.PathLike, config: ModelConfig, batch: int) -> RecurrentState:
     """The decoding state saved at `path` for this model and batch size.
 
     Raises:
       ValueError: the file is not a saved state of this model and batch size.
     """
-    template = DecodeState.make(config, batch)
+    template = RecurrentState.make(config, batch)
     try:
         state = flax.serialization.from_bytes(template, pathlib.Path(path).read_bytes())
     except (ValueError, KeyError, TypeError) as error:
@@ -419,13 +390,16 @@ def sample_tokens(logits, rng, temperature, sample_top_k: int | None = None) -> 
 
     Args:
       logits: [B, V] logits (or log-probabilities) of the next token.
-      rng: a PRNG key.
+      rng: a PRNG key, or one per row [B].
       temperature: [] finite, >= 0 (traced: one compilation for all).
       sample_top_k: None (every id) or k in [1, V] (static).
     """
     logits = top_k_logits(logits, sample_top_k)
     temperature = jnp.asarray(temperature, jnp.float32)
-    noise = jax.random.gumbel(rng, logits.shape, jnp.float32)  # [B, V], finite
+    if jnp.ndim(rng) == 0:
+        noise = jax.random.gumbel(rng, logits.shape, jnp.float32)  # [B, V], finite
+    else:  # a key per row
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:], jnp.float32))(rng)
     scores = jnp.where(
         temperature >= 1, logits / temperature + noise, logits + temperature * noise
     )  # [B, V]
@@ -486,7 +460,7 @@ def stream_evaluate(
         nll, depth, after = scan(state, batch.inputs, batch.targets, batch.mask, threshold)
         return (nll, depth), after
 
-    jax.block_until_ready(window(DecodeState.make(config, first.inputs.shape[0]), first))
+    jax.block_until_ready(window(RecurrentState.make(config, first.inputs.shape[0]), first))
     start = time.perf_counter()
     parts = map_windows(model, stream, window, carry=carry, desc="stream", progress=progress)
     jax.block_until_ready(parts)

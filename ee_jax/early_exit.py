@@ -50,7 +50,7 @@ class HaltState:
     exit_depth: jax.Array  # [...] int32: 0 until the token exits
     confidence: jax.Array  # [...] float32
     features: jax.Array  # [..., D] exit features (the exit head's LayerNorm) at the exit
-    block_state: Any  # pytree the block function carries (decoding: the BK states of every layer)
+    block_state: Any  # pytree the block function carries (decoding: the RecurrentState)
 
     @classmethod
     def make(cls, hidden: jax.Array, block_state: Any = ()) -> "HaltState":

@@ -42,7 +42,8 @@ from ee_jax.early_exit import (
 )
 from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.losses import exit_nll, exit_weights
-from ee_jax.model import EarlyExitLM, RecurrentState, check_carry
+from ee_jax.model import EarlyExitLM
+from ee_jax.state import RecurrentState, check_carry
 from ee_jax.timing import median_s
 
 

@@ -24,7 +24,8 @@ from ee_jax.config import (
     TrainConfig,
     check_choice,
 )
-from ee_jax.model import EarlyExitLM, RecurrentState
+from ee_jax.model import EarlyExitLM
+from ee_jax.state import RecurrentState
 
 
 def exit_weights(n_layers: int, scheme: ExitWeighting) -> np.ndarray:

@@ -13,8 +13,8 @@ arXiv 1809.10853, sharing the tail embeddings and projections).
 
 With position "none" the model has no absolute position table: order comes
 from the causal recurrence alone, so it reads sequences of any length and can
-continue from a `RecurrentState` (the BK state of every layer after the
-positions read so far, `hidden_states_from`): a long text is read in chunks,
+continue from a `RecurrentState` (`ee_jax.state`: every row's position and
+every layer's mixer state after the positions read so far, `hidden_states_from`): a long text is read in chunks,
 training windows carry their state (truncated BPTT), and generation never ends.
 
 The L blocks' parameters are stacked on a leading layer axis (params["blocks"]),
@@ -29,15 +29,10 @@ import numpy as np
 from flax import linen as nn
 
 from ee_jax import adaptive
-from ee_jax.bk_core import (
-    causal_initial_state,
-    causal_solve,
-    causal_solve_step,
-    causal_step,
-    resolvent_diagonal,
-)
+from ee_jax.bk_core import causal_solve, causal_solve_step, causal_step, resolvent_diagonal
 from ee_jax.config import ModelConfig
 from ee_jax.moe import MoEFeedForward
+from ee_jax.state import BKState, RecurrentState, check_carry, mixer_state
 
 
 def head_z(config: ModelConfig) -> jax.Array:
@@ -45,9 +40,6 @@ def head_z(config: ModelConfig) -> jax.Array:
     low, high = config.z_imag
     imag = np.geomspace(low, high, config.bk_heads)
     return jnp.asarray(config.z_real + 1j * imag, jnp.complex64)
-
-
-BKState = tuple[jax.Array, jax.Array]  # (G of the previous position [B, H], y [B, H, P])
 
 
 class BKLayer(nn.Module):
@@ -80,13 +72,14 @@ class BKLayer(nn.Module):
             z = jnp.broadcast_to(head_z(config), diag.shape[:-1])  # [B, H]
             green = resolvent_diagonal(diag, off, off, z, method=config.bk_method)  # [B, H, N]
             return self.features_to_output((jnp.swapaxes(green, -1, -2), None)), state
-        features, (green, solved) = self.trace(x, state)
-        return features, (green[:, -1], solved[:, -1])
+        features, states = self.trace(x, state)
+        return features, jax.tree.map(lambda s: s[:, -1], states)
 
     def trace(self, x: jax.Array, state: BKState) -> tuple[jax.Array, BKState]:
         """The causal core keeping the state after every position: [B, N, D] and the
-        state before position 0 -> ([B, N, D] features, (G [B, N, H], y [B, N, H, P])),
-        where [:, i] is the state after position i (what decoding would hold there)."""
+        state before position 0 -> ([B, N, D] features, BKState(G [B, N, H],
+        y [B, N, H, P] or None)), where [:, i] is the state after position i (what
+        decoding would hold there)."""
         config = self.config
         diag = jnp.swapaxes(self.potentials(x), -1, -2)  # [B, H, N]
         off = jnp.float32(config.h0_offdiagonal)
@@ -99,22 +92,21 @@ class BKLayer(nn.Module):
                 z,
                 causal=True,
                 method=config.bk_method,
-                initial=state[0],
+                initial=state.green,
                 link=(off, off),
             )  # [B, H, N]
             green = jnp.swapaxes(green, -1, -2)  # [B, N, H]
-            solved = jnp.broadcast_to(state[1][:, None], (*green.shape, 0))  # [B, N, H, 0]
-            return self.features_to_output((green, None)), (green, solved)
+            return self.features_to_output((green, None)), BKState(green, None)
         values = jnp.moveaxis(self.value_vectors(x), 1, 2)  # [B, H, N, P]
         green, solved = causal_solve(
             diag, off, off, z, values, method=config.bk_method, initial=state, link=(off, off)
         )  # [B, H, N], [B, H, N, P]
-        readout = (jnp.swapaxes(green, -1, -2), jnp.moveaxis(solved, 2, 1))  # [B, N, H(, P)]
-        return self.features_to_output(readout), readout
+        readout = BKState(jnp.swapaxes(green, -1, -2), jnp.moveaxis(solved, 2, 1))
+        return self.features_to_output(readout), readout  # [B, N, H(, P)]
 
     def step(self, x: jax.Array, state: BKState) -> tuple[jax.Array, BKState]:
-        """One position of the causal core: x [B, D], state (G [B, H], y [B, H, P]) of
-        the previous position (zeros before the first) -> (features [B, D], new state)."""
+        """One position of the causal core: x [B, D], the BKState of the previous
+        position (zeros before the first) -> (features [B, D], new state)."""
         state = self.recur(x, state)
         return self.features_to_output(state), state
 
@@ -123,10 +115,10 @@ class BKLayer(nn.Module):
         off = jnp.float32(self.config.h0_offdiagonal)
         z = head_z(self.config)
         if not self.config.bk_value_dim:
-            return causal_step(state[0], self.potentials(x), off * off, z)[0], state[1]
-        return causal_solve_step(
-            state, self.potentials(x), off, off * off, z, self.value_vectors(x)
-        )[0]
+            return BKState(causal_step(state.green, self.potentials(x), off * off, z)[0], None)
+        return BKState(
+            *causal_solve_step(state, self.potentials(x), off, off * off, z, self.value_vectors(x))[0]
+        )
 
     def potentials(self, x: jax.Array) -> jax.Array:
         """Diagonal of T per head: H0's diagonal plus the learned potential; [..., H]."""
@@ -153,56 +145,6 @@ class BKLayer(nn.Module):
             parts.append((solved * imag[:, None]).reshape(*solved.shape[:-2], -1))
         features = jnp.concatenate([p.real for p in parts] + [p.imag for p in parts], -1)
         return self.project(features)
-
-
-def initial_bk_state(config: ModelConfig, batch: int) -> BKState:
-    """`BKLayer.step`'s state before the first position: zeros, ([B, H], [B, H, P])."""
-    h = config.bk_heads
-    return (
-        causal_initial_state((batch, h)),
-        jnp.zeros((batch, h, config.bk_value_dim), jnp.complex64),
-    )
-
-
-@flax.struct.dataclass
-class RecurrentState:
-    """The model's state after the positions read so far: all a pass needs from the
-    text before it (`EarlyExitLM.hidden_states_from`, decoding, carried windows)."""
-
-    position: jax.Array  # [] int32: positions read so far (index of the next one)
-    # Per layer, the BK state of the last position read (`initial_bk_state`):
-    # (G [L, B, H], solved values y [L, B, H, P]) complex64.
-    bk_state: BKState
-
-    @classmethod
-    def make(cls, config: ModelConfig, batch: int) -> "RecurrentState":
-        """The state before the first position: position 0, zero BK states."""
-        layers = lambda x: jnp.broadcast_to(x, (config.n_layers, *x.shape))  # noqa: E731
-        state = jax.tree.map(layers, initial_bk_state(config, batch))
-        return cls(position=jnp.zeros((), jnp.int32), bk_state=state)
-
-    @property
-    def batch_size(self) -> int:
-        return self.bk_state[0].shape[1]
-
-
-def check_carry(config: ModelConfig) -> None:
-    """Raises ValueError unless a pass can continue from a state (`RecurrentState`).
-
-    The causal BK recurrence (and the mixer-free ablation, which needs no state)
-    can; a bidirectional model reads later positions, and the attention mixer
-    would need a key-value cache of every earlier position.
-    """
-    if config.mixer == "attention":
-        raise ValueError(
-            'carrying context across passes is built for the recurrent mixers ("bk", '
-            '"none"); this model\'s mixer is "attention", which would need a key-value cache'
-        )
-    if not config.causal:
-        raise ValueError(
-            "carrying context across passes needs a causal model (causal=True); this one is "
-            "bidirectional: each position also reads later positions"
-        )
 
 
 class CausalSelfAttention(nn.Module):
@@ -242,70 +184,71 @@ class Block(nn.Module):
         h: jax.Array,
         deterministic: bool = True,
         mask: jax.Array | None = None,
-        bk_state: BKState | None = None,
+        state: BKState | None = None,
     ) -> tuple[jax.Array, jax.Array, BKState]:
         """[B, N, D] -> ([B, N, D], MoE load-balancing loss [], BK state after it).
 
         mask [B, N] (1 = real token) weights the balance loss only; default all.
-        bk_state: the BK state before position 0 (`BKLayer`); default zeros.
+        state: the mixer state before position 0 (`state.mixer_state`); default zeros.
         """
-        if bk_state is None:
-            bk_state = initial_bk_state(self.config, h.shape[0])
-        x, mixed, bk_state = self.mix_from(h, bk_state)
+        if state is None:
+            state = mixer_state(self.config, h.shape[0])
+        x, mixed, state = self.mix_from(h, state)
         update, balance_loss = self.moe(x, mask)
         h = h + self.dropout(update + mixed, deterministic=deterministic)
-        return h, balance_loss, bk_state
+        return h, balance_loss, state
 
     def mix(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The sequence part of the block from a fresh state: h [B, N, D] -> (LN(h),
         mixer output), both [B, N, D]. The rest, h + MoE(LN(h)) + mixer output, is
         per token."""
-        return self.mix_from(h, initial_bk_state(self.config, h.shape[0]))[:2]
+        return self.mix_from(h, mixer_state(self.config, h.shape[0]))[:2]
 
-    def mix_from(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
-        """`mix` continuing from `bk_state` (`BKLayer`): -> (LN(h), mixer output, state)."""
+    def mix_from(self, h: jax.Array, state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
+        """`mix` continuing from the mixer state `state` (`state.mixer_state`): -> (LN(h),
+        mixer output, state after the last position)."""
         x = self.norm(h)
         if self.config.mixer == "bk":
-            features, bk_state = self.bk(x, bk_state)
-            return x, self.bk_scale * features, bk_state
+            features, state = self.bk(x, state)
+            return x, self.bk_scale * features, state
         if self.config.mixer == "attention":
-            return x, self.attention(x), bk_state
-        return x, jnp.zeros_like(x), bk_state
+            return x, self.attention(x), state
+        return x, jnp.zeros_like(x), state
 
-    def trace_from(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, BKState]:
-        """The block at inference continuing from `bk_state`, keeping the BK state after
-        every position: h [B, N, D] -> (block output [B, N, D], (G [B, N, H],
-        y [B, N, H, P])), [:, i] the state after position i (`BKLayer.trace`)."""
+    def trace_from(self, h: jax.Array, state: BKState) -> tuple[jax.Array, BKState]:
+        """The block at inference continuing from the mixer state `state`, keeping it
+        after every position: h [B, N, D] -> (block output [B, N, D], the state with
+        leaves [B, N, ...]), [:, i] the state after position i (`BKLayer.trace`)."""
         x = self.norm(h)
         if self.config.mixer == "bk":
-            features, states = self.bk.trace(x, bk_state)
+            features, states = self.bk.trace(x, state)
             mixed = self.bk_scale * features
         else:  # no mixer: the state never changes
             mixed = jnp.zeros_like(x)
             states = jax.tree.map(
                 lambda s: jnp.broadcast_to(s[:, None], (s.shape[0], h.shape[1], *s.shape[1:])),
-                bk_state,
+                state,
             )
         return h + (self.feed_forward(x) + mixed), states  # the sum of __call__
 
-    def mix_step(self, h: jax.Array, bk_state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
+    def mix_step(self, h: jax.Array, state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
         """`mix` at one position when decoding: h [B, D] -> (LN(h), mixer output, state)."""
         x = self.norm(h)
         if self.config.mixer != "bk":
-            return x, jnp.zeros_like(x), bk_state
-        features, bk_state = self.bk.step(x, bk_state)
-        return x, self.bk_scale * features, bk_state
+            return x, jnp.zeros_like(x), state
+        features, state = self.bk.step(x, state)
+        return x, self.bk_scale * features, state
 
     def feed_forward(self, x: jax.Array) -> jax.Array:
         """The MoE FFN of normalised tokens x [..., D] -> [..., D] (inference)."""
         return self.moe(x)[0]
 
-    def propagate(self, h: jax.Array, bk_state: BKState) -> BKState:
-        """A skipped block's BK state update for an exited token (norm, potentials,
+    def propagate(self, h: jax.Array, state: BKState) -> BKState:
+        """A skipped block's mixer state update for an exited token (norm, potentials,
         values and the recurrence; no MoE): later tokens still see it as context."""
         if self.config.mixer != "bk":
-            return bk_state
-        return self.bk.recur(self.norm(h), bk_state)
+            return state
+        return self.bk.recur(self.norm(h), state)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -431,19 +374,21 @@ class EarlyExitLM(nn.Module):
 
     def embed(self, tokens: jax.Array, deterministic: bool = True, offset=0) -> jax.Array:
         """[B, N] ids at positions offset..offset+N-1 -> [B, N, D] (token embeddings,
-        plus the position table's rows for position "learned")."""
+        plus the position table's rows for position "learned"). offset: [] or [B] (each
+        row's first position, `RecurrentState.position`)."""
         check_tokens(tokens, self.config)
         h = self.embed_tokens(tokens)
         if self.config.position == "learned":
-            concrete = not isinstance(offset, jax.core.Tracer)
-            if concrete and int(offset) + tokens.shape[1] > self.config.n_seq:
-                raise ValueError(
-                    f"positions {int(offset)}..{int(offset) + tokens.shape[1] - 1} are past "
-                    f"the position table (n_seq={self.config.n_seq}); a model with position "
-                    f'"none" reads any length'
-                )
-            rows = jax.lax.dynamic_slice_in_dim(self.position_embed, offset, tokens.shape[1])
-            h = h + rows
+            length = tokens.shape[1]
+            if not isinstance(offset, jax.core.Tracer):
+                last = int(np.max(offset)) + length - 1
+                if last >= self.config.n_seq:
+                    raise ValueError(
+                        f"position {last} is past the position table (n_seq="
+                        f'{self.config.n_seq}); a model with position "none" reads any length'
+                    )
+            positions = jnp.asarray(offset, jnp.int32)[..., None] + jnp.arange(length)
+            h = h + self.position_embed[positions]  # [(B,) N, D]
         return self.embed_dropout(h, deterministic=deterministic)
 
     def block(self, h: jax.Array, layer, dropout_rng: jax.Array | None = None, mask=None):
@@ -459,16 +404,16 @@ class EarlyExitLM(nn.Module):
         """One block with its own (unstacked) parameters; see `block`."""
         return self._apply_block_from(params, h, layer, dropout_rng, mask, None)[:2]
 
-    def _apply_block_from(self, params, h, layer, dropout_rng, mask, bk_state):
-        """One block continuing from `bk_state` -> (h, balance loss, BK state)."""
+    def _apply_block_from(self, params, h, layer, dropout_rng, mask, state):
+        """One block continuing from its mixer state -> (h, balance loss, mixer state)."""
         block = Block(self.config, parent=None)
         if dropout_rng is None:
-            return block.apply({"params": params}, h, True, mask, bk_state)
+            return block.apply({"params": params}, h, True, mask, state)
         rngs = {"dropout": jax.random.fold_in(dropout_rng, layer)}
-        return block.apply({"params": params}, h, False, mask, bk_state, rngs=rngs)
+        return block.apply({"params": params}, h, False, mask, state, rngs=rngs)
 
     def embed_position(self, tokens: jax.Array, position) -> jax.Array:
-        """[B] ids at one (traced) position -> [B, D]."""
+        """[B] ids at positions [B] (or one position; may be traced) -> [B, D]."""
         check_tokens(tokens[:, None], self.config)
         if self.config.position == "learned":
             return self.embed_tokens(tokens) + self.position_embed[position]
@@ -584,32 +529,32 @@ class EarlyExitLM(nn.Module):
         dropout_rng = None if deterministic else self.make_rng("dropout")
 
         def step(h, layer_inputs):
-            params, layer, bk_state = layer_inputs
-            h, balance_loss, bk_state = self._apply_block_from(
-                params, h, layer, dropout_rng, mask, bk_state
+            params, layer, layer_state = layer_inputs
+            h, balance_loss, layer_state = self._apply_block_from(
+                params, h, layer, dropout_rng, mask, layer_state
             )
-            return h, (h, balance_loss, bk_state)
+            return h, (h, balance_loss, layer_state)
 
         layers = jnp.arange(self.config.n_layers)
-        xs = (self.blocks, layers, state.bk_state)
-        _, (states, balance_losses, bk_state) = jax.lax.scan(step, h, xs)
-        after = RecurrentState(position=state.position + tokens.shape[1], bk_state=bk_state)
+        xs = (self.blocks, layers, state.layers)
+        _, (states, balance_losses, layer_states) = jax.lax.scan(step, h, xs)
+        after = RecurrentState(position=state.position + tokens.shape[1], layers=layer_states)
         return states, balance_losses, after
 
-    def trace_blocks(self, h: jax.Array, bk_state: BKState, first: int):
+    def trace_blocks(self, h: jax.Array, layers, first: int):
         """Blocks first..L-1 (0-based, static) at inference on h [B, N, D], the output of
-        block first-1, from their BK states (G [L-first, B, H], y [L-first, B, H, P]):
-        -> (output of the last block [B, N, D], the BK state of each of these layers
-        after every position: (G [L-first, B, N, H], y [L-first, B, N, H, P])).
+        block first-1, from their mixer states (`RecurrentState.layers[first:]`, leaves
+        [L-first, B, ...]): -> (output of the last block [B, N, D], the mixer state of
+        each of these layers after every position, leaves [L-first, B, N, ...]).
         The verify pass of self-speculative decoding (`ee_jax.speculative`)."""
         block = Block(self.config, parent=None)
 
         def step(h, inputs):
-            params, bk_state = inputs
-            return block.apply({"params": params}, h, bk_state, method=Block.trace_from)
+            params, layer_state = inputs
+            return block.apply({"params": params}, h, layer_state, method=Block.trace_from)
 
         params = jax.tree.map(lambda p: p[first:], self.blocks)
-        return jax.lax.scan(step, h, (params, bk_state))
+        return jax.lax.scan(step, h, (params, layers))
 
     def exit_logits(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """Every exit's logits, [L, B, N, V] (the training path; differentiable)."""

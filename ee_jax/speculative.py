@@ -29,12 +29,12 @@ import functools
 import numbers
 import operator
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ee_jax.decode import (
-    DecodeState,
     _check_count,
     _prefill,
     check_decodable,
@@ -44,6 +44,7 @@ from ee_jax.decode import (
     top_k_logits,
 )
 from ee_jax.model import EarlyExitLM, check_tokens
+from ee_jax.state import RecurrentState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,7 @@ def speculative_generate(
     batch, prompt_length = np.shape(prompt)
     check_positions(config, 0, prompt_length + steps - 1)
     prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
-    state = DecodeState.make(config, batch)
+    state = RecurrentState.make(config, batch)
     if prompt_length > 1:
         state = _prefill(model, variables, state, prompt[:, :-1])
     if steps == 0:
@@ -177,31 +178,31 @@ def _per_row(x, index, position_axis: int, batch_axis: int):
     return jax.vmap(take, in_axes=(batch_axis, 0), out_axes=out_batch_axis)(x, index)
 
 
-def draft(model, variables, token, position, bk_state, key, *, draft_exit, k, sampling):
+def draft(model, variables, token, position, layers, key, *, draft_exit, k, sampling):
     """k draft tokens from exit `draft_exit`, one step at a time, then the k-th fed too.
 
     Args:
       token: [B] the last accepted token (not yet fed); position: [B] its position.
-      bk_state: (G [e, B, H], y [e, B, H, P]) of blocks 1..e before `token`.
+      layers: the mixer states of blocks 1..e before `token` (leaves [e, B, ...]).
       sampling: None (greedy: the exit's argmax, `adaptive.exact_argmax`) or
         (temperature [], sample_top_k) for draws from the exit's distribution.
 
     Returns:
-      (layer-e hidden states of the k + 1 fed tokens [B, k+1, D], the states of blocks
-      1..e after each (G [k+1, e, B, H], y [k+1, e, B, H, P]), drafts [B, k],
+      (layer-e hidden states of the k + 1 fed tokens [B, k+1, D], the mixer states of
+      blocks 1..e after each (leaves [k+1, e, B, ...]), drafts [B, k],
       log q of each draft step [B, k, V] or None when greedy).
     """
     config = model.config
     apply = functools.partial(model.apply, variables)
 
-    def blocks(token, position, bk_state):  # blocks 1..e for one token per row
+    def blocks(token, position, layers):  # blocks 1..e for one token per row
         if config.position == "learned":
             # Past the table only drafts beyond `steps` are fed: their tokens are dropped.
             position = jnp.minimum(position, config.n_seq - 1)
         hidden = apply(token, position, method=EarlyExitLM.embed_position)
         layer_states = []
         for layer in range(draft_exit):
-            layer_state = jax.tree.map(operator.itemgetter(layer), bk_state)
+            layer_state = jax.tree.map(operator.itemgetter(layer), layers)
             x, mixed, layer_state = apply(
                 "mix_step", layer, hidden, layer_state, method=EarlyExitLM.block_part
             )
@@ -220,29 +221,29 @@ def draft(model, variables, token, position, bk_state, key, *, draft_exit, k, sa
         return jax.random.categorical(key, log_q).astype(jnp.int32), log_q
 
     def step(carry, j):
-        token, bk_state = carry
-        hidden, bk_state = blocks(token, position + j, bk_state)
+        token, layers = carry
+        hidden, layers = blocks(token, position + j, layers)
         drafted, log_q = head(hidden, jax.random.fold_in(key, j))
-        return (drafted, bk_state), (hidden, bk_state, drafted, log_q)
+        return (drafted, layers), (hidden, layers, drafted, log_q)
 
-    (last, bk_state), (hiddens, states, drafts, log_q) = jax.lax.scan(
-        step, (token, bk_state), jnp.arange(k)
+    (last, layers), (hiddens, states, drafts, log_q) = jax.lax.scan(
+        step, (token, layers), jnp.arange(k)
     )
-    hidden, bk_state = blocks(last, position + k, bk_state)
+    hidden, layers = blocks(last, position + k, layers)
     hiddens = jnp.concatenate([hiddens, hidden[None]])  # [k+1, B, D]
-    states = jax.tree.map(lambda xs, x: jnp.concatenate([xs, x[None]]), states, bk_state)
+    states = jax.tree.map(lambda xs, x: jnp.concatenate([xs, x[None]]), states, layers)
     log_q = None if log_q is None else jnp.swapaxes(log_q, 0, 1)
     return jnp.swapaxes(hiddens, 0, 1), states, drafts.T, log_q
 
 
-def verify(model, variables, hiddens, bk_state, *, draft_exit, greedy):
+def verify(model, variables, hiddens, layers, *, draft_exit, greedy):
     """Blocks e+1..L on the layer-e hidden states [B, k+1, D] of a round in one pass
-    from their states (G [L-e, B, H], y [L-e, B, H, P]): (the final exit's greedy
-    tokens [B, k+1] (`decode.greedy_token`, as `decode.generate` picks them) or, not
-    greedy, its logits [B, k+1, V]; the states after each position (G [L-e, B, k+1, H],
-    ...))."""
+    from their mixer states (leaves [L-e, B, ...]): (the final exit's greedy tokens
+    [B, k+1] (`decode.greedy_token`, as `decode.generate` picks them) or, not greedy,
+    its logits [B, k+1, V]; the mixer states after each position (leaves
+    [L-e, B, k+1, ...]))."""
     apply = functools.partial(model.apply, variables)
-    final, states = apply(hiddens, bk_state, draft_exit, method=EarlyExitLM.trace_blocks)
+    final, states = apply(hiddens, layers, draft_exit, method=EarlyExitLM.trace_blocks)
     last = model.config.n_layers - 1
     if not greedy:
         return apply(final, last, method=EarlyExitLM.exit_head), states
@@ -287,6 +288,18 @@ def accept(drafts, log_q, logits, key, sampling):
     return accepted, extra.astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class _Rounds:
+    """The carry of `_speculative_loop`'s rounds."""
+
+    tokens: jax.Array  # [B, steps + k + 1] int32: new tokens so far (the first `count`)
+    count: jax.Array  # [B] int32: new tokens each row has
+    last: jax.Array  # [B] int32: each row's last token, not yet fed
+    state: RecurrentState  # before `last`: each row at its own position
+    accepted: jax.Array  # [steps, B] int32: drafts accepted per round, -1 if none ran
+    index: jax.Array  # [] int32: rounds run
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10))
 def _speculative_loop(
     model, variables, state, token, rng, temperature, steps, draft_exit, k, greedy, sample_top_k
@@ -297,20 +310,16 @@ def _speculative_loop(
     batch = token.shape[0]
     sampling = None if greedy else (temperature, sample_top_k)
 
-    def split(tree):  # (blocks 1..e, blocks e+1..L) of a layer-stacked tree
-        return jax.tree.map(lambda x: x[:draft_exit], tree), jax.tree.map(
-            lambda x: x[draft_exit:], tree
-        )
-
-    def round_fn(carry):
-        tokens, count, last, position, bk_state, accepted_log, round_index = carry
-        key = jax.random.fold_in(rng, round_index)
-        lower, upper = split(bk_state)
+    def round_fn(carry: _Rounds) -> _Rounds:
+        key = jax.random.fold_in(rng, carry.index)
+        layers = carry.state.layers
+        lower = jax.tree.map(lambda x: x[:draft_exit], layers)  # blocks 1..e
+        upper = jax.tree.map(lambda x: x[draft_exit:], layers)  # blocks e+1..L
         hiddens, lower_states, drafts, log_q = draft(
             model,
             variables,
-            last,
-            position,
+            carry.last,
+            carry.state.position,
             lower,
             jax.random.fold_in(key, 0),
             draft_exit=draft_exit,
@@ -321,13 +330,13 @@ def _speculative_loop(
             model, variables, hiddens, upper, draft_exit=draft_exit, greedy=greedy
         )
         accepted, extra = accept(drafts, log_q, logits, jax.random.fold_in(key, 1), sampling)
-        active = count < steps  # [B]: rows still short of `steps` tokens
+        active = carry.count < steps  # [B]: rows still short of `steps` tokens
         slot = jnp.arange(k + 1)
         new = jnp.concatenate([drafts, extra[:, None]], axis=1)  # [B, k+1]
         new = jnp.where(slot == accepted[:, None], extra[:, None], new)
         keep = (slot <= accepted[:, None]) & active[:, None]
-        index = jnp.where(keep, count[:, None] + slot, tokens.shape[1])  # out of range: dropped
-        tokens = tokens.at[jnp.arange(batch)[:, None], index].set(new, mode="drop")
+        index = jnp.where(keep, carry.count[:, None] + slot, carry.tokens.shape[1])  # else dropped
+        tokens = carry.tokens.at[jnp.arange(batch)[:, None], index].set(new, mode="drop")
         # Roll back: every layer's state after the last accepted token (place `accepted`).
         rolled = jax.tree.map(
             lambda low, high: jnp.concatenate(
@@ -335,27 +344,25 @@ def _speculative_loop(
             ),
             lower_states,
             upper_states,
-        )  # (G [L, B, H], y [L, B, H, P])
-        bk_state = jax.tree.map(
-            lambda new, old: jnp.where(active.reshape(1, batch, *[1] * (new.ndim - 2)), new, old),
-            rolled,
-            bk_state,
-        )
+        )  # leaves [L, B, ...]
         step = jnp.where(active, accepted + 1, 0)
-        accepted_log = accepted_log.at[round_index].set(jnp.where(active, accepted, -1))
-        last = jnp.where(active, extra, last)
-        return tokens, count + step, last, position + step, bk_state, accepted_log, round_index + 1
+        after = RecurrentState(position=carry.state.position + step, layers=rolled)
+        return _Rounds(
+            tokens=tokens,
+            count=carry.count + step,
+            last=jnp.where(active, extra, carry.last),
+            state=after.select(active, carry.state),
+            accepted=carry.accepted.at[carry.index].set(jnp.where(active, accepted, -1)),
+            index=carry.index + 1,
+        )
 
-    carry = (
-        jnp.zeros((batch, steps + k + 1), jnp.int32),
-        jnp.zeros(batch, jnp.int32),
-        token,
-        jnp.broadcast_to(state.position, (batch,)).astype(jnp.int32),
-        state.bk_state,
-        jnp.full((steps, batch), -1, jnp.int32),
-        jnp.zeros((), jnp.int32),
+    start = _Rounds(
+        tokens=jnp.zeros((batch, steps + k + 1), jnp.int32),
+        count=jnp.zeros(batch, jnp.int32),
+        last=token,
+        state=state,
+        accepted=jnp.full((steps, batch), -1, jnp.int32),
+        index=jnp.zeros((), jnp.int32),
     )
-    tokens, *_, accepted_log, _ = jax.lax.while_loop(
-        lambda carry: jnp.any(carry[1] < steps), round_fn, carry
-    )
-    return tokens, accepted_log
+    done = jax.lax.while_loop(lambda carry: jnp.any(carry.count < steps), round_fn, start)
+    return done.tokens, done.accepted

@@ -38,7 +38,8 @@ from ee_jax.checkpoint import (
 from ee_jax.config import ModelConfig, TrainConfig, upgrade_dict
 from ee_jax.data import Batch, Corpus, LMStream, Vocabulary, load_wikitext2, train_batch
 from ee_jax.losses import lm_loss_from, tail_capacities
-from ee_jax.model import EarlyExitLM, RecurrentState
+from ee_jax.model import EarlyExitLM
+from ee_jax.state import BKState, RecurrentState
 
 
 @flax.struct.dataclass
@@ -46,25 +47,16 @@ class TrainState:
     step: jax.Array  # [] int32: optimizer steps taken
     params: dict  # {"params": ...} of EarlyExitLM
     opt_state: optax.OptState
-    # carry_state: every layer's BK state after the last window trained on (the
-    # next window of the same rows starts from it; `saved_carry`); None for
-    # window-reset training.
+    # carry_state: every layer's mixer state after the last window trained on (the
+    # next window of the same rows starts from it), `RecurrentState.layers` as a
+    # plain tuple (the checkpoint's layout, `carried_layers`); None for window-reset
+    # training or a mixer without state.
     carry: tuple | None = None
 
 
-def saved_carry(bk_state: tuple) -> tuple:
-    """The BK state (G [L, B, H], y [L, B, H, P]) as `TrainState.carry` holds it:
-    y is None when P = 0 (orbax cannot save an empty array)."""
-    green, solved = bk_state
-    return green, (solved if solved.size else None)
-
-
-def carried_bk_state(config: ModelConfig, carry: tuple) -> tuple:
-    """`TrainState.carry` back as the model's BK state (`saved_carry`'s inverse)."""
-    green, solved = carry
-    if solved is None:
-        solved = jnp.zeros((*green.shape, config.bk_value_dim), green.dtype)
-    return green, solved
+def carried_layers(carry: tuple | None) -> BKState | None:
+    """`TrainState.carry` as `RecurrentState.layers`."""
+    return None if carry is None else BKState(*carry)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -106,7 +98,8 @@ def init_state(config: TrainConfig) -> TrainState:
     params = model.init(run_keys(config.seed)["init"], tokens)
     carry = None
     if config.carry_state:
-        carry = saved_carry(RecurrentState.make(config.model, config.batch_size).bk_state)
+        layers = RecurrentState.make(config.model, config.batch_size).layers
+        carry = None if layers is None else tuple(layers)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -152,10 +145,10 @@ def make_train_step(
             restart = state.step % windows_per_epoch == 0
             carried = jax.tree.map(
                 lambda fresh, last: jnp.where(restart, fresh, last),
-                start.bk_state,
-                carried_bk_state(config.model, state.carry),
+                start.layers,
+                carried_layers(state.carry),
             )
-            start = start.replace(bk_state=carried)
+            start = start.replace(layers=carried)
         (loss, (metrics, after)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, start, batch, rngs
         )
@@ -167,7 +160,9 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
         }
-        carry = saved_carry(after.bk_state) if config.carry_state else None
+        carry = None
+        if config.carry_state and after.layers is not None:
+            carry = tuple(after.layers)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, carry=carry)
         return new_state, metrics
 

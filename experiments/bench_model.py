@@ -55,7 +55,8 @@ import ee_jax
 from ee_jax import adaptive, cli
 from ee_jax.config import ModelConfig, TrainConfig, train_preset
 from ee_jax.data import Batch, load_wikitext2, make_lm_stream
-from ee_jax.decode import DecodeState, decode_step
+from ee_jax.decode import decode_step
+from ee_jax.state import RecurrentState
 from ee_jax.early_exit import early_exit_forward, early_exit_loop
 from ee_jax.losses import tail_capacities
 from ee_jax.model import EarlyExitLM
@@ -421,7 +422,7 @@ def bench_output_inference(config: ModelConfig, inputs, targets, timing) -> dict
     )
     row = {"forward_ms": forward.median_ms, "halting_ms": halting.median_ms}
     for batch in (1, 8):
-        state = DecodeState.make(config, batch)
+        state = RecurrentState.make(config, batch)
         tokens, target = jnp.asarray(inputs[:batch, 0]), jnp.asarray(targets[:batch, 0])
 
         def logits(v, s, t, y):

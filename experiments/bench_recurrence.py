@@ -111,11 +111,12 @@ def time_generation(model, variables, args) -> dict:
 
 def time_prefill(model, variables, args) -> dict:
     from ee_jax import decode
-    from ee_jax.decode import DecodeState, decode_step
+    from ee_jax.decode import decode_step
+    from ee_jax.state import RecurrentState
 
     config = model.config
     prompt = jax.random.randint(jax.random.key(2), (1, args.prompt_length), 0, config.vocab_size)
-    start = DecodeState.make(config, 1)
+    start = RecurrentState.make(config, 1)
     threshold = jnp.float32(1.0)
     step = jax.jit(decode_step, static_argnums=(0, 5))
 

@@ -142,7 +142,8 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     """tokens/s of full-depth, early-exit and speculative decoding at one batch size,
     and one round's draft and verify time."""
     from ee_jax import speculative
-    from ee_jax.decode import DecodeState, generate
+    from ee_jax.decode import generate
+    from ee_jax.state import RecurrentState
     from ee_jax.speculative import speculative_generate
 
     prompt = prompts(corpus, batch, args.prompt_length)
@@ -163,7 +164,7 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     row["early exit / full depth"] = seconds["full depth"] / seconds["early exit"]
     # One round's two parts, timed alone from a fresh state.
     e, k = best["draft_exit"], best["draft_tokens"]
-    state = DecodeState.make(model.config, batch).bk_state
+    state = RecurrentState.make(model.config, batch).layers
     lower, upper = (jax.tree.map(lambda x: x[:e], state), jax.tree.map(lambda x: x[e:], state))
     token, position = jnp.asarray(prompt[:, 0]), jnp.zeros(batch, jnp.int32)
     options = dict(draft_exit=e, k=k, sampling=None)

@@ -16,7 +16,6 @@ from ee_jax import decode
 from ee_jax.config import tiny, train_preset
 from ee_jax.data import Vocabulary, make_lm_stream
 from ee_jax.decode import (
-    DecodeState,
     decode_sequence,
     decode_step,
     generate,
@@ -25,6 +24,7 @@ from ee_jax.decode import (
 )
 from ee_jax.early_exit import early_exit_forward
 from ee_jax.model import EarlyExitLM
+from ee_jax.state import RecurrentState
 
 CONFIG = tiny()
 ADAPTIVE = CONFIG.replace(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
@@ -306,7 +306,7 @@ def test_decoding_a_bidirectional_or_attention_model_raises(setup, monkeypatch, 
     stream = make_lm_stream(np.arange(40) % V, 2, CONFIG.n_seq, eos_id=0)
     # Then decode_step itself refuses it (at trace time), and so does every entry point.
     with pytest.raises(ValueError, match=message):
-        decode_step(model, variables, DecodeState.make(config, 2), tokens[:, 0], 0.5)
+        decode_step(model, variables, RecurrentState.make(config, 2), tokens[:, 0], 0.5)
     forbid_computation(monkeypatch)
     with pytest.raises(ValueError, match=message):
         decode_sequence(model, variables, tokens, 0.5)

@@ -16,10 +16,11 @@ from ee_jax import bk_core, decode
 from ee_jax import train as train_lib
 from ee_jax.config import tiny, train_preset
 from ee_jax.data import make_lm_stream
-from ee_jax.decode import DecodeState, decode_sequence, generate, stream_evaluate
+from ee_jax.decode import decode_sequence, generate, stream_evaluate
 from ee_jax.evaluate import collect_exit_scores, exit_perplexities
 from ee_jax.losses import exit_nll
-from ee_jax.model import EarlyExitLM, RecurrentState
+from ee_jax.model import EarlyExitLM
+from ee_jax.state import RecurrentState
 
 FREE = tiny().replace(
     position="none", output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0
@@ -130,7 +131,7 @@ def test_one_pass_equals_chunks_and_token_by_token_decoding(config):
     decoded, depths = decode_sequence(model, variables, tokens, 1.0)
     # Then the hidden states and the final head's logits agree everywhere.
     np.testing.assert_allclose(np.concatenate(parts, axis=2), whole, atol=1e-5)
-    assert int(state.position) == 50 and np.all(np.asarray(depths) == config.n_layers)
+    assert np.all(np.asarray(state.position) == 50) and np.all(np.asarray(depths) == config.n_layers)
     final = model.apply(variables, whole[-1], config.n_layers - 1, method=EarlyExitLM.exit_head)
     np.testing.assert_allclose(decoded, final, atol=1e-4)
 
@@ -139,7 +140,7 @@ def test_a_learned_position_table_still_bounds_the_length():
     model, variables = model_and_variables(VALUES.replace(position="learned"))
     with pytest.raises(ValueError, match="n_seq"):
         model.apply(variables, random_tokens((1, 17)))
-    state = RecurrentState.make(model.config, 1).replace(position=jnp.int32(10))
+    state = RecurrentState.make(model.config, 1).replace(position=jnp.full(1, 10, jnp.int32))
     with pytest.raises(ValueError, match="position table"):
         model.apply(variables, random_tokens((1, 7)), state, method=EarlyExitLM.hidden_states_from)
 
@@ -244,7 +245,7 @@ def test_a_stop_token_ends_each_row_and_bad_states_are_refused(tmp_path):
     assert first <= 4 and np.all(row[first:] == stop)
     assert out.shape[1] == depths.shape[1] + 3 <= 33
     with pytest.raises(ValueError, match="batch"):
-        generate(model, variables, prompt, 2, jax.random.key(0), state=DecodeState.make(VALUES, 3))
+        generate(model, variables, prompt, 2, jax.random.key(0), state=RecurrentState.make(VALUES, 3))
     (tmp_path / "bad").write_bytes(b"not a state")
     with pytest.raises(ValueError, match="not a decoding state"):
         decode.load_state(tmp_path / "bad", VALUES, 2)
@@ -279,22 +280,22 @@ def test_each_step_continues_the_last_windows_state_and_an_epoch_restarts_it():
     model, state = EarlyExitLM(config.model), train_lib.init_state(config)
     keys = train_lib.run_keys(config.seed)
 
-    def read(params, window, bk_state):
-        """The state after a plain forward over the window from bk_state."""
-        start = RecurrentState(position=jnp.zeros((), jnp.int32), bk_state=bk_state)
+    def read(params, window, layers):
+        """The state after a plain forward over the window from the mixer states."""
+        start = RecurrentState(position=jnp.zeros(2, jnp.int32), layers=layers)
         batch = stream.window(window)
         return model.apply(params, batch.inputs, start, method=EarlyExitLM.hidden_states_from)[2]
 
-    fresh = RecurrentState.make(config.model, 2).bk_state
+    fresh = RecurrentState.make(config.model, 2).layers
     expected_start = fresh
-    carried = lambda: train_lib.carried_bk_state(config.model, state.carry)  # noqa: E731
+    carried = lambda: train_lib.carried_layers(state.carry)  # noqa: E731
     for s in range(5):  # windows 0, 1, 2, then 0 and 1 of the next epoch
         window = s % len(stream)
         if window == 0:
             expected_start = fresh
         # When step s runs, then its carry is what a forward over its window leaves
         # from the previous carry (from zeros at the start of each epoch).
-        expected = read(state.params, window, expected_start).bk_state
+        expected = read(state.params, window, expected_start).layers
         state, _ = step(state, stream.window(window), train_lib.step_keys(keys, s))
         jax.tree.map(
             lambda got, want: np.testing.assert_allclose(got, want, atol=1e-6),

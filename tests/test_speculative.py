@@ -13,8 +13,9 @@ from conftest import TOLERANCE
 
 from ee_jax.config import tiny
 from ee_jax.decode import generate
-from ee_jax.model import EarlyExitLM, RecurrentState
+from ee_jax.model import EarlyExitLM
 from ee_jax.speculative import speculative_generate, warped_log_probs
+from ee_jax.state import RecurrentState
 
 ADAPTIVE = dict(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
 FREE = tiny().replace(position="none", bk_value_dim=3, **ADAPTIVE)
@@ -85,7 +86,7 @@ def test_trace_blocks_gives_the_state_after_every_position():
     tokens = prompt(2, 12, FREE.vocab_size)
     states, _ = model.apply(variables, tokens, method=EarlyExitLM.hidden_states)
     start = RecurrentState.make(FREE, 2)
-    upper = jax.tree.map(lambda x: x[1:], start.bk_state)
+    upper = jax.tree.map(lambda x: x[1:], start.layers)
     # When blocks 2..L run on them, keeping every position's state.
     final, (green, solved) = model.apply(
         variables, states[0], upper, 1, method=EarlyExitLM.trace_blocks
@@ -97,8 +98,8 @@ def test_trace_blocks_gives_the_state_after_every_position():
         after = model.apply(
             variables, tokens[:, : i + 1], start, method=EarlyExitLM.hidden_states_from
         )[2]
-        np.testing.assert_allclose(green[:, :, i], after.bk_state[0][1:], atol=1e-5)
-        np.testing.assert_allclose(solved[:, :, i], after.bk_state[1][1:], atol=1e-5)
+        np.testing.assert_allclose(green[:, :, i], after.layers.green[1:], atol=1e-5)
+        np.testing.assert_allclose(solved[:, :, i], after.layers.solved[1:], atol=1e-5)
 
 
 def exact_joint(model, variables, context, length, layer, temperature):
