@@ -24,6 +24,7 @@ from ee_jax import adaptive
 from ee_jax.config import ExitMeasure, ModelConfig, check_choice
 from ee_jax.flops import exit_flops
 from ee_jax.model import EarlyExitLM, check_tokens
+from ee_jax.state import RecurrentState
 
 ExitedState = Literal["freeze", "compute"]
 SOFTMAX_MEASURES = (ExitMeasure.SOFTMAX_MAX, ExitMeasure.SOFTMAX_MARGIN)
@@ -112,7 +113,7 @@ def early_exit_forward(
         measure,
         exited_state,
         compact=compact,
-    )
+    )[:2]
 
 
 def check_exit_options(threshold, measure: str, exited_state: str) -> ExitMeasure:
@@ -149,28 +150,53 @@ def early_exit_loop(
     exited_state,
     output_fn=adaptive.logits,
     compact: bool = True,
+    state: RecurrentState | None = None,
 ):
     """The halting loop over a sequence (pure; jit with model, measure, exited_state,
     output_fn and compact static). Returns (output_fn of each token's exit features at
-    its exit head [B, N, ...], ExitInfo); see `exit_outputs` and `decode.decode_step`."""
+    its exit head [B, N, ...], ExitInfo, the state after the tokens or None); see
+    `exit_outputs` and `decode.decode_step`.
+
+    state: None reads the tokens from the start of a text; a `RecurrentState`
+    continues from it (a causal recurrent model: the continuous protocol) and the
+    state after the tokens is returned, where every block a token skipped has
+    still read its exited hidden state (as `decode.decode_step` does: under
+    "freeze" a window from a state gives what decoding it token by token gives).
+    """
     apply = functools.partial(model.apply, variables)
-    hidden = apply(tokens, method=EarlyExitLM.embed)
+    offset = 0 if state is None else state.position
+    hidden = apply(tokens, True, offset, method=EarlyExitLM.embed)
 
-    def mix_block(hidden, layer, block_state):
-        return *apply("mix", layer, hidden, method=EarlyExitLM.block_part), block_state
+    def mix_block(hidden, layer, state):
+        if state is None:
+            return *apply("mix", layer, hidden, method=EarlyExitLM.block_part), None
+        layer_state = state.layer(layer)
+        x, mixed, after = apply(
+            "mix_from", layer, hidden, layer_state, method=EarlyExitLM.block_part
+        )
+        return x, mixed, state.with_layer(layer, after)
 
-    state = halting_loop(
+    halt = halting_loop(
         apply,
         model.config,
-        HaltState.make(hidden),
+        HaltState.make(hidden, state),
         threshold,
         measure,
         exited_state,
         mix_block,
         compact,
     )
-    output = exit_outputs(apply, model.config, state, output_fn)
-    return output, exit_info(model.config, state, measure, exited_state)
+    output = exit_outputs(apply, model.config, halt, output_fn)
+    after = None
+    if state is not None:  # the blocks every token skipped read the exited states too
+        after = jax.lax.fori_loop(
+            halt.layer,
+            model.config.n_layers,
+            lambda layer, s: mix_block(halt.hidden, layer, s)[2],
+            halt.block_state,
+        )
+        after = after.replace(position=state.position + tokens.shape[1])
+    return output, exit_info(model.config, halt, measure, exited_state), after
 
 
 COMPACT_SIZES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)  # fractions of the tokens

@@ -392,10 +392,19 @@ def _plain_forward(model: EarlyExitLM, params, tokens):
 
 
 def real_loop_row(
-    model, params, stream: LMStream, threshold: float, measure: str, *, progress: bool = True
+    model,
+    params,
+    stream: LMStream,
+    threshold: float,
+    measure: str,
+    *,
+    carry: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Perplexity and exit statistics of the real halting loop (policy "freeze") over a
-    whole split, every masked target once. Each token's target is scored at its exit
+    whole split, every masked target once, in the window or continuous protocol
+    (`carry`, `map_windows`: the loop then starts each window from the state the
+    previous one left, as decoding the text token by token would). Each token's target is scored at its exit
     head from its exit features (`adaptive.target_nll`: for an adaptive output only the
     head and the target's cluster; no [B, N, V] logits), so the FLOP model counts
     the tail clusters at the split's target shares, as `sweep` and
@@ -407,46 +416,51 @@ def real_loop_row(
     per_depth, full = exit_flops(model.config, measure, "freeze", tail_use)
 
     def window(state, batch):
-        nll, info = _halting_loop_nll(
-            model, params, batch.inputs, batch.targets, batch.mask, jnp.float32(threshold), measure
+        nll, info, after = _halting_loop_nll(
+            model, params, state, batch.inputs, batch.targets, batch.mask, threshold, measure
         )
         info = info.replace(
             flops_per_depth=jnp.float32(per_depth), full_depth_flops=jnp.float32(full)
         )
-        return (float(nll), info, batch.mask), state  # every window from a fresh state
+        return (nll, info, batch.mask), after
 
     parts = map_windows(
-        model, stream, window, carry=False, desc=f"halting loop {threshold}", progress=progress
+        model, stream, window, carry=carry, desc=f"halting loop {threshold}", progress=progress
     )
     stats, total = ExitStats.zeros(model.config.n_layers), 0.0
     for nll, info, mask in parts:
-        total += nll
+        total += float(nll)
         stats = stats.update(info, mask)
     summary = stats.summary()
     return {
         "measure": measure,
         "threshold": threshold,
         "exited_state": "freeze",
+        "protocol": protocol_name(carry),
         "ppl": float(np.exp(total / summary["total_tokens"])),
         **summary,
     }
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _halting_loop_nll(model: EarlyExitLM, params, inputs, targets, mask, threshold, measure):
-    """The halting loop (`early_exit_loop`, policy "freeze") on a window, scoring each
-    token's target at its exit head: (summed NLL over masked tokens [], ExitInfo)."""
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _halting_loop_nll(
+    model: EarlyExitLM, params, state, inputs, targets, mask, threshold, measure
+):
+    """The halting loop (`early_exit_loop`, policy "freeze") on a window from `state`,
+    scoring each token's target at its exit head: (summed NLL over masked tokens [],
+    ExitInfo, the state after the window)."""
     flat_targets = targets.reshape(-1)  # [T]
-    nll, info = early_exit_loop(
+    nll, info, after = early_exit_loop(
         model,
         params,
         inputs,
-        threshold,
+        jnp.float32(threshold),
         measure,
         "freeze",
         lambda layer, x: adaptive.target_nll(layer, x, flat_targets),
+        state=state,
     )  # [B, N]
-    return jnp.sum(nll * mask), info
+    return jnp.sum(nll * mask), info, after
 
 
 def untrained_measures(exit_weighting: str, n_layers: int) -> dict[str, str]:
@@ -549,10 +563,10 @@ def evaluate_checkpoint(
         untrained (`untrained_measures`: "learned" when some exit before the last
         was never scored) are skipped with a printed note, and listed with the
         reason under "skipped_measures". None: unknown, every measure is evaluated.
-      carry: score the exits (perplexities, sweep, oracle, calibration) in the
-        "continuous" protocol (`map_windows`); the real halting loop and the
+      carry: score the exits (perplexities, sweep, oracle, calibration) and run the
+        real halting loop in the "continuous" protocol (`map_windows`); the
         timings read windows from a fresh state either way ("window"), as the
-        results record under "protocol" and "real_loop_protocol".
+        results record under "protocol" and "timing_protocol".
       ltt_risks: (risk, epsilon) pairs certified by Learn-then-Test at level
         ltt_delta (`learn_then_test_rows`).
 
@@ -561,7 +575,7 @@ def evaluate_checkpoint(
     measure on test, the oracle row, the threshold calibrated on valid per measure
     and its test row, the real halting loop at each calibrated threshold (its
     perplexity change against "real_loop_reference_ppl", the final exit in the
-    loop's "window" protocol), and wall-clock timings.
+    same protocol), and wall-clock timings.
 
     Raises:
       ValueError: a bad option (`check_evaluation`) or a stream the model cannot
@@ -587,7 +601,8 @@ def evaluate_checkpoint(
     test_scores = collect_exit_scores(model, params, test, carry=carry, progress=progress)
     results = {
         "protocol": protocol_name(carry),
-        "real_loop_protocol": protocol_name(False),
+        "real_loop_protocol": protocol_name(carry),
+        "timing_protocol": protocol_name(False),
         "exit_weighting": exit_weighting,
         "measures": measures,
         "skipped_measures": skipped,
@@ -617,13 +632,10 @@ def evaluate_checkpoint(
             ),
         }
         results["real_loop"].append(
-            real_loop_row(model, params, test, threshold, measure, progress=progress)
+            real_loop_row(model, params, test, threshold, measure, carry=carry, progress=progress)
         )
-    # The halting loop reads every window from a fresh state: its perplexity change is
-    # against the final exit in that ("window") protocol, one more pass when carried.
+    # The halting loop reads the windows in the same protocol as the exit scores.
     reference = results["test_exit_ppl"][-1]
-    if carry:
-        reference = exit_perplexities(model, params, test, progress=progress)["exit_ppl"][-1]
     results["real_loop_reference_ppl"] = reference
     for row in results["real_loop"]:
         row["ppl_change_pct"] = 100 * (row["ppl"] / reference - 1)

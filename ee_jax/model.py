@@ -436,8 +436,8 @@ class EarlyExitLM(nn.Module):
         return h
 
     def block_part(self, method: str, layer, *args):
-        """Block `layer`'s `Block.<method>` ("mix", "mix_step", "feed_forward" or
-        "propagate") on args: the pieces of a block the halting loop and decoding
+        """Block `layer`'s `Block.<method>` ("mix", "mix_from", "mix_step",
+        "feed_forward" or "propagate") on args: the pieces of a block the halting loop and decoding
         run separately."""
         params = jax.tree.map(lambda p: p[layer], self.blocks)
         block = Block(self.config, parent=None)

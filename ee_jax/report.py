@@ -37,8 +37,8 @@ def headline_table(results: dict) -> str:
 
     Columns: the test perplexity of the halting loop itself (exited tokens skip the
     blocks after their exit; their state is frozen for later tokens) and its change
-    against the final exit read the same way (`real_loop_reference_ppl`, every
-    window from a fresh state), blocks run per token, the FLOP speedup of that halting
+    against the final exit read the same way (`real_loop_reference_ppl`, in the
+    run's protocol), blocks run per token, the FLOP speedup of that halting
     (`flops.exit_flops`, exited_state "freeze") and the measured batched wall-clock
     speedup of the compacted halting loop over the plain forward (`timing_table`).
     """

@@ -110,16 +110,21 @@ def test_generate_rejects_bad_arguments(setup):
         generate(model, variables, tokens[:, :2], 2, jax.random.key(0), threshold=2.0)
 
 
-@pytest.mark.parametrize("output", ["full", "adaptive", "values"])
-def test_streaming_evaluation_matches_the_parallel_evaluation(output):
+@pytest.mark.parametrize(
+    "output, carry", [("full", False), ("adaptive", False), ("values", False), ("values", True)]
+)
+def test_streaming_evaluation_matches_the_parallel_evaluation(output, carry):
+    # The halting loop over windows (from a fresh state, or carried from the previous
+    # window: continuous) against decoding the same windows token by token.
     from ee_jax.evaluate import real_loop_row
 
     model, variables, _ = model_and_tokens(output)
     ids = np.random.default_rng(1).integers(0, CONFIG.vocab_size, 150)
     stream = make_lm_stream(ids, 2, CONFIG.n_seq, eos_id=0)
+    options = dict(carry=carry, progress=False)
     for threshold in (1.0, 0.02):
-        streamed = stream_evaluate(model, variables, stream, threshold, progress=False)
-        parallel = real_loop_row(model, variables, stream, threshold, "softmax_max", progress=False)
+        streamed = stream_evaluate(model, variables, stream, threshold, **options)
+        parallel = real_loop_row(model, variables, stream, threshold, "softmax_max", **options)
         assert streamed["total_tokens"] == parallel["total_tokens"] == len(ids)
         assert streamed["ppl"] == pytest.approx(parallel["ppl"], rel=1e-5)
         np.testing.assert_allclose(streamed["exit_distribution"], parallel["exit_distribution"])
