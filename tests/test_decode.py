@@ -387,7 +387,7 @@ def test_stream_cli_checks_the_model_and_skips_untrained_classifiers():
 def reference_state(model, variables, tokens):
     """The state after tokens [N] of one row, fed one decode_step at a time."""
     step = jax.jit(decode_step, static_argnums=0)
-    state = DecodeState.make(model.config, 1)
+    state = RecurrentState.make(model.config, 1)
     for token in np.asarray(tokens):
         state = step(model, variables, state, jnp.asarray([token]), 1.0)[3]
     return state
@@ -396,8 +396,8 @@ def reference_state(model, variables, tokens):
 # Row 1 never writes the id of row 0's 3rd new token; it writes its 5th before row 0 does.
 @pytest.mark.parametrize("place", [2, 4])
 def test_the_state_after_a_stop_has_read_each_row_up_to_its_stop_token(place):
-    # Given greedy continuations of 2 prompts (position "none": a row's state does not
-    # depend on the batch's one position), and a stop id: row 0's new token at `place`.
+    # Given greedy continuations of 2 prompts (position "none") and a stop id: row 0's
+    # new token at `place`.
     model, variables, tokens = model_and_tokens("free")
     prompt, key, steps = tokens[:, :3], jax.random.key(0), 20
     free, _ = generate(model, variables, prompt, steps, key, threshold=1.0)
@@ -418,13 +418,13 @@ def test_the_state_after_a_stop_has_read_each_row_up_to_its_stop_token(place):
         return_state=True,
     )
     # Then each row's state is that of its text read up to the last token it shows, a
-    # stopped row's up to its stop (not fed yet); the position is the last token's.
+    # stopped row's up to its stop (not fed yet), at that token's position.
     ends = [steps if first is None else first + 1 for first in firsts]  # new tokens shown
     rows = [reference_state(model, variables, free[row, : 2 + end]) for row, end in enumerate(ends)]
-    expected = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *[r.bk_state for r in rows])
+    expected = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *[r.layers for r in rows])
     close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
-    jax.tree.map(close, state.bk_state, expected)  # (G [L, B, H], y [L, B, H, P])
-    assert int(state.position) == 2 + max(ends)
+    jax.tree.map(close, state.layers, expected)  # BKState(G [L, B, H], y [L, B, H, P])
+    np.testing.assert_array_equal(state.position, [2 + end for end in ends])
     # So each row continues as its own text does from a fresh start.
     more, _ = generate(model, variables, out[:, -1:], 4, key, threshold=1.0, state=state)
     for row, end in enumerate(ends):
@@ -441,8 +441,8 @@ def test_the_state_after_a_stop_has_read_each_row_up_to_its_stop_token(place):
 def test_decode_step_refuses_a_position_past_the_learned_table(setup):
     # Given a model with a learned table of n_seq = 16 positions.
     model, variables, tokens = setup
-    fresh = DecodeState.make(CONFIG, 2)
-    at = lambda position: fresh.replace(position=jnp.int32(position))  # noqa: E731
+    fresh = RecurrentState.make(CONFIG, 2)
+    at = lambda position: fresh.replace(position=jnp.full(2, position, jnp.int32))  # noqa: E731
     # When one token is fed at the last row of the table, it reads that row.
     decode_step(model, variables, at(15), tokens[:, 0], 1.0)
     # Then a step at position 16 (past the table) raises one line, as generate does.
