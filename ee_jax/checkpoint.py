@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ee_jax import layout
+
 VOCAB_FILE = "vocab.txt"  # the run's words, one per line (utf-8): line i is id i
 VOCAB_CHECKSUM_FILE = "vocab.sha256"  # sha256 of vocab.txt's bytes, written with it
 SHOWN_DIFFERENCES = 6  # arrays named when a checkpoint does not fit the model
@@ -91,6 +93,8 @@ class Checkpointer:
 
         The step's recorded array tree, shapes and dtypes are compared with
         `template` first, so a checkpoint made for another model is named as such.
+        A checkpoint of the earlier flat parameter layout is migrated
+        (`ee_jax.layout`).
 
         Raises:
           CheckpointError: the step does not exist; its arrays differ from the
@@ -108,12 +112,17 @@ class Checkpointer:
             saved = self.manager.metadata(step).item_metadata
         except Exception as error:  # orbax raises many types for unreadable files
             raise self._read_error(step, steps, error) from error
+        saved = None if saved is None else getattr(saved, "tree", saved)
+        earlier = saved is not None and layout.is_earlier_layout(saved)
+        if earlier:  # the flat parameter layout: restored as saved, then upgraded
+            template = layout.earlier_layout(template)
         if saved is not None:  # None: nothing recorded to compare; restoring will tell
-            self._check_fits(step, getattr(saved, "tree", saved), template)
+            self._check_fits(step, saved, template)
         try:
-            return self.manager.restore(step, args=ocp.args.StandardRestore(template))
+            restored = self.manager.restore(step, args=ocp.args.StandardRestore(template))
         except Exception as error:  # orbax raises many types for damaged files
             raise self._read_error(step, steps, error) from error
+        return layout.upgrade(restored) if earlier else restored
 
     def _check_fits(self, step: int, saved, template) -> None:
         """Raises CheckpointError naming the arrays whose path, shape or dtype in the

@@ -84,7 +84,7 @@ def decode_step(
 
     def mix_block(hidden, layer, state):
         x, mixed, layer_state = apply(
-            "mix_step", layer, hidden, state.layer(layer), method=EarlyExitLM.block_part
+            layer, hidden, state.layer(layer), method=EarlyExitLM.block_mix_step
         )
         return x, mixed, state.with_layer(layer, layer_state)
 
@@ -101,7 +101,7 @@ def decode_step(
 
     def propagate(layer, state):  # layers every token skipped
         layer_state = apply(
-            "propagate", layer, halt.hidden, state.layer(layer), method=EarlyExitLM.block_part
+            layer, halt.hidden, state.layer(layer), method=EarlyExitLM.block_propagate
         )
         return state.with_layer(layer, layer_state)
 
@@ -194,8 +194,9 @@ def generate(
     samples from softmax(logits / temperature), restricted to the sample_top_k
     largest logits when given (`sample_tokens`), with the key
     `fold_in(rng, position of the token fed)` for each row: the output does not
-    depend on `chunk` or on the other rows of the batch, and a generation resumed from a returned state continues exactly as
-    an uninterrupted one (pass the last token as the prompt and the same rng).
+    depend on `chunk` or on the other rows of the batch, and a generation resumed
+    from a returned state continues exactly as an uninterrupted one (pass the last
+    token as the prompt and the same rng).
 
     Args:
       prompt: [B, P] ids, P >= 1 (after a returned state: its last token).
@@ -270,8 +271,6 @@ def generate(
 def _check_count(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 
 
 @functools.partial(jax.jit, static_argnums=0)

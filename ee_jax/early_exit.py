@@ -169,11 +169,9 @@ def early_exit_loop(
 
     def mix_block(hidden, layer, state):
         if state is None:
-            return *apply("mix", layer, hidden, method=EarlyExitLM.block_part), None
+            return *apply(layer, hidden, method=EarlyExitLM.block_mix), None
         layer_state = state.layer(layer)
-        x, mixed, after = apply(
-            "mix_from", layer, hidden, layer_state, method=EarlyExitLM.block_part
-        )
+        x, mixed, after = apply(layer, hidden, layer_state, method=EarlyExitLM.block_mix_from)
         return x, mixed, state.with_layer(layer, after)
 
     halt = halting_loop(
@@ -244,7 +242,7 @@ def halting_loop(
             # The same sum as Block.__call__, h + (MoE + mixer), so that the loop's
             # hidden states equal the training path's bit for bit (exit decisions
             # at a threshold must not flip on rounding).
-            update = apply("feed_forward", layer, x, method=EarlyExitLM.block_part)
+            update = apply(layer, x, method=EarlyExitLM.block_feed_forward)
             after = before + (update + mixed)
             features = apply(after, layer, method=EarlyExitLM.exit_features)
             confidence = _confidence(apply, measure, before, after, features, layer, threshold)

@@ -404,9 +404,10 @@ def real_loop_row(
     """Perplexity and exit statistics of the real halting loop (policy "freeze") over a
     whole split, every masked target once, in the window or continuous protocol
     (`carry`, `map_windows`: the loop then starts each window from the state the
-    previous one left, as decoding the text token by token would). Each token's target is scored at its exit
-    head from its exit features (`adaptive.target_nll`: for an adaptive output only the
-    head and the target's cluster; no [B, N, V] logits), so the FLOP model counts
+    previous one left, as decoding the text token by token would). Each token's
+    target is scored at its exit head from its exit features (`adaptive.target_nll`:
+    for an adaptive output only the head and the target's cluster; no [B, N, V]
+    logits), so the FLOP model counts
     the tail clusters at the split's target shares, as `sweep` and
     `decode.stream_evaluate` do. Raises ValueError for a stream the model cannot
     read (`check_stream`) or bad exit options."""
@@ -443,9 +444,7 @@ def real_loop_row(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
-def _halting_loop_nll(
-    model: EarlyExitLM, params, state, inputs, targets, mask, threshold, measure
-):
+def _halting_loop_nll(model: EarlyExitLM, params, state, inputs, targets, mask, threshold, measure):
     """The halting loop (`early_exit_loop`, policy "freeze") on a window from `state`,
     scoring each token's target at its exit head: (summed NLL over masked tokens [],
     ExitInfo, the state after the window)."""

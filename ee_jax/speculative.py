@@ -204,9 +204,9 @@ def draft(model, variables, token, position, layers, key, *, draft_exit, k, samp
         for layer in range(draft_exit):
             layer_state = jax.tree.map(operator.itemgetter(layer), layers)
             x, mixed, layer_state = apply(
-                "mix_step", layer, hidden, layer_state, method=EarlyExitLM.block_part
+                layer, hidden, layer_state, method=EarlyExitLM.block_mix_step
             )
-            update = apply("feed_forward", layer, x, method=EarlyExitLM.block_part)
+            update = apply(layer, x, method=EarlyExitLM.block_feed_forward)
             hidden = hidden + (update + mixed)  # the sum of Block.__call__
             layer_states.append(layer_state)
         return hidden, jax.tree.map(lambda *xs: jnp.stack(xs), *layer_states)

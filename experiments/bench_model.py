@@ -56,11 +56,11 @@ from ee_jax import adaptive, cli
 from ee_jax.config import ModelConfig, TrainConfig, train_preset
 from ee_jax.data import Batch, load_wikitext2, make_lm_stream
 from ee_jax.decode import decode_step
-from ee_jax.state import RecurrentState
 from ee_jax.early_exit import early_exit_forward, early_exit_loop
 from ee_jax.losses import tail_capacities
 from ee_jax.model import EarlyExitLM
 from ee_jax.moe import MoEFeedForward
+from ee_jax.state import RecurrentState
 from ee_jax.timing import Timing, cold_compilation, time_jitted
 from ee_jax.train import (
     TrainState,

@@ -143,8 +143,8 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     and one round's draft and verify time."""
     from ee_jax import speculative
     from ee_jax.decode import generate
-    from ee_jax.state import RecurrentState
     from ee_jax.speculative import speculative_generate
+    from ee_jax.state import RecurrentState
 
     prompt = prompts(corpus, batch, args.prompt_length)
     key = jax.random.key(0)

@@ -169,7 +169,9 @@ def check_out(workdir: pathlib.Path, out: pathlib.Path, names: list[str]) -> lis
     publication wrote (README.md excepted: its text below the header is kept).
     """
     if out.resolve() == workdir.resolve() or workdir.resolve() in out.resolve().parents:
-        raise PublishError(f"--out {out} is inside the run folder {workdir}: choose a folder outside it")
+        raise PublishError(
+            f"--out {out} is inside the run folder {workdir}: choose a folder outside it"
+        )
     manifest = out / MANIFEST
     earlier = manifest.read_text().split() if manifest.is_file() else []
     foreign = [n for n in names if n not in earlier and n != "README.md" and (out / n).exists()]

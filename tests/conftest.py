@@ -41,3 +41,13 @@ TOLERANCE = {
     "long_sequence": 1e-4,  # N = 65536 against a float64 recurrence
     "bfloat16": 3e-2,
 }
+
+
+def random_exit_classifiers(variables: dict, key) -> dict:
+    """`variables` with random exit classifier kernels (they start at zero, which makes
+    every token equally confident under the "learned" measure)."""
+    params = dict(variables["params"])
+    exits = dict(params["exits"])
+    kernel = exits["classifier"]["kernel"]  # [L, D, 1]
+    exits["classifier"] = {**exits["classifier"], "kernel": jax.random.normal(key, kernel.shape)}
+    return {"params": {**params, "exits": exits}}

@@ -118,14 +118,15 @@ def test_tied_adaptive_input_embeds_tail_words_through_their_cluster_projection(
     params = variables["params"]
     tokens = jnp.array([[0, 19, 20, 49, 50, 96]])
     embedded = np.asarray(model.apply(variables, tokens, method=EarlyExitLM.embed_tokens))[0]
-    head = np.asarray(params["token_embed"]["embedding"])
-    tail1 = np.asarray(params["tail1_embedding"]) @ np.asarray(params["tail1_projection"])
-    tail2 = np.asarray(params["tail2_embedding"]) @ np.asarray(params["tail2_projection"])
+    embedder = params["embedder"]
+    head = np.asarray(embedder["token_embed"]["embedding"])
+    tail1 = np.asarray(embedder["tail1_embedding"]) @ np.asarray(embedder["tail1_projection"])
+    tail2 = np.asarray(embedder["tail2_embedding"]) @ np.asarray(embedder["tail2_projection"])
     expected = np.stack([head[0], head[19], tail1[0], tail1[29], tail2[0], tail2[46]])
     np.testing.assert_allclose(embedded, expected, atol=1e-6)
     # The output's tail kernels are those embedding rows.
     output = model.apply(variables, 0, method=EarlyExitLM.output_layer)
-    np.testing.assert_array_equal(output.tail_kernels[0], params["tail1_embedding"])
+    np.testing.assert_array_equal(output.tail_kernels[0], embedder["tail1_embedding"])
     np.testing.assert_array_equal(output.head_kernel[:20], head)
 
 

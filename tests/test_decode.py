@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCE
+from conftest import TOLERANCE, random_exit_classifiers
 
 import ee_jax
 from ee_jax import decode
@@ -40,12 +40,8 @@ def model_and_tokens(output="full"):
     config = {"full": CONFIG, "adaptive": ADAPTIVE, "values": VALUES, "free": FREE}[output]
     model = EarlyExitLM(config)
     tokens = jax.random.randint(jax.random.key(3), (2, config.n_seq), 0, config.vocab_size)
-    params = dict(model.init(jax.random.key(1), tokens)["params"])
-    # Random exit classifiers (they start at zero: every token equally confident).
-    params["classifier_kernel"] = jax.random.normal(
-        jax.random.key(2), (config.n_layers, config.d_model)
-    )
-    return model, {"params": params}, tokens
+    variables = model.init(jax.random.key(1), tokens)
+    return model, random_exit_classifiers(variables, jax.random.key(2)), tokens
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +239,10 @@ def test_bad_sampling_parameters_raise(setup, arguments, message, monkeypatch):
 def test_top_1_of_an_exact_tie_is_the_lowest_id(setup):
     # Given a final head whose logits for ids 9 and 5 are both exactly 50, the maximum.
     model, variables, tokens = setup
-    params = dict(variables["params"])
-    params["unembed_kernel"] = params["unembed_kernel"].at[:, jnp.array([5, 9])].set(0.0)
-    params["unembed_bias"] = params["unembed_bias"].at[:, jnp.array([5, 9])].set(50.0)
-    tied = {"params": params}
+    output = dict(variables["params"]["output"])
+    output["unembed_kernel"] = output["unembed_kernel"].at[:, jnp.array([5, 9])].set(0.0)
+    output["unembed_bias"] = output["unembed_bias"].at[:, jnp.array([5, 9])].set(50.0)
+    tied = {"params": {**variables["params"], "output": output}}
     # When sampling at temperature 1 from the top 1, with several keys.
     for seed in range(3):
         out, _ = generate(

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCE
+from conftest import TOLERANCE, random_exit_classifiers
 
 from ee_jax.config import tiny
 from ee_jax.early_exit import ExitInfo, ExitStats, early_exit_forward, early_exit_loop
@@ -26,11 +26,7 @@ def model_and_variables(seed=0, causal=True, output="full"):
     tokens = jnp.zeros((1, CONFIG.n_seq), jnp.int32)
     variables = model.init(jax.random.key(seed), tokens)
     if seed:  # make the learned classifiers non-trivial (they start at zero)
-        params = dict(variables["params"])
-        params["classifier_kernel"] = jax.random.normal(
-            jax.random.key(seed), (CONFIG.n_layers, CONFIG.d_model)
-        )
-        variables = {"params": params}
+        variables = random_exit_classifiers(variables, jax.random.key(seed))
     return model, variables
 
 
@@ -133,11 +129,7 @@ def test_compacted_loop_equals_the_masked_loop_and_the_eager_reference(mixer, me
     model = EarlyExitLM(MIXERS[mixer])
     tokens = random_tokens(4, batch=4)
     variables = model.init(jax.random.key(4), tokens)
-    params = dict(variables["params"])
-    params["classifier_kernel"] = jax.random.normal(
-        jax.random.key(5), params["classifier_kernel"].shape
-    )
-    variables = {"params": params}
+    variables = random_exit_classifiers(variables, jax.random.key(5))
     _, info = early_exit_forward(model, variables, tokens, 0.0, measure=measure)
     confidence = np.asarray(info.confidence)
     for q in (0.05, 0.5, 0.97):

@@ -5,16 +5,20 @@ computed then."""
 import pathlib
 import shutil
 
+import chex
+import jax
 import numpy as np
 
 import ee_jax
+from ee_jax import train as train_lib
+from ee_jax.data import make_lm_stream
 from ee_jax.model import EarlyExitLM
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "data" / "layout_2026-12"
 
 
 def test_a_run_of_the_earlier_layout_loads_and_gives_its_outputs(tmp_path):
-    run = shutil.copytree(FIXTURE / "run", tmp_path / "run")  # loading never writes, but
+    run = shutil.copytree(FIXTURE / "run", tmp_path / "run")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     model, variables, vocab, config = ee_jax.load_run(run)
     saved = np.load(FIXTURE / "outputs.npz")
@@ -27,3 +31,27 @@ def test_a_run_of_the_earlier_layout_loads_and_gives_its_outputs(tmp_path):
         np.testing.assert_allclose(logit, saved["classifier"][layer], rtol=1e-6, atol=1e-6)
     assert len(vocab) == config.model.vocab_size == 40
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_of_the_earlier_layout_resumes_training_in_todays_layout(tmp_path):
+    # Given the earlier layout's run (2 steps of 2), copied.
+    run = shutil.copytree(FIXTURE / "run", tmp_path / "run")
+    config = train_lib.config_from_workdir(run)
+    ids = np.random.default_rng(0).integers(1, config.model.vocab_size, 2000)
+    stream = make_lm_stream(ids, config.batch_size, config.model.n_seq, eos_id=0)
+    # When it trains one step more (parameters and AdamW moments upgraded on restore).
+    longer = config.replace(steps=3)
+    state = train_lib.train(
+        longer, stream, run, allow_config_change=True, progress=False, tensorboard=False
+    )
+    # Then step 3 is saved in today's layout and loads as such.
+    assert int(state.step) == 3
+    assert set(state.params["params"]) == {"embedder", "blocks", "exits", "output"}
+    adam = [
+        s
+        for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")
+    ][0]
+    assert jax.tree.structure(adam.mu) == jax.tree.structure(state.params)
+    _, variables, _, _ = ee_jax.load_run(run)
+    chex.assert_trees_all_equal(variables, state.params)

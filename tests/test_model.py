@@ -234,13 +234,13 @@ def test_training_loss_gradients_reach_every_exit_router_and_potentials(tokens, 
     # Then every exit head, every router, every potential and every exit classifier
     # receive finite, non-zero gradients.
     per_layer = {
-        "exit norm": gradients["exit_norm_scale"],
-        "unembedding": gradients["unembed_kernel"],
+        "exit norm": gradients["exits"]["norm"]["scale"],
+        "unembedding": gradients["output"]["unembed_kernel"],
         "router": gradients["blocks"]["moe"]["router"]["kernel"],
         "potential": gradients["blocks"]["bk"]["potential"]["kernel"],
         # The last exit's classifier has nothing to learn (a token there exits anyway).
         "exit classifier": jnp.concatenate(
-            [gradients["classifier_kernel"][:-1], jnp.ones((1, config.d_model))]
+            [gradients["exits"]["classifier"]["kernel"][:-1, :, 0], jnp.ones((1, config.d_model))]
         ),
     }
     for name, gradient in per_layer.items():
@@ -294,7 +294,7 @@ def test_chunked_loss_gradient_equals_autodiff_of_materialised_log_softmax(token
     np.testing.assert_allclose(
         loss - metrics["classifier_loss"], want_loss, rtol=TOLERANCE["float32"]
     )
-    for name in ("blocks", "token_embed", "exit_norm_scale", "unembed_kernel", "unembed_bias"):
+    for name in ("blocks", "embedder", "exits", "output"):
         leaves = jax.tree.leaves(got["params"][name]), jax.tree.leaves(want["params"][name])
         for g, w in zip(*leaves, strict=True):
             scale = float(jnp.abs(w).max())

@@ -99,7 +99,9 @@ def test_files_of_another_step_are_refused(publish_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("inside", ["", "eval", "published"])
-def test_out_in_the_run_folder_is_refused_and_nothing_changes(publish_run, tmp_path, capsys, inside):
+def test_out_in_the_run_folder_is_refused_and_nothing_changes(
+    publish_run, tmp_path, capsys, inside
+):
     run = fake_run(tmp_path / "cpu")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert publish_run.main(["--workdir", str(run), "--out", str(run / inside)]) == 2
@@ -114,7 +116,9 @@ def test_the_users_files_in_out_are_never_deleted_or_overwritten(publish_run, tm
     (out / "my_plot.png").write_bytes(b"mine")
     argv = ["--workdir", str(run), "--out", str(out)]
     assert publish_run.main(argv) == 0
-    assert (out / "my_plot.png").read_bytes() == b"mine"  # a pattern it writes (*.png), not its file
+    assert (
+        out / "my_plot.png"
+    ).read_bytes() == b"mine"  # a pattern it writes (*.png), not its file
     # A file of a name it would write, which it did not write, stops it before any write.
     mine = tmp_path / "mine"
     mine.mkdir()

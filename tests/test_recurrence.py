@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_exit_classifiers
 from test_bk_core import reference_causal_solve, reference_dense
 
 from ee_jax import bk_core, decode
@@ -103,11 +104,8 @@ def test_a_state_needs_the_causal_core_and_its_link():
 def model_and_variables(config=VALUES):
     model = EarlyExitLM(config)
     tokens = jnp.zeros((1, config.n_seq), jnp.int32)
-    params = dict(model.init(jax.random.key(1), tokens)["params"])
-    params["classifier_kernel"] = jax.random.normal(
-        jax.random.key(2), (config.n_layers, config.d_model)
-    )
-    return model, {"params": params}
+    variables = model.init(jax.random.key(1), tokens)
+    return model, random_exit_classifiers(variables, jax.random.key(2))
 
 
 def random_tokens(shape, seed=0):
@@ -131,7 +129,9 @@ def test_one_pass_equals_chunks_and_token_by_token_decoding(config):
     decoded, depths = decode_sequence(model, variables, tokens, 1.0)
     # Then the hidden states and the final head's logits agree everywhere.
     np.testing.assert_allclose(np.concatenate(parts, axis=2), whole, atol=1e-5)
-    assert np.all(np.asarray(state.position) == 50) and np.all(np.asarray(depths) == config.n_layers)
+    assert np.all(np.asarray(state.position) == 50) and np.all(
+        np.asarray(depths) == config.n_layers
+    )
     final = model.apply(variables, whole[-1], config.n_layers - 1, method=EarlyExitLM.exit_head)
     np.testing.assert_allclose(decoded, final, atol=1e-4)
 
@@ -245,7 +245,9 @@ def test_a_stop_token_ends_each_row_and_bad_states_are_refused(tmp_path):
     assert first <= 4 and np.all(row[first:] == stop)
     assert out.shape[1] == depths.shape[1] + 3 <= 33
     with pytest.raises(ValueError, match="batch"):
-        generate(model, variables, prompt, 2, jax.random.key(0), state=RecurrentState.make(VALUES, 3))
+        generate(
+            model, variables, prompt, 2, jax.random.key(0), state=RecurrentState.make(VALUES, 3)
+        )
     (tmp_path / "bad").write_bytes(b"not a state")
     with pytest.raises(ValueError, match="not a decoding state"):
         decode.load_state(tmp_path / "bad", VALUES, 2)

@@ -285,7 +285,8 @@ rng = train.step_keys(train.run_keys(1), 0)
 single = jax.jit(step)(state, batch, rng)
 replicated, sharded = train.data_parallel(train.make_mesh())
 parallel = jax.jit(step)(jax.device_put(state, replicated), train.global_batch(batch, sharded), rng)
-assert len(parallel[0].params["params"]["token_embed"]["embedding"].sharding.device_set) == 4
+table = parallel[0].params["params"]["embedder"]["token_embed"]["embedding"]
+assert len(table.sharding.device_set) == 4
 flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 for a, b in [(single[1]["loss"], parallel[1]["loss"]),
              (single[1]["grad_norm"], parallel[1]["grad_norm"]),

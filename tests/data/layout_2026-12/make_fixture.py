@@ -26,9 +26,17 @@ def main():
     run = HERE / "run"
     shutil.rmtree(run, ignore_errors=True)
     config = train_preset("tiny", V).replace(
-        steps=2, warmup_steps=1, checkpoint_every=2, log_every=1, carry_state=True,
-        position="none", output="adaptive", adaptive_cutoffs=(20,), adaptive_div=2.0,
-        unembedding="tied", bk_value_dim=2,
+        steps=2,
+        warmup_steps=1,
+        checkpoint_every=2,
+        log_every=1,
+        carry_state=True,
+        position="none",
+        output="adaptive",
+        adaptive_cutoffs=(20,),
+        adaptive_div=2.0,
+        unembedding="tied",
+        bk_value_dim=2,
     )
     ids = np.random.default_rng(0).integers(1, V, 2000)
     stream = make_lm_stream(ids, config.batch_size, config.model.n_seq, eos_id=0)
