@@ -115,7 +115,7 @@ def check_decodable(config: ModelConfig) -> None:
     """Raises ValueError unless the model can be decoded token by token.
 
     Decoding runs the causal recurrence (`bk_core.causal_step`), which needs what a
-    pass continuing from a state needs (`model.check_carry`): for a bidirectional
+    pass continuing from a state needs (`state.check_carry`): for a bidirectional
     model every position's G also depends on later positions, which a decoder has
     not seen, and the attention mixer would need a key-value cache.
     """
