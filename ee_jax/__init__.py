@@ -43,8 +43,9 @@ _EXPORTS = {
     "load_wikitext2": "data",
     "make_lm_stream": "data",
     "encode_text": "data",
-    "TrainState": "train",
-    "restore_params": "train",
+    "TrainState": "train_state",
+    "Run": "run",
+    "load_run": "run",
     "exit_perplexities": "evaluate",
     "evaluate_checkpoint": "evaluate",
     "CheckpointError": "checkpoint",
@@ -71,7 +72,7 @@ __all__ = [  # the lazily imported names of _EXPORTS and this module's own
     "make_lm_stream",
     "encode_text",
     "TrainState",
-    "restore_params",
+    "Run",
     "exit_perplexities",
     "evaluate_checkpoint",
     "CheckpointError",
@@ -98,9 +99,10 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names; runtime imports the
     from ee_jax.early_exit import ExitInfo, ExitStats, early_exit_forward
     from ee_jax.evaluate import evaluate_checkpoint, exit_perplexities
     from ee_jax.model import EarlyExitLM
+    from ee_jax.run import Run, load_run
     from ee_jax.speculative import speculative_generate
     from ee_jax.state import RecurrentState
-    from ee_jax.train import TrainState, restore_params
+    from ee_jax.train_state import TrainState
 
 
 def __getattr__(name: str):
@@ -113,37 +115,6 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-def load_run(workdir: str | os.PathLike, *, step: int | None = None):
-    """Loads a trained run from its folder alone, for a notebook or script:
-    `model.apply(variables, tokens)`, `decode.generate(model, variables, ...)`;
-    `data.encode_text(text, vocab)` turns text into the run's token ids.
-
-    Works for WikiText-2 and custom corpora alike: the folder holds everything
-    (config.json, vocab.txt, checkpoints/). Scripts that evaluate on a corpus load
-    it too and check that its vocabulary is the run's (`train.restore_run`).
-
-    Args:
-      workdir: the training run folder.
-      step: the checkpoint step (default: the latest).
-
-    Returns:
-      (EarlyExitLM, {"params": ...}, Vocabulary, TrainConfig).
-
-    Raises:
-      CheckpointError: a missing or damaged run, or one whose vocab.txt is missing or
-        not the run's: not the model's vocab_size words, not the words whose sha256
-        training recorded (vocab.sha256), or with CR line endings.
-    """
-    from ee_jax.checkpoint import read_vocab
-    from ee_jax.model import EarlyExitLM
-    from ee_jax.train import config_from_workdir, restore_params
-
-    workdir = pathlib.Path(workdir).expanduser()
-    vocab = read_vocab(workdir, config_from_workdir(workdir).model.vocab_size)
-    config, variables, _ = restore_params(workdir, step, vocab=vocab)
-    return EarlyExitLM(config.model), variables, vocab, config
 
 
 def user_cache_dir() -> pathlib.Path:

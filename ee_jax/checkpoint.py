@@ -1,7 +1,6 @@
 """Checkpoints of a training run: orbax steps, and the vocabulary and settings
 they were made with, with clear errors when they cannot be used."""
 
-import hashlib
 import logging
 import os
 import pathlib
@@ -9,7 +8,6 @@ import shutil
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -18,8 +16,6 @@ from jax.experimental import multihost_utils
 
 from ee_jax import layout
 
-VOCAB_FILE = "vocab.txt"  # the run's words, one per line (utf-8): line i is id i
-VOCAB_CHECKSUM_FILE = "vocab.sha256"  # sha256 of vocab.txt's bytes, written with it
 SHOWN_DIFFERENCES = 6  # arrays named when a checkpoint does not fit the model
 
 
@@ -318,116 +314,6 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_bytes(data)
     os.replace(temporary, path)
-
-
-def save_vocab(workdir: pathlib.Path, words: Sequence[str]) -> None:
-    """Records the run's vocabulary as `workdir/vocab.txt` (utf-8 bytes, "\n" between
-    words: universal newlines must not touch them) and its sha256 as
-    `workdir/vocab.sha256` (`sha256sum -c` format), which loaders verify.
-
-    Raises:
-      CheckpointError: a word holds a line break ("\n" or "\r"): one word a line
-        could not record it.
-    """
-    broken = next((word for word in words if "\n" in word or "\r" in word), None)
-    if broken is not None:
-        raise CheckpointError(f"{VOCAB_FILE} has a word a line: {broken!r} cannot be one")
-    data = "\n".join(words).encode("utf-8")
-    line = f"{hashlib.sha256(data).hexdigest()}  {VOCAB_FILE}\n"
-    write_atomic(workdir / VOCAB_CHECKSUM_FILE, line.encode())
-    write_atomic(workdir / VOCAB_FILE, data)
-
-
-def recorded_words(workdir: pathlib.Path, vocab_size: int | None) -> tuple[str, ...] | None:
-    """The words of `workdir/vocab.txt` (id i is line i), None when there is no such
-    file, checked to be the run's: no "\r", the sha256 of `vocab.sha256` where the
-    run recorded one (runs before it did not), and `vocab_size` words (the model's V;
-    None: not checked here, as when the caller compares the words with its own).
-
-    Raises:
-      CheckpointError: the file fails a check (truncated, edited, CRLF line endings,
-        another run's): its ids would map to the wrong words.
-    """
-    path = pathlib.Path(workdir) / VOCAB_FILE
-    if not path.is_file():
-        return None
-    data = path.read_bytes()
-    checksum = path.with_name(VOCAB_CHECKSUM_FILE)
-    recorded = checksum.read_text(errors="replace").split()[:1] if checksum.is_file() else None
-    restore = f"put back the {VOCAB_FILE} this run was trained with"
-    if b"\r" in data:
-        raise CheckpointError(
-            f"{path} has CR (\\r) line endings (saved by a Windows editor or git's "
-            f"autocrlf?), so its words would end in \\r: convert it to LF endings "
-            f"(dos2unix) or {restore}"
-        )
-    if recorded is not None and recorded != [hashlib.sha256(data).hexdigest()]:
-        raise CheckpointError(
-            f"{path} is not the vocabulary this run recorded (its sha256 differs from "
-            f"{checksum.name}): it was edited, truncated or replaced, and ids would map "
-            f"to the wrong words; {restore}"
-        )
-    try:
-        words = tuple(data.decode("utf-8").split("\n"))
-    except UnicodeDecodeError as error:
-        raise CheckpointError(f"{path} is not utf-8 ({error.reason}): {restore}") from None
-    if vocab_size is not None and len(words) != vocab_size:
-        raise CheckpointError(
-            f"{path} has {len(words)} words but the run's model has vocab_size {vocab_size}: "
-            f"the file is truncated or another run's, and ids would map to the wrong "
-            f"words; {restore}"
-        )
-    return words
-
-
-def read_vocab(workdir: pathlib.Path, vocab_size: int):
-    """The run's vocabulary (`data.Vocabulary`) from `workdir/vocab.txt`, checked by
-    `recorded_words` against the model's `vocab_size` and the run's checksum.
-
-    Raises:
-      CheckpointError: the run has no vocab.txt (trained before runs recorded it),
-        or it is not the run's (`recorded_words`).
-    """
-    from ee_jax.data import Vocabulary  # data imports TFDS: only when needed
-
-    words = recorded_words(workdir, vocab_size)
-    if words is None:
-        raise CheckpointError(
-            f"{pathlib.Path(workdir) / VOCAB_FILE} not found: {workdir} is not a training "
-            f"run, or one trained before runs recorded their vocabulary"
-        )
-    return Vocabulary(words)
-
-
-def check_vocab(workdir: pathlib.Path, words: Sequence[str], vocab_size: int | None = None) -> None:
-    """Checks that the run in `workdir` was trained with exactly `words` (in order),
-    its recorded vocabulary intact (`recorded_words`, with the model's `vocab_size`).
-
-    Raises:
-      CheckpointError: the run has no recorded vocabulary (trained before it was
-        recorded), a damaged one (`recorded_words`) or another one; its word ids
-        would silently mean other words.
-    """
-    words = tuple(words)
-    recorded = recorded_words(workdir, vocab_size)
-    if recorded is None:
-        raise CheckpointError(
-            f"{workdir} has no {VOCAB_FILE}: it was trained before runs recorded their "
-            f"vocabulary, so its word ids cannot be checked against this corpus's "
-            f"{len(words)} words (whose order has since changed). Retrain it."
-        )
-    if recorded != words:
-        first = next(
-            (i for i, pair in enumerate(zip(recorded, words, strict=False)) if len(set(pair)) > 1),
-            min(len(recorded), len(words)),
-        )
-        shown = [ws[first] if first < len(ws) else "<none>" for ws in (recorded, words)]
-        raise CheckpointError(
-            f"{workdir} was trained with a different vocabulary (order) than this corpus: "
-            f"{len(recorded)} vs {len(words)} words, first difference at id {first} "
-            f"({shown[0]!r} vs {shown[1]!r}); its word ids would mean other words. "
-            f"Retrain it with this corpus (or load the corpus it was trained on)."
-        )
 
 
 def config_changes(recorded: dict, current: dict, prefix: str = "") -> dict[str, list]:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from ee_jax import run as run_lib
 from ee_jax import train
 from ee_jax.checkpoint import CheckpointError
 from ee_jax.data import DataError, load_wikitext2
@@ -154,14 +155,11 @@ def write_json(path: str | pathlib.Path, value, **kwargs) -> None:
     pathlib.Path(path).write_text(text)
 
 
-def load_run_with_corpus(args: argparse.Namespace, step: int | None = None):
-    """(TrainConfig, {"params": ...}, step, Corpus) of --workdir and the data flags
-    (`train.restore_run`, as `ee_jax.load_run`).
-
-    The run must have been trained with the corpus's vocabulary (CheckpointError).
-    """
+def load_run_and_corpus(args: argparse.Namespace, step: int | None = None):
+    """(`run.Run` of --workdir, the corpus of the data flags): `run.load_run` checks
+    that the run was trained with the corpus's vocabulary (CheckpointError)."""
     corpus = load_wikitext2(args.data_dir, cache_dir=args.cache_dir)
-    return train.restore_run(args.workdir, step, corpus=corpus)
+    return run_lib.load_run(args.workdir, step=step, vocab=corpus.vocab), corpus
 
 
 def add_protocol_flag(parser: argparse.ArgumentParser) -> None:

@@ -66,7 +66,8 @@ from ee_jax.evaluate import exit_perplexities
 from ee_jax.losses import tail_capacities
 from ee_jax.model import EarlyExitLM
 from ee_jax.timing import Timing, cold_compilation, time_jitted
-from ee_jax.train import init_state, make_train_step, parameter_count, run_keys, step_keys, train
+from ee_jax.train import train
+from ee_jax.train_state import init_state, make_train_step, parameter_count, run_keys, step_keys
 
 SECTIONS = ("data", "bk_core", "model", "generate", "train")
 WIKITEXT2_VOCAB = 33278  # vocabulary size when no corpus could be loaded

@@ -62,7 +62,7 @@ from ee_jax.model import EarlyExitLM
 from ee_jax.moe import MoEFeedForward
 from ee_jax.state import RecurrentState
 from ee_jax.timing import Timing, cold_compilation, time_jitted
-from ee_jax.train import (
+from ee_jax.train_state import (
     TrainState,
     init_state,
     make_optimizer,

@@ -61,10 +61,11 @@ def resident_mb() -> float:
 def load_model(args):
     from ee_jax.config import train_preset
     from ee_jax.model import EarlyExitLM
-    from ee_jax.train import restore_params
+    from ee_jax.run import load_run
 
     if args.workdir:
-        config, variables, _ = restore_params(args.workdir)
+        run = load_run(args.workdir)
+        config, variables = run.config, run.variables
         source = f"run {args.workdir}"
     else:
         config = train_preset(args.preset, 33278).replace(position="none")

@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     from ee_jax.model import EarlyExitLM
 
     try:
-        config, variables, step, corpus = cli.load_run_with_corpus(args)
+        run, corpus = cli.load_run_and_corpus(args)
+        config, variables, step = run.config, run.variables, run.step
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
     model = EarlyExitLM(config.model)

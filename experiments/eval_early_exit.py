@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     from ee_jax import evaluate, report, train
 
     try:
-        config, params, step, corpus = cli.load_run_with_corpus(args, args.step)
+        run, corpus = cli.load_run_and_corpus(args, args.step)
+        config, params, step = run.config, run.variables, run.step
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
     options = dict(

@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     from ee_jax import decode
 
     try:
-        model, params, vocab, config = ee_jax.load_run(args.workdir)
+        run = ee_jax.load_run(args.workdir)
+        model, params, vocab, config = run.model, run.variables, run.vocab, run.config
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
     try:  # the flags' own checks: prompt words and ids, model, threshold, lengths, sampling

@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     from ee_jax import decode, train
 
     try:
-        config, params, step, corpus = cli.load_run_with_corpus(args)
+        run, corpus = cli.load_run_and_corpus(args)
+        config, params, step = run.config, run.variables, run.step
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
     try:

@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from ee_jax import cli, report, train
+from ee_jax import cli, report, run, train_state
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,10 +41,10 @@ def main(argv=None) -> int:
             row for row in map(json.loads, path.read_text().splitlines()) if "valid_exit_ppl" in row
         ]
         if (workdir / "config.json").is_file():
-            config = train.config_from_workdir(workdir)
+            config = run.read_config(workdir)
             compared[workdir.name] = {
                 "config": config,
-                "params": train.parameter_count(config.model),
+                "params": train_state.parameter_count(config.model),
                 "rows": runs[workdir.name],
                 **{split: _exit_ppl(workdir, split) for split in ("valid", "test")},
             }

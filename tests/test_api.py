@@ -128,7 +128,8 @@ def test_public_names_are_the_modules_objects():
         assert getattr(ee_jax, name) is getattr(importlib.import_module(f"ee_jax.{module}"), name)
     # The rest of __all__ is defined in the package itself (no lazy import behind it).
     own = set(ee_jax.__all__) - set(ee_jax._EXPORTS)
-    assert {"load_run", "enable_compilation_cache", "use_cpu_xla_flags"} <= own
+    assert {"enable_compilation_cache", "use_cpu_xla_flags"} <= own
+    assert ee_jax._EXPORTS["load_run"] == "run"
     assert all(name in vars(ee_jax) for name in own), own - set(vars(ee_jax))
     assert set(ee_jax._EXPORTS) <= set(ee_jax.__all__)
     assert set(ee_jax.__all__) <= set(dir(ee_jax))
@@ -159,13 +160,15 @@ def test_load_run_needs_nothing_but_the_run_folder(corpus_dir, tmp_path, monkeyp
     state = train_lib.train(config, stream, tmp_path / "run", vocab=corpus.vocab, progress=False)
     # When ee_jax.load_run loads it (latest step, and step 2) with no corpus anywhere.
     monkeypatch.delenv("EE_JAX_DATA_DIR", raising=False)
-    for module in ("ee_jax.data", "ee_jax.data.corpus", "ee_jax.train", "ee_jax.cli"):
+    for module in ("ee_jax.data", "ee_jax.data.corpus", "ee_jax.cli"):
         monkeypatch.setattr(f"{module}.load_wikitext2", None)  # any use would fail
-    model, variables, vocab, loaded = ee_jax.load_run(tmp_path / "run")
-    *_, earlier = ee_jax.load_run(tmp_path / "run", step=2)
-    # Then it has the run's config and vocabulary, and its forward equals the trained state's.
-    assert loaded == earlier == config
-    assert vocab.words == corpus.vocab.words
+    run = ee_jax.load_run(tmp_path / "run")
+    earlier = ee_jax.load_run(tmp_path / "run", step=2)
+    model, variables = run.model, run.variables
+    # Then it has the run's config, vocabulary and step, and its forward equals the
+    # trained state's.
+    assert run.config == earlier.config == config and (run.step, earlier.step) == (4, 2)
+    assert run.vocab.words == corpus.vocab.words
     tokens = jnp.asarray(corpus.valid[: 2 * config.model.n_seq].reshape(2, -1))  # [B, N]
     trained = EarlyExitLM(config.model).apply(state.params, tokens)  # [B, N, V]
     fresh = EarlyExitLM(config.model).apply(train_lib.init_state(config).params, tokens)
@@ -303,17 +306,17 @@ def test_load_run_refuses_a_vocab_txt_that_is_not_the_runs(corpus_dir, tmp_path)
     for recorded in (True, False):
         if not recorded:
             (run / "vocab.sha256").unlink()
-        assert ee_jax.load_run(run)[2].words == words  # the intact file loads
+        assert ee_jax.load_run(run).vocab.words == words  # the intact file loads
         for name, text in damaged.items():
             if name == "another run's order" and not recorded:
                 continue  # same size, no checksum: only a corpus can tell (test_train)
             named = "CR" if "\r" in text else "sha256" if recorded else "vocab_size"
             (run / "vocab.txt").write_bytes(text.encode())
-            # Then load_run and restore_params with the corpus refuse it in one line
+            # Then load_run, alone and with the corpus, refuses it in one line
             # naming what is wrong, and the file stays as it was.
             for load in (
                 lambda: ee_jax.load_run(run),
-                lambda: train_lib.restore_params(run, vocab=corpus.vocab),
+                lambda: ee_jax.load_run(run, vocab=corpus.vocab),
             ):
                 with pytest.raises(CheckpointError) as caught:
                     load()

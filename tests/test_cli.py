@@ -208,7 +208,8 @@ def fake_run(monkeypatch, split_tokens: int):
     )
     ids = np.random.default_rng(0).integers(0, 97, split_tokens).astype(np.int32)
     corpus = Corpus(Vocabulary((EOS, *(f"w{i}" for i in range(96)))), ids, ids, ids)
-    monkeypatch.setattr(cli, "load_run_with_corpus", lambda *args: (config, params, 7, corpus))
+    run = ee_jax.Run(EarlyExitLM(config.model), params, config, corpus.vocab, 7, pathlib.Path("r"))
+    monkeypatch.setattr(cli, "load_run_and_corpus", lambda *args: (run, corpus))
     monkeypatch.setattr(ee_jax, "enable_compilation_cache", lambda *args: None)
 
 

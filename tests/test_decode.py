@@ -469,7 +469,8 @@ def test_generate_cli_prints_and_counts_the_tokens_up_to_eos(monkeypatch, capsys
     words = [f"w{i}" for i in range(V)]
     words[new[eos]] = "<eos>"
     vocab = Vocabulary(tuple(words))
-    monkeypatch.setattr(ee_jax, "load_run", lambda workdir: (model, variables, vocab, config))
+    run = ee_jax.Run(model, variables, config, vocab, 1, pathlib.Path("w"))
+    monkeypatch.setattr(ee_jax, "load_run", lambda workdir: run)
     monkeypatch.setattr(ee_jax, "enable_compilation_cache", lambda *args: None)
     # When the script generates with --stop_at_eos true.
     argv = ["--workdir", "w", "--prompt", "w3 w1", "--steps", str(steps), "--chunk", str(chunk)]

@@ -378,7 +378,7 @@ def test_comparison_table_counts_parameters_and_training_minutes():
     # Given a run's rows: a compile step, then 50 and 100 steps at 1,000 and 500
     # tokens/s with 100 tokens a step.
     from ee_jax.config import TrainConfig
-    from ee_jax.train import parameter_count
+    from ee_jax.train_state import parameter_count
 
     config = TrainConfig(model=tiny(), batch_size=4).replace(n_seq=25)
     rows = [

@@ -13,6 +13,7 @@ import ee_jax
 from ee_jax import train as train_lib
 from ee_jax.data import make_lm_stream
 from ee_jax.model import EarlyExitLM
+from ee_jax.run import read_config
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "data" / "layout_2026-12"
 
@@ -20,7 +21,8 @@ FIXTURE = pathlib.Path(__file__).resolve().parent / "data" / "layout_2026-12"
 def test_a_run_of_the_earlier_layout_loads_and_gives_its_outputs(tmp_path):
     run = shutil.copytree(FIXTURE / "run", tmp_path / "run")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    model, variables, vocab, config = ee_jax.load_run(run)
+    loaded = ee_jax.load_run(run)
+    model, variables, vocab, config = loaded.model, loaded.variables, loaded.vocab, loaded.config
     saved = np.load(FIXTURE / "outputs.npz")
     states, _ = model.apply(variables, saved["tokens"], method=EarlyExitLM.hidden_states)
     last = config.model.n_layers - 1
@@ -36,7 +38,7 @@ def test_a_run_of_the_earlier_layout_loads_and_gives_its_outputs(tmp_path):
 def test_a_run_of_the_earlier_layout_resumes_training_in_todays_layout(tmp_path):
     # Given the earlier layout's run (2 steps of 2), copied.
     run = shutil.copytree(FIXTURE / "run", tmp_path / "run")
-    config = train_lib.config_from_workdir(run)
+    config = read_config(run)
     ids = np.random.default_rng(0).integers(1, config.model.vocab_size, 2000)
     stream = make_lm_stream(ids, config.batch_size, config.model.n_seq, eos_id=0)
     # When it trains one step more (parameters and AdamW moments upgraded on restore).
@@ -53,5 +55,6 @@ def test_a_run_of_the_earlier_layout_resumes_training_in_todays_layout(tmp_path)
         if hasattr(s, "mu")
     ][0]
     assert jax.tree.structure(adam.mu) == jax.tree.structure(state.params)
-    _, variables, _, _ = ee_jax.load_run(run)
-    chex.assert_trees_all_equal(variables, state.params)
+    loaded = ee_jax.load_run(run)
+    assert loaded.step == 3
+    chex.assert_trees_all_equal(loaded.variables, state.params)

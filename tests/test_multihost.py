@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from test_train import markov_text
 
-from ee_jax import train as train_lib
 from ee_jax.data import load_wikitext2
+from ee_jax.run import load_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -99,10 +99,9 @@ def assert_same_rows(rows, reference):
 
 def assert_same_params(workdir, reference, step):
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
-    got = train_lib.restore_params(workdir, step)
-    expected = train_lib.restore_params(reference, step)
-    assert got[2] == expected[2] == step
-    np.testing.assert_allclose(flat(got[1]), flat(expected[1]), rtol=1e-5, atol=1e-6)
+    got, expected = load_run(workdir, step=step), load_run(reference, step=step)
+    assert got.step == expected.step == step
+    np.testing.assert_allclose(flat(got.variables), flat(expected.variables), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

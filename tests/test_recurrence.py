@@ -13,7 +13,7 @@ import pytest
 from conftest import random_exit_classifiers
 from test_bk_core import reference_causal_solve, reference_dense
 
-from ee_jax import bk_core, decode
+from ee_jax import bk_core, decode, train_state
 from ee_jax import train as train_lib
 from ee_jax.config import tiny, train_preset
 from ee_jax.data import make_lm_stream
@@ -290,7 +290,7 @@ def test_each_step_continues_the_last_windows_state_and_an_epoch_restarts_it():
 
     fresh = RecurrentState.make(config.model, 2).layers
     expected_start = fresh
-    carried = lambda: train_lib.carried_layers(state.carry)  # noqa: E731
+    carried = lambda: train_state.carried_layers(state.carry)  # noqa: E731
     for s in range(5):  # windows 0, 1, 2, then 0 and 1 of the next epoch
         window = s % len(stream)
         if window == 0:

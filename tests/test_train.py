@@ -23,6 +23,7 @@ from ee_jax.config import train_preset
 from ee_jax.data import Batch, Corpus, Vocabulary, load_wikitext2, make_lm_stream
 from ee_jax.evaluate import exit_perplexities
 from ee_jax.model import EarlyExitLM
+from ee_jax.run import load_run, read_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_wikitext2.py"
@@ -148,10 +149,9 @@ def start_and_wait_for_checkpoint(workdir, corpus_dir, after_step=0, **popen):
 
 
 def assert_same_run(workdir, straight):
-    _, params_straight, _ = train_lib.restore_params(straight)
-    _, params, step = train_lib.restore_params(workdir)
-    assert step == 400
-    jax.tree.map(np.testing.assert_array_equal, params_straight, params)
+    run, straight_run = load_run(workdir), load_run(straight)
+    assert run.step == 400
+    jax.tree.map(np.testing.assert_array_equal, straight_run.variables, run.variables)
     assert comparable_rows(workdir) == comparable_rows(straight)
 
 
@@ -200,7 +200,7 @@ def test_damaged_latest_checkpoint_is_reported_and_previous_step_resumes(corpus,
     # Given a run with checkpoints at steps 10 and 20, and step 20 damaged.
     config = tiny_config(corpus, steps=30, checkpoint_every=10)
     stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
-    train_lib.train(config, stream, tmp_path, stop_at_step=20, progress=False)
+    train_lib.train(config, stream, tmp_path, vocab=corpus.vocab, stop_at_step=20, progress=False)
     damaged = max(
         (tmp_path / "checkpoints" / "20").rglob("*"),
         key=lambda p: p.stat().st_size if p.is_file() else -1,
@@ -214,8 +214,7 @@ def test_damaged_latest_checkpoint_is_reported_and_previous_step_resumes(corpus,
     state = train_lib.train(config, stream, tmp_path, resume_step=10, progress=False)
     assert int(state.step) == 30
     assert (tmp_path / "superseded" / "20").is_dir()
-    _, params, step = train_lib.restore_params(tmp_path, 20)
-    assert step == 20
+    assert load_run(tmp_path, step=20).step == 20
 
 
 def test_a_save_orbax_declines_raises(tmp_path):
@@ -369,23 +368,23 @@ def test_vocabulary_is_recorded_and_every_loader_checks_it(corpus, tmp_path, mon
     train_lib.train(config, stream, tmp_path, vocab=corpus.vocab, stop_at_step=2, progress=False)
     recorded = (tmp_path / "vocab.txt").read_bytes().decode("utf-8").split("\n")
     assert tuple(recorded) == corpus.vocab.words
-    assert train_lib.restore_params(tmp_path, vocab=corpus.vocab)[2] == 2
+    assert load_run(tmp_path, vocab=corpus.vocab).step == 2
     # When it is loaded or resumed with the same words in another order, each refuses.
     other = permuted(corpus)
     mismatch = r"trained with a different vocabulary \(order\).*id 1.*Retrain"
     with pytest.raises(CheckpointError, match=mismatch):
-        train_lib.restore_params(tmp_path, vocab=other)
+        load_run(tmp_path, vocab=other)
     with pytest.raises(CheckpointError, match=mismatch):
         train_lib.train(config, stream, tmp_path, vocab=other, progress=False)
     monkeypatch.setattr(cli, "load_wikitext2", lambda *a, **k: Corpus(other, *([None] * 3)))
     args = argparse.Namespace(workdir=str(tmp_path), data_dir=None, cache_dir=None)
     with pytest.raises(CheckpointError, match=mismatch):
-        cli.load_run_with_corpus(args)
+        cli.load_run_and_corpus(args)
     # And a run from before vocabularies were recorded refuses too, naming the folder.
     (tmp_path / "vocab.txt").unlink()
     old = rf"{tmp_path} has no vocab.txt.*Retrain"
     with pytest.raises(CheckpointError, match=old):
-        train_lib.restore_params(tmp_path, vocab=corpus.vocab)
+        load_run(tmp_path, vocab=corpus.vocab)
     with pytest.raises(CheckpointError, match=old):
         train_lib.train(config, stream, tmp_path, vocab=corpus.vocab, progress=False)
 
@@ -422,7 +421,7 @@ def test_resuming_with_other_settings_is_refused_unless_allowed(corpus, tmp_path
     # Then with allow_config_change it continues and the metrics record the change.
     state = train_lib.train(changed, stream, tmp_path, allow_config_change=True, progress=False)
     assert int(state.step) == 4
-    assert train_lib.config_from_workdir(tmp_path) == changed
+    assert read_config(tmp_path) == changed
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     [change] = [change for row in rows for change in row.get("config_changes", [])]
     assert change == {

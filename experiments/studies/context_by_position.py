@@ -24,7 +24,8 @@ from ee_jax.model import EarlyExitLM
 def main(workdir: str) -> None:
     ee_jax.enable_compilation_cache()
     ee_jax.keep_freed_memory()
-    model, variables, vocab, train_config = ee_jax.load_run(workdir)
+    run = ee_jax.load_run(workdir)
+    model, variables, vocab, train_config = run.model, run.variables, run.vocab, run.config
     corpus = ee_jax.load_wikitext2()
     n_seq, last = model.config.n_seq, model.config.n_layers - 1
     stream = make_lm_stream(corpus.test, train_config.eval_batch_size, n_seq, eos_id=vocab.eos_id)

@@ -124,7 +124,8 @@ def fit_gap_regressor(states, gaps, hidden, seed=0, steps=3000, batch=4096):
 
 def main(workdir: str) -> None:
     ee_jax.enable_compilation_cache()
-    model, variables, vocab, train_config = ee_jax.load_run(workdir)
+    run = ee_jax.load_run(workdir)
+    model, variables, vocab, train_config = run.model, run.variables, run.vocab, run.config
     config, corpus = model.config, ee_jax.load_wikitext2()
     size = train_config.eval_batch_size
     splits = {}

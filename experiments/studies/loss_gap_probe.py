@@ -72,7 +72,8 @@ def summary(nll, depth, cost):
 
 def main(workdir: str) -> None:
     ee_jax.enable_compilation_cache()
-    model, variables, vocab, train_config = ee_jax.load_run(workdir)
+    run = ee_jax.load_run(workdir)
+    model, variables, vocab, train_config = run.model, run.variables, run.vocab, run.config
     corpus = ee_jax.load_wikitext2()
     config = model.config
     args = (model, variables)

@@ -42,7 +42,8 @@ def within(scores, config, thresholds):
 
 def main(workdir: str) -> None:
     ee_jax.enable_compilation_cache()
-    model, variables, vocab, train_config = ee_jax.load_run(workdir)
+    run = ee_jax.load_run(workdir)
+    model, variables, vocab, train_config = run.model, run.variables, run.vocab, run.config
     config, corpus = model.config, ee_jax.load_wikitext2()
     scores = {
         split: collect_exit_scores(

@@ -22,19 +22,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ee_jax.data import load_wikitext2, make_lm_stream  # noqa: E402
-from ee_jax.losses import tail_capacities  # noqa: E402
-from ee_jax.train import (  # noqa: E402
-    Batch,
-    init_state,
-    make_train_step,
-    restore_params,
-    run_keys,
-    step_keys,
+from ee_jax.data import (  # noqa: E402
+    Batch,  # noqa: E402
+    load_wikitext2,
+    make_lm_stream,
 )
+from ee_jax.losses import tail_capacities  # noqa: E402
+from ee_jax.run import load_run  # noqa: E402
+from ee_jax.train_state import init_state, make_train_step, run_keys, step_keys  # noqa: E402
 
 corpus = load_wikitext2("../shared/data/wikitext-2")
-base, params, _ = restore_params("runs/probe_d128l6_values")
+run = load_run("runs/probe_d128l6_values")
+base, params = run.config, run.variables
 stream = make_lm_stream(corpus.train, 16, 128, eos_id=corpus.vocab.eos_id)
 window = stream.window(500)
 batch = Batch(jnp.asarray(window.inputs), jnp.asarray(window.targets), jnp.asarray(window.mask))

@@ -20,7 +20,8 @@ from ee_jax.evaluate import exit_perplexities
 
 def main(workdir: str) -> None:
     ee_jax.enable_compilation_cache()
-    model, variables, vocab, train_config = ee_jax.load_run(workdir)
+    run = ee_jax.load_run(workdir)
+    model, variables, vocab, train_config = run.model, run.variables, run.vocab, run.config
     corpus = ee_jax.load_wikitext2()
     size = train_config.eval_batch_size
     for split, ids in (
