@@ -1,6 +1,7 @@
 """EarlyExitLM, its MoE FFN and its configuration."""
 
 import functools
+
 import chex
 import jax
 import jax.extend
