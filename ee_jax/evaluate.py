@@ -44,7 +44,7 @@ from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.losses import exit_nll, exit_weights
 from ee_jax.model import EarlyExitLM
 from ee_jax.state import RecurrentState, check_carry
-from ee_jax.timing import median_s
+from ee_jax.timing import interleaved
 
 
 def check_count(name: str, value, low: int = 1) -> None:
@@ -326,15 +326,18 @@ def time_early_exit(
 ) -> dict:
     """Median wall-clock ms per window of the plain forward and of the halting loop.
 
-    Each function is compiled and warmed up on the first window, then timed on
-    `windows` windows `repeats` times each (block_until_ready every call).
+    Each program is compiled and warmed up on the first window, then every program
+    is timed on `windows` windows `repeats` times each, interleaved
+    (`timing.interleaved`: a load that comes and goes slows them alike;
+    block_until_ready every call).
 
     Returns:
-      {"forward_ms": ..., "full_loop_ms": ..., "windows": ..., "batch_size": B,
-      threshold: {"ms", "speedup", "masked_ms", "masked_speedup", "exit_speedup",
-      "layers_run"}} with speedup = forward_ms / ms; "ms" is the compacted halting
-      loop (the default), "masked_ms" the masked one (`early_exit_forward(...,
-      compact=False)`), timed side by side. The plain forward returns the final
+      {"forward_ms": ..., "forward_spread", "full_loop_ms": ..., "windows": ...,
+      "batch_size": B, threshold: {"ms", "speedup", "masked_ms", "masked_speedup",
+      "exit_speedup", "layers_run", "spread"}} with speedup = forward_ms / ms,
+      spread the largest interquartile range / median of the programs compared;
+      "ms" is the compacted halting loop (the default), "masked_ms" the masked one
+      (`early_exit_forward(..., compact=False)`), timed side by side. The plain forward returns the final
       head's [B, N, V] logits, which the loop never forms, so "exit_speedup" =
       full_loop_ms / ms, against the same compacted loop at threshold 1.0 (no token
       exits), is the part of the speedup that exiting earns.
@@ -350,34 +353,45 @@ def time_early_exit(
     check_stream(stream, model.config)
     batches = [stream.window(i) for i in range(min(windows, len(stream)))]
 
-    def median_ms(call) -> float:
-        # The warm-up call takes the first window; the timed calls then take every
-        # window `repeats` times.
-        windows = itertools.cycle([batch.inputs for batch in batches])
-        return 1e3 * median_s(lambda: call(next(windows)), len(batches) * repeats)
+    def cycled(call):  # each call reads the next window (the warm-up the first)
+        inputs = itertools.cycle([batch.inputs for batch in batches])
+        return lambda: call(next(inputs))
 
+    programs = {"forward": cycled(lambda tokens: _plain_forward(model, params, tokens))}
+    levels = sorted({*map(float, thresholds), 1.0})  # 1.0: the loop, no exit
+    for threshold in levels:
+        for name, compact in (("ms", True), ("masked_ms", False)):
+            programs[threshold, name] = cycled(
+                lambda t, th=threshold, c=compact: early_exit_forward(
+                    model, params, t, th, measure=measure, compact=c
+                )
+            )
+    timed = interleaved(programs, max(2, len(batches) * repeats))
+    forward = timed["forward"]
     result = {
-        "forward_ms": median_ms(lambda tokens: _plain_forward(model, params, tokens)),
+        "forward_ms": 1e3 * forward.median_s,
+        "forward_spread": forward.spread,
         "windows": len(batches),
         "repeats": repeats,
         "batch_size": int(batches[0].inputs.shape[0]),
     }
     rows = {}
-    for threshold in sorted({*map(float, thresholds), 1.0}):  # 1.0: the loop, no exit
-        row = {}
-        for name, compact in (("ms", True), ("masked_ms", False)):
-            row[name] = median_ms(
-                lambda t, th=threshold, c=compact: early_exit_forward(
-                    model, params, t, th, measure=measure, compact=c
-                )
-            )
+    for threshold in levels:
+        compacted, masked = timed[threshold, "ms"], timed[threshold, "masked_ms"]
         _, info = early_exit_forward(model, params, batches[0].inputs, threshold, measure=measure)
-        rows[threshold] = {**row, "layers_run": int(info.layers_run)}
+        rows[threshold] = {
+            "ms": 1e3 * compacted.median_s,
+            "masked_ms": 1e3 * masked.median_s,
+            # The largest spread of the programs this row's speedups compare.
+            "spread": max(compacted.spread, masked.spread, forward.spread),
+            "layers_run": int(info.layers_run),
+        }
     result["full_loop_ms"] = rows[1.0]["ms"]
     for threshold in map(float, thresholds):
         row = rows[threshold]
         result[threshold] = {
             **row,
+            "spread": max(row["spread"], rows[1.0]["spread"]),
             "speedup": result["forward_ms"] / row["ms"],
             "masked_speedup": result["forward_ms"] / row["masked_ms"],
             "exit_speedup": result["full_loop_ms"] / row["ms"],

@@ -8,6 +8,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ee_jax.timing import NOISY_SPREAD  # noqa: E402
+
 
 def format_threshold(threshold: float) -> str:
     """A threshold for a table: at least two decimals, up to six (0.5 -> "0.50",
@@ -155,20 +157,26 @@ def learn_then_test_table(results: dict) -> str:
 
 
 def timing_table(results: dict) -> str:
+    """The wall-clock table; a row whose timings spread more than
+    `timing.NOISY_SPREAD` (interquartile range / median) is marked "noisy"."""
     lines = [
         "| measure | threshold | halting loop ms / window (compacted) | masked loop ms "
         "| plain forward ms | measured speedup (compacted) | masked speedup "
-        "| vs the loop at threshold 1.0 | blocks run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs the loop at threshold 1.0 | blocks run | spread |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for measure, timing in results["timing"].items():
         for threshold, row in timing.items():
             if isinstance(row, dict):
+                spread = row.get("spread")
+                shown = "-" if spread is None else f"{100 * spread:.0f}%"
+                if spread is not None and spread > NOISY_SPREAD:
+                    shown += " noisy"
                 lines.append(
                     f"| {measure} | {format_threshold(float(threshold))} | {row['ms']:.0f} "
                     f"| {row['masked_ms']:.0f} | {timing['forward_ms']:.0f} "
                     f"| {row['speedup']:.2f}x | {row['masked_speedup']:.2f}x "
-                    f"| {row['exit_speedup']:.2f}x | {row['layers_run']} |"
+                    f"| {row['exit_speedup']:.2f}x | {row['layers_run']} | {shown} |"
                 )
     return "\n".join(lines)
 

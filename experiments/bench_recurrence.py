@@ -30,7 +30,7 @@ import numpy as np
 
 import ee_jax
 from ee_jax import cli
-from ee_jax.timing import median_s
+from ee_jax.timing import interleaved
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,13 +127,19 @@ def time_prefill(model, variables, args) -> dict:
             state = step(model, variables, state, prompt[:, position], threshold, "softmax_max")[3]
         return state
 
-    parallel = median_s(lambda: decode._prefill(model, variables, start, prompt), args.repeats)
-    scanned = median_s(
-        lambda: decode._decode_scan(model, variables, start, prompt, threshold, "softmax_max"),
-        args.repeats,
+    timed = interleaved(
+        {
+            "parallel": lambda: decode._prefill(model, variables, start, prompt),
+            "scanned": lambda: decode._decode_scan(
+                model, variables, start, prompt, threshold, "softmax_max"
+            ),
+            "looped": python_loop,
+        },
+        max(2, args.repeats),
     )
-    looped = median_s(python_loop, max(1, args.repeats // 2))
+    parallel, scanned, looped = (timed[name].median_s for name in ("parallel", "scanned", "looped"))
     return {
+        "spread": max(measured.spread for measured in timed.values()),
         "prompt_length": args.prompt_length,
         "parallel_ms": 1e3 * parallel,
         "token_scan_ms": 1e3 * scanned,

@@ -32,7 +32,7 @@ import numpy as np
 
 import ee_jax
 from ee_jax import cli
-from ee_jax.timing import median_s
+from ee_jax.timing import interleaved, median_s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -158,8 +158,10 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
         ),
         "speculative": lambda: speculative_generate(*common, **best, **sample)[0],
     }
-    seconds = {name: median_s(call, args.repeats) for name, call in calls.items()}
+    timed = interleaved(calls, max(2, args.repeats))  # the modes side by side
+    seconds = {name: measured.median_s for name, measured in timed.items()}
     row = {f"{name} tokens/s": batch * args.steps / s for name, s in seconds.items()}
+    row["spread"] = max(measured.spread for measured in timed.values())
     row["speculative / full depth"] = seconds["full depth"] / seconds["speculative"]
     row["early exit / full depth"] = seconds["full depth"] / seconds["early exit"]
     # One round's two parts, timed alone from a fresh state.
@@ -175,8 +177,9 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     verify = jax.jit(
         lambda: speculative.verify(model, variables, hiddens, upper, draft_exit=e, greedy=True)
     )
-    row["draft ms per round"] = 1e3 * median_s(draft, 10 * args.repeats)
-    row["verify ms per round"] = 1e3 * median_s(verify, 10 * args.repeats)
+    parts = interleaved({"draft": draft, "verify": verify}, 10 * args.repeats)
+    row["draft ms per round"] = 1e3 * parts["draft"].median_s
+    row["verify ms per round"] = 1e3 * parts["verify"].median_s
     return row
 
 

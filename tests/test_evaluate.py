@@ -498,7 +498,7 @@ def test_bad_evaluation_options_raise_one_line_before_any_work(
     # Given an evaluation whose every pass over a split would fail the test.
     model, params, _, stream, _ = setup
     monkeypatch.setattr(evaluate, "map_windows", no_work)
-    monkeypatch.setattr(evaluate, "median_s", no_work)
+    monkeypatch.setattr(evaluate, "interleaved", no_work)
     arguments = dict(thresholds=[0.5, 1.0], measures=["softmax_max"], progress=False)
     # When an option is out of range, one one-line ValueError says which, at once.
     with pytest.raises(ValueError, match=message) as error:
@@ -508,7 +508,7 @@ def test_bad_evaluation_options_raise_one_line_before_any_work(
 
 def test_bad_counts_and_thresholds_of_the_parts_are_refused(setup, monkeypatch):
     model, params, _, stream, scores = setup
-    monkeypatch.setattr(evaluate, "median_s", no_work)
+    monkeypatch.setattr(evaluate, "interleaved", no_work)
     for options, name in [(dict(windows=0), "windows"), (dict(repeats=0), "repeats")]:
         with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 0"):
             evaluate.time_early_exit(model, params, stream, [0.5], measure="softmax_max", **options)
