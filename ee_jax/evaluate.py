@@ -337,10 +337,10 @@ def time_early_exit(
       "exit_speedup", "layers_run", "spread"}} with speedup = forward_ms / ms,
       spread the largest interquartile range / median of the programs compared;
       "ms" is the compacted halting loop (the default), "masked_ms" the masked one
-      (`early_exit_forward(..., compact=False)`), timed side by side. The plain forward returns the final
-      head's [B, N, V] logits, which the loop never forms, so "exit_speedup" =
-      full_loop_ms / ms, against the same compacted loop at threshold 1.0 (no token
-      exits), is the part of the speedup that exiting earns.
+      (`early_exit_forward(..., compact=False)`), timed side by side. The plain
+      forward returns the final head's [B, N, V] logits, which the loop never forms,
+      so "exit_speedup" = full_loop_ms / ms, against the same compacted loop at
+      threshold 1.0 (no token exits), is the part of the speedup that exiting earns.
 
     Raises:
       ValueError: windows or repeats not an integer >= 1, a bad threshold or
