@@ -249,9 +249,10 @@ def generate(
     tokens, depths = [np.asarray(prompt)], []
     for done in range(0, steps, chunk):
         length, fed = min(chunk, steps - done), np.asarray(state.position)
-        new, depth, state, stopped = _generate_chunk(
-            model, variables, state, last, stopped, *scalars, length, **options
-        )
+        with jax.profiler.TraceAnnotation("generate_chunk"):  # named in a profiler trace
+            new, depth, state, stopped = _generate_chunk(
+                model, variables, state, last, stopped, *scalars, length, **options
+            )
         last = new[:, -1]
         # A row's position advances while it is going: the chunk ends at the last stop.
         kept = int(np.max(np.asarray(state.position) - fed))

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-import tensorboardX
 from tqdm.auto import tqdm
 
 from ee_jax.checkpoint import Checkpointer, CheckpointError, config_changes, write_atomic
 from ee_jax.config import TrainConfig, upgrade_dict
 from ee_jax.data import LMStream, Vocabulary, train_batch
+from ee_jax.metrics import MetricsWriter
 from ee_jax.model import EarlyExitLM
 from ee_jax.run import VOCAB_CHECKSUM_FILE, VOCAB_FILE, check_vocab, save_vocab, vocab_words
 from ee_jax.train_state import (
@@ -38,6 +38,7 @@ from ee_jax.train_state import (
     stream_capacities,
 )
 
+PROFILE_STEPS = 3  # training steps a --profile trace covers
 BOOKKEEPING_FIELDS = frozenset(
     {"log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"}
 )
@@ -71,6 +72,7 @@ def train(
     valid: LMStream | None = None,
     eval_every: int = 0,
     tensorboard: bool = True,
+    profile: str | pathlib.Path | None = None,
 ) -> TrainState:
     """Trains (or resumes training) until `config.steps` (or `stop_at_step`).
 
@@ -104,7 +106,10 @@ def train(
       tensorboard: also write the metrics as TensorBoard event files in
         workdir/tensorboard (tensorboardX; `tensorboard --logdir WORKDIR`); on
         resuming, TensorBoard drops the steps an earlier run logged after the
-        checkpoint resumed from (as metrics.jsonl does).
+        checkpoint resumed from (as metrics.jsonl does); `metrics.MetricsWriter`.
+      profile: a folder for a `jax.profiler` trace of PROFILE_STEPS steps after the
+        first (compiling) one: open its perfetto_trace.json.gz in ui.perfetto.dev,
+        or the folder with TensorBoard's profile plugin (docs/benchmarks.md).
 
     Returns:
       The final train state.
@@ -135,7 +140,7 @@ def train(
             f"is {config.model.vocab_size}: set vocab_size to the corpus's vocabulary size"
         )
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    writer = None
+    metrics, profiling = None, False
     try:
         state, changes = _resume(
             config, workdir, checkpointer, vocab, resume_step, allow_config_change, replicated
@@ -146,10 +151,8 @@ def train(
                 f"the checkpoint resumed from is at step {start}, after the last step asked "
                 f"for ({end}: steps={config.steps}, stop_at_step={stop_at_step})"
             )
-        metrics_file, pending = workdir / "metrics.jsonl", []
-        if _is_primary():
-            metrics_file, pending = _truncate_metrics(metrics_file, start)
-        pending = pending if start else []  # a fresh run inherits no changes
+        metrics = MetricsWriter(workdir, start, primary=_is_primary(), tensorboard=tensorboard)
+        pending = metrics.dropped_changes if start else []  # a fresh run inherits none
         if changes:
             pending.append({"from_step": start, "fields": changes})
         step_fn = jax.jit(
@@ -167,15 +170,19 @@ def train(
             desc="train",
             unit="step",
         )
-        if tensorboard and _is_primary():
-            # TensorBoard hides the events of steps > start that an earlier run logged,
-            # as _truncate_metrics drops their rows (a row's step counts updates).
-            writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
         timed_steps, timer, compile_s = 0, time.perf_counter(), None
         with bar, _stop_signals() as stop:
             for step in bar:
                 batch = global_batch(train_batch(stream, step), sharded)
-                state, metrics = step_fn(state, batch, step_keys(keys, step))
+                if profile and _is_primary() and step == start + 1:  # after compiling
+                    jax.profiler.start_trace(str(profile), create_perfetto_trace=True)
+                    profiling = True
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, values = step_fn(state, batch, step_keys(keys, step))
+                if profiling and step == start + PROFILE_STEPS:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                    profiling = False
                 if step == start:  # this process's first step includes compilation: timed alone
                     jax.block_until_ready(state)
                     compile_s = time.perf_counter() - timer
@@ -186,31 +193,26 @@ def train(
                 # Every process fetches the same steps (pending is process 0's, and only
                 # ever at the start), so all stop together on a non-finite loss.
                 if log or step == start:
-                    metrics = jax.device_get(metrics)  # waits for the dispatched steps to finish
-                    _check_finite(metrics, step)
+                    values = jax.device_get(values)  # waits for the dispatched steps to finish
+                    _check_finite(values, step)
                 if log or pending:
                     seconds = time.perf_counter() - timer
-                    row = _log(
-                        metrics_file if _is_primary() else None,
+                    row = _row(
                         step,
-                        metrics,
+                        values,
                         timed_steps * tokens_per_step,
                         seconds,
                         compile_s,
                         config_changes=pending,
                     )
-                    _write_scalars(writer, row)
+                    metrics.write(row)
                     if row["tokens_per_s"]:
                         bar.set_postfix(
                             loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}"
                         )
                     timed_steps, timer, compile_s, pending = 0, time.perf_counter(), None, []
                 if eval_every and (step + 1) % eval_every == 0:
-                    row = _validate(config, state.params, valid, step + 1)
-                    if _is_primary():
-                        with open(metrics_file, "a") as file:
-                            file.write(json.dumps(row, allow_nan=False) + "\n")
-                    _write_scalars(writer, row)
+                    metrics.write(_validate(config, state.params, valid, step + 1))
                     timer = time.perf_counter()  # validation time is not training time
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == end or stop:
                     checkpointer.save(step + 1, state)
@@ -220,8 +222,10 @@ def train(
         checkpointer.wait()
     finally:
         checkpointer.close()
-        if writer is not None:
-            writer.close()
+        if profiling:
+            jax.profiler.stop_trace()
+        if metrics is not None:
+            metrics.close()
     return state
 
 
@@ -237,24 +241,6 @@ def _validate(config: TrainConfig, params, valid: LMStream, step: int) -> dict:
         "valid_tokens": result["tokens"],
         "valid_protocol": result["protocol"],
     }
-
-
-def _write_scalars(writer, row: dict) -> None:
-    """A metrics row as TensorBoard scalars (lists as one tag per exit)."""
-    if writer is None:
-        return
-    step = row["step"]
-    for name, value in row.items():
-        if name == "step" or value is None or isinstance(value, str | dict):
-            continue
-        prefix = "valid" if name.startswith("valid") else "train"
-        if isinstance(value, list):
-            for exit_index, item in enumerate(value):
-                if isinstance(item, int | float):
-                    writer.add_scalar(f"{prefix}/{name}/exit_{exit_index + 1}", item, step)
-        else:
-            writer.add_scalar(f"{prefix}/{name}", value, step)
-    writer.flush()
 
 
 def _end_step(config: TrainConfig, stop_at_step: int | None) -> int:
@@ -361,30 +347,6 @@ def _stop_signals():
         restore()
 
 
-def _truncate_metrics(path: pathlib.Path, start: int) -> tuple[pathlib.Path, list[dict]]:
-    """Drops rows of steps after `start` (logged by a killed run after its last
-    checkpoint; a row's step counts the updates it reflects),
-    so a resumed run's metrics file equals an uninterrupted run's.
-
-    Returns:
-      The path and the config changes recorded in the dropped rows (they still
-      apply: config.json already holds the new settings), to log again.
-    """
-    carried = []
-    if path.exists():
-        kept = []
-        for line in path.read_text().splitlines():
-            if not line:
-                continue
-            row = json.loads(line)
-            if row["step"] <= start:
-                kept.append(line)
-            else:
-                carried.extend(row.get("config_changes", []))
-        path.write_text("".join(row + "\n" for row in kept))
-    return path, carried
-
-
 def _finite(values) -> list[float | None]:
     """Floats as a list, None where not finite (strict JSON has no NaN or Infinity)."""
     values = np.asarray(values, np.float64).ravel()
@@ -397,9 +359,9 @@ def _check_finite(metrics, step: int) -> None:
         raise FloatingPointError(f"non-finite training loss {loss} at step {step + 1}")
 
 
-def _log(path, step, metrics, tokens, seconds, compile_s=None, *, config_changes=None) -> dict:
-    """Appends one metrics row to `path` (None: only builds it); raises
-    FloatingPointError on a non-finite loss.
+def _row(step, metrics, tokens, seconds, compile_s=None, *, config_changes=None) -> dict:
+    """One metrics row of the values of a step; raises FloatingPointError on a
+    non-finite loss.
 
     tokens_per_s covers the steps since the last row, without a compile step;
     compile_s is the first step of this process (compilation included), if any.
@@ -431,7 +393,4 @@ def _log(path, step, metrics, tokens, seconds, compile_s=None, *, config_changes
     }
     if config_changes:
         row["config_changes"] = config_changes
-    if path is not None:
-        with open(path, "a") as file:
-            file.write(json.dumps(row, allow_nan=False) + "\n")
     return row

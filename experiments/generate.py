@@ -12,6 +12,7 @@ table at most n_seq positions in all.
 """
 
 import argparse
+import contextlib
 import sys
 
 import jax
@@ -52,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="sample only from the k most likely tokens, k in [1, V] (default: all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write a jax.profiler trace of the generation (each chunk of decoding steps "
+        "annotated) into this folder; open its perfetto_trace.json.gz in ui.perfetto.dev",
+    )
     parser.add_argument(
         "--chunk",
         type=cli.positive_int,
@@ -132,7 +139,20 @@ def main(argv=None) -> int:
         return cli.report_error(error)
     print(f"(word[d]: predicted at exit depth d of {config.model.n_layers})")
     print(" ".join(vocab.decode(list(prompt[0]))), flush=True)
-    tokens, depths = decode.generate(
+    tracing = contextlib.nullcontext()
+    if args.profile:  # the first chunk includes compiling the decoding step
+        tracing = jax.profiler.trace(args.profile, create_perfetto_trace=True)
+    with tracing:
+        tokens, depths = generate_text(decode, model, params, vocab, prompt, args)
+    shown = vocab.decode(list(tokens[0, prompt.shape[1] :]))
+    counts = np.bincount(np.asarray(depths[0]), minlength=config.model.n_layers + 1)[1:]
+    print(f"{len(shown)} tokens; exit depths 1..{config.model.n_layers}: {counts.tolist()}")
+    return 0
+
+
+def generate_text(decode, model, params, vocab, prompt, args):
+    """`decode.generate` as the flags ask, printing each chunk as it comes."""
+    return decode.generate(
         model,
         params,
         prompt,
@@ -151,10 +171,6 @@ def main(argv=None) -> int:
             flush=True,
         ),
     )
-    shown = vocab.decode(list(tokens[0, prompt.shape[1] :]))
-    counts = np.bincount(np.asarray(depths[0]), minlength=config.model.n_layers + 1)[1:]
-    print(f"{len(shown)} tokens; exit depths 1..{config.model.n_layers}: {counts.tolist()}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -125,6 +125,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="after training, every exit's valid (and with --report_test, test) perplexity",
     )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write a jax.profiler trace of a few training steps (after the compiling "
+        "one) into this folder; open its perfetto_trace.json.gz in ui.perfetto.dev",
+    )
     add_config_flags(parser)
     return parser.parse_args(argv)
 
@@ -180,6 +186,7 @@ def main(argv=None) -> int:
             allow_config_change=args.allow_config_change,
             valid=valid,
             eval_every=args.eval_every,
+            profile=args.profile,
         )
     except train.TrainingInterrupted as stopped:
         command = cli.resume_command(sys.argv[0], sys.argv[1:] if argv is None else argv)

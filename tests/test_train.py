@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import gzip
 import json
 import os
 import pathlib
@@ -22,6 +23,7 @@ from ee_jax.checkpoint import CheckpointError
 from ee_jax.config import train_preset
 from ee_jax.data import Batch, Corpus, Vocabulary, load_wikitext2, make_lm_stream
 from ee_jax.evaluate import exit_perplexities
+from ee_jax.metrics import MetricsWriter
 from ee_jax.model import EarlyExitLM
 from ee_jax.run import load_run, read_config
 
@@ -352,7 +354,7 @@ def test_cli_reports_bad_data_in_one_line(problem, tmp_path):
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     metrics = {"loss": jnp.float32(jnp.nan), "exit_nll": jnp.zeros(3)}
     with pytest.raises(FloatingPointError, match="step 7"):
-        train_lib._log(tmp_path / "m.jsonl", 6, metrics, 100, 1.0)
+        train_lib._row(6, metrics, 100, 1.0)
 
 
 def permuted(corpus):
@@ -455,8 +457,10 @@ def test_metrics_write_null_for_unscored_exits(tmp_path):
         "grad_norm": np.float32(1.0),
         "param_norm": np.float32(3.0),
     }
-    train_lib._log(tmp_path / "m.jsonl", 6, metrics, 100, 1.0)
-    row = strict_loads((tmp_path / "m.jsonl").read_text())
+    MetricsWriter(tmp_path, 0, primary=True, tensorboard=False).write(
+        train_lib._row(6, metrics, 100, 1.0)
+    )
+    row = strict_loads((tmp_path / "metrics.jsonl").read_text())
     assert row["exit_nll"] == [None, 1.0, None] and row["balance_loss"] is None
     assert row["exit_ppl"][0] is None and row["exit_ppl"][1] == pytest.approx(np.e)
 
@@ -554,3 +558,16 @@ def test_a_vocabulary_of_another_size_than_the_model_is_refused_before_training(
     with pytest.raises(train_lib.TrainSetupError, match=r"^[^\n]*vocab_size[^\n]*$"):
         train_lib.train(config, stream, tmp_path, vocab=corpus.vocab, progress=False)
     assert not (tmp_path / "vocab.txt").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_profile_traces_the_steps_after_the_compiling_one(corpus, tmp_path):
+    # Given a tiny run of 6 steps, profiled.
+    config = tiny_config(corpus, steps=6, warmup_steps=1, checkpoint_every=6)
+    stream = make_lm_stream(corpus.train, config.batch_size, config.model.n_seq, eos_id=0)
+    train_lib.train(config, stream, tmp_path / "run", profile=tmp_path / "trace", progress=False)
+    # Then the trace (Perfetto's JSON) holds PROFILE_STEPS steps, from the second one.
+    [path] = (tmp_path / "trace").rglob("perfetto_trace.json.gz")
+    events = json.loads(gzip.decompress(path.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    steps = sorted({int(e["args"]["step_num"]) for e in events if e.get("name") == "train"})
+    assert steps == list(range(1, 1 + train_lib.PROFILE_STEPS))
