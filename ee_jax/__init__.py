@@ -35,7 +35,7 @@ _EXPORTS = {
     "ExitStats": "early_exit",
     "generate": "decode",
     "decode_sequence": "decode",
-    "stream_evaluate": "decode",
+    "stream_evaluate": "passes",
     "speculative_generate": "speculative",
     "Corpus": "data",
     "LMStream": "data",
@@ -46,7 +46,8 @@ _EXPORTS = {
     "TrainState": "train_state",
     "Run": "run",
     "load_run": "run",
-    "exit_perplexities": "evaluate",
+    "exit_perplexities": "passes",
+    "EvalConfig": "evaluate",
     "evaluate_checkpoint": "evaluate",
     "CheckpointError": "checkpoint",
 }
@@ -75,6 +76,7 @@ __all__ = [  # the lazily imported names of _EXPORTS and this module's own
     "Run",
     "exit_perplexities",
     "evaluate_checkpoint",
+    "EvalConfig",
     "CheckpointError",
     "enable_compilation_cache",
     "keep_freed_memory",
@@ -95,10 +97,11 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names; runtime imports the
         load_wikitext2,
         make_lm_stream,
     )
-    from ee_jax.decode import decode_sequence, generate, stream_evaluate
+    from ee_jax.decode import decode_sequence, generate
     from ee_jax.early_exit import ExitInfo, ExitStats, early_exit_forward
-    from ee_jax.evaluate import evaluate_checkpoint, exit_perplexities
+    from ee_jax.evaluate import EvalConfig, evaluate_checkpoint
     from ee_jax.model import EarlyExitLM
+    from ee_jax.passes import exit_perplexities, stream_evaluate
     from ee_jax.run import Run, load_run
     from ee_jax.speculative import speculative_generate
     from ee_jax.state import RecurrentState

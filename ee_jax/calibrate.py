@@ -36,7 +36,7 @@ import numbers
 import numpy as np
 import scipy.stats
 
-from ee_jax.evaluate import ExitScores, check_count, depth_row, exit_depths
+from ee_jax.exit_scores import ExitScores, check_count, depth_row, exit_depths
 
 RISKS = ("consistency", "quality")
 
@@ -258,3 +258,54 @@ def violation_rate(
         realised.append(value)
         chosen.append(result.threshold)
     return float(np.mean(violations)), float(np.mean(realised)), float(np.mean(chosen))
+
+
+LTT_RISKS = (("consistency", 0.05), ("quality", 1 - 1 / 1.02))  # (risk, epsilon) pairs
+LTT_BUDGETS_PCT = (0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)  # perplexity budgets tried
+
+
+def learn_then_test_rows(valid, test, config, measures, thresholds, risks, delta, *, splits=200):
+    """Learn-then-Test thresholds  for every measure and risk:
+    certified on valid's units, checked on test's, and the violation rate over
+    `splits` random halvings of valid + test units. For the quality risk also the
+    smallest perplexity budget of LTT_BUDGETS_PCT that certifies some early exit.
+
+    Returns a JSON-ready list of rows (`certify` plus "violation_rate",
+    "splits", and for quality "smallest_budget_pct").
+
+    Raises:
+      ValueError: splits not an integer >= 1, an unknown risk, or an epsilon or
+        delta outside (0, 1); before any computation.
+    """
+    check_count("splits", splits)
+    for risk, epsilon in risks:
+        check_levels(risk, epsilon, delta)
+    grid = np.sort(np.unique(np.append(np.asarray(thresholds, np.float64), 1.0)))[::-1]
+    rows = []
+    for measure in measures:
+        for risk, epsilon in risks:
+            row = certify(
+                valid, test, config, measure, grid, risk=risk, epsilon=epsilon, delta=delta
+            )
+            pooled = np.concatenate(
+                [unit_risks(s, measure, grid, risk)[0] for s in (valid, test)], axis=1
+            )
+            rate, realised, chosen = violation_rate(
+                pooled, grid, risk, epsilon, delta, splits=splits
+            )
+            row.update(violation_rate=rate, splits=splits, mean_realised_risk=realised)
+            if risk == "quality":
+                valid_risks = unit_risks(valid, measure, grid, risk)[0]
+                row["smallest_budget_pct"] = next(
+                    (
+                        budget
+                        for budget in LTT_BUDGETS_PCT
+                        if learn_then_test(
+                            valid_risks, grid, risk, 1 - 1 / (1 + budget / 100), delta
+                        ).threshold
+                        < 1.0
+                    ),
+                    None,
+                )
+            rows.append(row)
+    return rows

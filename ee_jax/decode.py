@@ -24,7 +24,6 @@ import math
 import numbers
 import os
 import pathlib
-import time
 from collections.abc import Callable
 
 import flax.serialization
@@ -35,16 +34,11 @@ import numpy as np
 from ee_jax import adaptive
 from ee_jax.config import ModelConfig
 from ee_jax.early_exit import (
-    ExitInfo,
-    ExitStats,
     HaltState,
     check_exit_options,
-    check_stream,
     exit_outputs,
     halting_loop,
 )
-from ee_jax.evaluate import map_windows, protocol_name
-from ee_jax.flops import exit_flops, tail_use_of
 from ee_jax.model import EarlyExitLM, check_tokens
 from ee_jax.state import RecurrentState, check_carry, check_state
 
@@ -416,100 +410,3 @@ def top_k_logits(logits, sample_top_k: int | None) -> jax.Array:
     order = jnp.argsort(-logits, axis=-1, stable=True)  # [..., V] ids, largest first
     rank = jnp.argsort(order, axis=-1)  # [..., V] each id's place in that order
     return jnp.where(rank < sample_top_k, logits, -jnp.inf)
-
-
-def stream_evaluate(
-    model: EarlyExitLM,
-    variables,
-    stream,
-    threshold,
-    *,
-    measure: str = "softmax_max",
-    carry: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Scores every masked target of `stream` by decoding token by token.
-
-    Each window of `stream` (B rows, n_seq positions) is decoded in one jitted scan
-    over its positions, from a fresh state (carry False: the "window" protocol of
-    the parallel evaluation) or from the state the previous window of its row
-    ended in (carry True: the "continuous" protocol, each row one contiguous text);
-    each exit head scores only the target (for an adaptive output: the
-    head and the target's cluster). Reports perplexity, exit statistics (with the
-    FLOP-model speedup, tails counted at the stream's cluster shares) and the
-    wall-clock seconds of the whole pass (compilation excluded: the first window
-    is run once before the clock starts).
-
-    Raises:
-      ValueError: a bidirectional model, bad exit options, or a stream with ids
-        outside [0, V) or windows longer than n_seq (`check_stream`, once for the
-        whole stream); raised before any computation.
-    """
-    config = model.config
-    check_decodable(config)
-    check_exit_options(threshold, measure, "freeze")
-    check_stream(stream, config)
-    tail_use = tail_use_of(config, stream.targets, stream.mask)
-    per_depth, full = (jnp.float32(x) for x in exit_flops(config, measure, "freeze", tail_use))
-
-    threshold = jnp.float32(threshold)
-    first = stream.window(0)
-    scan = functools.partial(_stream_window, model, variables, measure=measure)
-
-    def window(state, batch):
-        nll, depth, after = scan(state, batch.inputs, batch.targets, batch.mask, threshold)
-        return (nll, depth), after
-
-    jax.block_until_ready(window(RecurrentState.make(config, first.inputs.shape[0]), first))
-    start = time.perf_counter()
-    parts = map_windows(model, stream, window, carry=carry, desc="stream", progress=progress)
-    jax.block_until_ready(parts)
-    seconds = time.perf_counter() - start
-    stats, total = ExitStats.zeros(config.n_layers), 0.0
-    for index, (nll, depth) in enumerate(parts):
-        batch = stream.window(index)
-        total += float(nll)
-        info = ExitInfo(
-            exit_depth=depth,
-            confidence=jnp.zeros(depth.shape),
-            layers_run=jnp.max(depth),
-            flops_per_depth=per_depth,
-            full_depth_flops=full,
-        )
-        stats = stats.update(info, batch.mask)
-    summary = stats.summary()
-    return {
-        "measure": measure,
-        "threshold": float(threshold),
-        "protocol": protocol_name(carry),
-        "batch_size": first.inputs.shape[0],
-        "ppl": float(np.exp(total / summary["total_tokens"])),
-        "seconds": seconds,
-        "tokens_per_s": summary["total_tokens"] / seconds,
-        **summary,
-    }
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames="measure")
-def _stream_window(
-    model: EarlyExitLM, variables, state, inputs, targets, mask, threshold, *, measure
-):
-    """Decodes a window [B, N] from `state` in one scan over its positions, each exit
-    head scoring only the target: (summed NLL over masked targets [], depths [B, N],
-    the state after the window)."""
-
-    def step(state, column):
-        tokens, target = column  # [B] each
-        nll, depth, _, state = decode_step(
-            model,
-            variables,
-            state,
-            tokens,
-            threshold,
-            measure,
-            lambda layer, x: adaptive.target_nll(layer, x, target),
-        )
-        return state, (nll, depth)
-
-    state, (nll, depth) = jax.lax.scan(step, state, (inputs.T, targets.T))  # [N, B] each
-    return jnp.sum(nll.T * mask), depth.T, state

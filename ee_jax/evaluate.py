@@ -1,324 +1,44 @@
-"""Evaluation on a whole split: every target scored exactly once.
+"""The early-exit evaluation of a trained model: one pipeline, every program
+compiled once.
 
-Two ways to get early-exit numbers, used together by `experiments/eval_early_exit.py`:
+    evaluate_checkpoint(model, params, valid, test, EvalConfig(...))
+      1. one full-depth pass over each split -> exit scores
+         (`passes.collect_exit_scores`)
+      2. pure functions of the scores: the threshold sweep, the oracle, the
+         threshold calibrated on valid per measure (`scores`), Learn-then-Test
+         (`calibrate`)
+      3. the real halting loop at each calibrated threshold (`passes.real_loop_row`)
+      4. wall-clock: the halting loop against the plain forward (`time_early_exit`)
 
-* `collect_exit_scores` runs the full-depth model once over a split and keeps,
-  for every token and every exit, the target's NLL, the argmax and each
-  confidence measure. Under exited_state="compute" an exited token's hidden
-  state keeps being updated, so the full-depth pass contains everything an
-  early exit would see: `sweep` then gives exact perplexity, exit depths and
-  agreement for any threshold without running the model again.
-* `time_early_exit` runs the real jit-compiled halting loop (default policy
-  "freeze") and the plain forward on the same windows for wall-clock speedups.
-
-A split is read in one of two protocols (`map_windows`): "window", every window
-from a fresh state (what a model with a learned position table was trained on),
-or "continuous" (carry=True), each of the B rows one contiguous part of the split
-and the recurrent state carried from window to window, as LSTM language models
-are evaluated: the first tokens of a window then see the text before it.
+`experiments/eval_early_exit.py` runs it and writes results.json and results.md
+(`report`).
 """
 
 import dataclasses
 import functools
 import itertools
-import math
-import numbers
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from ee_jax import adaptive
-from ee_jax.config import ExitMeasure
+from ee_jax.calibrate import LTT_RISKS, check_levels, learn_then_test_rows
+from ee_jax.config import ExitWeighting, check_choice
 from ee_jax.data import LMStream
-from ee_jax.early_exit import (
-    ExitStats,
-    check_exit_options,
-    check_stream,
-    early_exit_forward,
-    early_exit_loop,
-    state_saturation,
+from ee_jax.early_exit import check_exit_options, check_stream, early_exit_forward
+from ee_jax.exit_scores import (
+    calibrate,
+    check_count,
+    check_ppl_budget,
+    depth_row,
+    evaluated_measures,
+    exit_depths,
+    oracle_depths,
+    sweep,
 )
-from ee_jax.flops import exit_flops, tail_use_of
-from ee_jax.losses import exit_nll, exit_weights
 from ee_jax.model import EarlyExitLM
-from ee_jax.state import RecurrentState, check_carry
+from ee_jax.passes import collect_exit_scores, protocol_name, real_loop_row
+from ee_jax.state import check_carry
 from ee_jax.timing import interleaved
-
-
-def check_count(name: str, value, low: int = 1) -> None:
-    """Raises ValueError unless `value` is an integer >= low (a bool is not one)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def check_ppl_budget(max_ppl_change_pct) -> None:
-    """Raises ValueError unless the calibration tolerance is a finite number >= 0."""
-    value = max_ppl_change_pct
-    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"max_ppl_change_pct must be finite and >= 0, got {value!r}")
-
-
-def map_windows(
-    model: EarlyExitLM,
-    stream: LMStream,
-    window_fn,
-    *,
-    carry: bool,
-    desc: str,
-    progress: bool = True,
-) -> list:
-    """[window_fn(state, batch)[0] for each window of `stream`], in order: the one
-    window loop of every evaluation over a split.
-
-    window_fn(state, batch) -> (result, state after the window) reads a window from
-    a `RecurrentState`: a fresh one for every window (carry False, the "window"
-    protocol) or the one the previous window of the same rows ended in (carry
-    True, "continuous"). A carried state restarts its position count at each window
-    (a learned position table reads rows 0..N-1 of every window, as in training);
-    only the BK states carry the context.
-
-    Raises:
-      ValueError: carry for a model that cannot continue from a state (`check_carry`).
-    """
-    if carry:
-        check_carry(model.config)
-    # Committed to the device, as the states the windows return are: a jitted
-    # window_fn then compiles once, not once more for the uncommitted first state.
-    fresh = jax.device_put(
-        RecurrentState.make(model.config, stream.inputs.shape[0]), jax.devices()[0]
-    )
-    state, results = fresh, []
-    for index in tqdm(range(len(stream)), desc=desc, disable=not progress):
-        result, after = window_fn(state if carry else fresh, stream.window(index))
-        state = after.replace(position=fresh.position)
-        results.append(result)
-    return results
-
-
-def exit_perplexities(
-    model: EarlyExitLM, params, stream: LMStream, *, carry: bool = False, progress: bool = True
-):
-    """Perplexity of every exit over all masked targets of `stream`.
-
-    carry: the "continuous" protocol (`map_windows`); False: "window".
-
-    Returns:
-      dict with "exit_ppl" [L], "exit_nll" [L] (mean over tokens), "tokens" and
-      "protocol".
-
-    Raises:
-      ValueError: ids outside [0, V) or windows longer than n_seq (`check_stream`),
-        or carry for a model that cannot carry its state.
-    """
-    check_stream(stream, model.config)
-
-    def window(state, batch):
-        sums, tokens, after = _window_nll_sums(
-            model, params, state, batch.inputs, batch.targets, batch.mask
-        )
-        return (sums, tokens), after
-
-    parts = map_windows(model, stream, window, carry=carry, desc="evaluate", progress=progress)
-    totals = np.sum([np.asarray(sums, np.float64) for sums, _ in parts], axis=0)  # [L]
-    count = int(sum(int(tokens) for _, tokens in parts))
-    mean = totals / count
-    return {
-        "exit_nll": mean.tolist(),
-        "exit_ppl": np.exp(mean).tolist(),
-        "tokens": count,
-        "protocol": protocol_name(carry),
-    }
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _window_nll_sums(model: EarlyExitLM, params, state, inputs, targets, mask):
-    """Every exit's summed target NLL [L] over a window's masked tokens read from
-    `state`, their count [] and the state after the window."""
-    n_layers = model.config.n_layers
-    states, _, after = model.apply(params, inputs, state, method=EarlyExitLM.hidden_states_from)
-    states = states.reshape(n_layers, inputs.size, -1)  # [L, B*N, D]
-    nll = exit_nll(model, params, states, targets.reshape(-1), range(n_layers))  # [L, B*N]
-    return jnp.sum(nll * mask.reshape(-1), axis=1), jnp.sum(mask), after
-
-
-def protocol_name(carry: bool) -> str:
-    """How a split was read: "continuous" (each of B rows one contiguous text, the
-    state carried from window to window) or "window" (every window from a fresh state)."""
-    return "continuous" if carry else "window"
-
-
-@dataclasses.dataclass(frozen=True)
-class ExitScores:
-    """Every scored token of a split at every exit (host arrays, T tokens)."""
-
-    nll: np.ndarray  # [L, T] float64: NLL of the target at each exit
-    argmax: np.ndarray  # [L, T] int32: each exit's top-1 prediction
-    confidence: dict  # measure value -> [L, T] float32
-    tail_use: np.ndarray  # [K] float64: share of the targets in each adaptive tail cluster
-    # [T] int32: the block of text each token belongs to, window index * B + row (a
-    # window of one row: n_seq tokens); the independent units of `ee_jax.calibrate`.
-    unit: np.ndarray
-
-    @property
-    def tokens(self) -> int:
-        return self.nll.shape[1]
-
-
-def collect_exit_scores(
-    model: EarlyExitLM, params, stream: LMStream, *, carry: bool = False, progress: bool = True
-):
-    """One full-depth pass over `stream`; returns `ExitScores` of its masked targets.
-
-    carry: the "continuous" protocol (`map_windows`); False: "window".
-
-    Every number is that of the exit's full distribution, computed exactly from the
-    head and only the tail clusters that can matter (`adaptive.top_two`,
-    `adaptive.target_nll`): no [B, N, V] array is made for an adaptive output.
-    Raises ValueError for a stream the model cannot read (`check_stream`).
-    """
-    check_stream(stream, model.config)
-
-    rows = stream.inputs.shape[0]
-    windows = iter(range(len(stream)))
-
-    def window(state, batch):
-        scores, after = _window_scores(model, params, state, batch.inputs, batch.targets)
-        scores = jax.device_get(scores)
-        mask = np.asarray(batch.mask, bool)
-        kept = {name: value[:, mask] for name, value in scores.items()}  # [L, t]
-        unit = next(windows) * rows + np.arange(rows)[:, None]  # [B, 1]
-        kept["unit"] = np.broadcast_to(unit, mask.shape)[mask][None]  # [1, t]
-        return kept, after
-
-    parts = map_windows(model, stream, window, carry=carry, desc="score exits", progress=progress)
-    joined = {name: np.concatenate([part[name] for part in parts], axis=1) for name in parts[0]}
-    return ExitScores(
-        nll=joined["nll"].astype(np.float64),
-        argmax=joined["argmax"],
-        confidence={m.value: joined[m.value] for m in ExitMeasure},
-        tail_use=tail_use_of(model.config, stream.targets, stream.mask),
-        unit=joined["unit"][0].astype(np.int32),
-    )
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _window_scores(model: EarlyExitLM, params, state, inputs, targets):
-    """Every exit's target NLL, argmax and confidence measures of a window read from
-    `state`, {name: [L, B, N]}, and the state after the window."""
-    n_layers = model.config.n_layers
-    apply = lambda *args, **kwargs: model.apply(params, *args, **kwargs)  # noqa: E731
-    before = apply(inputs, True, state.position, method=EarlyExitLM.embed)  # [B, N, D]
-    states, _, after = apply(inputs, state, method=EarlyExitLM.hidden_states_from)
-    rows = {name: [] for name in ("nll", "argmax", *(m.value for m in ExitMeasure))}
-    for layer in range(n_layers):
-        output = apply(layer, method=EarlyExitLM.output_layer)
-        x = apply(states[layer], layer, method=EarlyExitLM.exit_features)
-        x = x.reshape(-1, x.shape[-1])  # [T, D]
-        first, second, argmax = adaptive.top_two(output, x)
-        rows["nll"].append(adaptive.target_nll(output, x, targets.reshape(-1)))
-        rows["argmax"].append(argmax)
-        rows[ExitMeasure.SOFTMAX_MAX.value].append(jnp.exp(first))
-        rows[ExitMeasure.SOFTMAX_MARGIN.value].append(jnp.exp(first) - jnp.exp(second))
-        classifier = apply(states[layer], layer, method=EarlyExitLM.exit_classifier)
-        rows[ExitMeasure.LEARNED.value].append(jax.nn.sigmoid(classifier).reshape(-1))
-        saturation = state_saturation(before, states[layer]).reshape(-1)
-        rows[ExitMeasure.STATE_SATURATION.value].append(saturation)
-        before = states[layer]
-    return {
-        name: jnp.stack(values).reshape(n_layers, *inputs.shape) for name, values in rows.items()
-    }, after
-
-
-def exit_depths(scores: ExitScores, measure: str, threshold) -> np.ndarray:
-    """0-based exit layer of every token under exited_state="compute"; [T].
-
-    threshold: one float for every exit, or an [L-1] array with one per early exit
-    (a schedule over depth; CALM, Schuster et al. 2022, decays its threshold over
-    decoding steps instead). Compared in the confidences' dtype (float32), as the
-    halting loop compares them. A token exits
-    at the first layer l < L-1 whose confidence >= threshold[l] (never where the
-    threshold is 1.0, as in `early_exit_forward`), else at the last layer.
-
-    Raises:
-      ValueError: a threshold outside [0, 1], or an array threshold whose shape is
-        not [L-1].
-    """
-    n_layers = scores.nll.shape[0]
-    thresholds = np.asarray(threshold, scores.confidence[measure].dtype)
-    if not np.all((thresholds >= 0) & (thresholds <= 1)):
-        raise ValueError(f"thresholds must be in [0, 1], got {threshold}")
-    if thresholds.ndim:
-        if thresholds.shape != (n_layers - 1,):
-            raise ValueError(
-                f"per-exit thresholds must have shape ({n_layers - 1},), got {thresholds.shape}"
-            )
-    else:
-        thresholds = np.full(n_layers - 1, thresholds)
-    confident = scores.confidence[measure][:-1] >= thresholds[:, None]
-    confident &= (thresholds < 1.0)[:, None]
-    confident = np.concatenate([confident, np.ones((1, scores.tokens), bool)])
-    return np.argmax(confident, axis=0)
-
-
-def oracle_depths(scores: ExitScores) -> np.ndarray:
-    """First layer whose argmax equals the final argmax (CALM's oracle); [T]."""
-    return np.argmax(scores.argmax == scores.argmax[-1], axis=0)
-
-
-def depth_row(scores: ExitScores, depths: np.ndarray, config, measure: str) -> dict:
-    """Perplexity, agreement and speedups of given 0-based exit depths [T]."""
-    n_layers, tokens = scores.nll.shape
-    columns = np.arange(tokens)
-    nll = scores.nll[depths, columns]
-    full_nll = scores.nll[-1].mean()
-    counts = np.bincount(depths, minlength=n_layers)
-    per_depth, full = exit_flops(config, measure, "compute", scores.tail_use)
-    halting, _ = exit_flops(config, measure, "freeze", scores.tail_use)
-    average = float(np.mean(depths + 1))
-    return {
-        "ppl": float(np.exp(nll.mean())),
-        "ppl_change_pct": float(100 * (np.exp(nll.mean() - full_nll) - 1)),
-        "top1_agreement": float(np.mean(scores.argmax[depths, columns] == scores.argmax[-1])),
-        "avg_exit_layer": average,
-        "exit_distribution": (counts / tokens).tolist(),
-        "layer_speedup": n_layers / average,
-        # exited_state "compute" (what the sweep scores: exited tokens still run every
-        # block, so 1.00x for measures without a head) and "freeze" (real halting).
-        "flops_speedup": float(full * tokens / np.dot(counts, per_depth)),
-        "halting_flops_speedup": float(full * tokens / np.dot(counts, halting)),
-        "tokens": tokens,
-    }
-
-
-def sweep(scores: ExitScores, config, measure: str, thresholds) -> list[dict]:
-    """One row per threshold (exact for exited_state="compute")."""
-    return [
-        {
-            "measure": measure,
-            "threshold": float(threshold),
-            **depth_row(scores, exit_depths(scores, measure, threshold), config, measure),
-        }
-        for threshold in thresholds
-    ]
-
-
-def calibrate(scores: ExitScores, config, measure: str, thresholds, *, max_ppl_change_pct=2.0):
-    """The lowest threshold (the most exits) whose perplexity change is within tolerance.
-
-    Returns the threshold, or 1.0 (full depth) when none qualifies.
-
-    Raises:
-      ValueError: max_ppl_change_pct is not a finite number >= 0, or a threshold
-        outside [0, 1].
-    """
-    check_ppl_budget(max_ppl_change_pct)
-    for threshold in sorted(thresholds):
-        row = depth_row(scores, exit_depths(scores, measure, threshold), config, measure)
-        if row["ppl_change_pct"] <= max_ppl_change_pct:
-            return float(threshold)
-    return 1.0
 
 
 def time_early_exit(
@@ -405,207 +125,88 @@ def _plain_forward(model: EarlyExitLM, params, tokens):
     return model.apply(params, tokens)
 
 
-def real_loop_row(
-    model,
-    params,
-    stream: LMStream,
-    threshold: float,
-    measure: str,
-    *,
-    carry: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Perplexity and exit statistics of the real halting loop (policy "freeze") over a
-    whole split, every masked target once, in the window or continuous protocol
-    (`carry`, `map_windows`: the loop then starts each window from the state the
-    previous one left, as decoding the text token by token would). Each token's
-    target is scored at its exit head from its exit features (`adaptive.target_nll`:
-    for an adaptive output only the head and the target's cluster; no [B, N, V]
-    logits), so the FLOP model counts
-    the tail clusters at the split's target shares, as `sweep` and
-    `decode.stream_evaluate` do. Raises ValueError for a stream the model cannot
-    read (`check_stream`) or bad exit options."""
-    measure = check_exit_options(threshold, measure, "freeze").value
-    check_stream(stream, model.config)
-    tail_use = tail_use_of(model.config, stream.targets, stream.mask)
-    per_depth, full = exit_flops(model.config, measure, "freeze", tail_use)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """The options of `evaluate_checkpoint`; checked when made (one-line ValueError).
 
-    def window(state, batch):
-        nll, info, after = _halting_loop_nll(
-            model, params, state, batch.inputs, batch.targets, batch.mask, threshold, measure
-        )
-        info = info.replace(
-            flops_per_depth=jnp.float32(per_depth), full_depth_flops=jnp.float32(full)
-        )
-        return (nll, info, batch.mask), after
-
-    parts = map_windows(
-        model, stream, window, carry=carry, desc=f"halting loop {threshold}", progress=progress
-    )
-    stats, total = ExitStats.zeros(model.config.n_layers), 0.0
-    for nll, info, mask in parts:
-        total += float(nll)
-        stats = stats.update(info, mask)
-    summary = stats.summary()
-    return {
-        "measure": measure,
-        "threshold": threshold,
-        "exited_state": "freeze",
-        "protocol": protocol_name(carry),
-        "ppl": float(np.exp(total / summary["total_tokens"])),
-        **summary,
-    }
-
-
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _halting_loop_nll(model: EarlyExitLM, params, state, inputs, targets, mask, threshold, measure):
-    """The halting loop (`early_exit_loop`, policy "freeze") on a window from `state`,
-    scoring each token's target at its exit head: (summed NLL over masked tokens [],
-    ExitInfo, the state after the window)."""
-    flat_targets = targets.reshape(-1)  # [T]
-    nll, info, after = early_exit_loop(
-        model,
-        params,
-        inputs,
-        jnp.float32(threshold),
-        measure,
-        "freeze",
-        lambda layer, x: adaptive.target_nll(layer, x, flat_targets),
-        state=state,
-    )  # [B, N]
-    return jnp.sum(nll * mask), info, after
-
-
-def untrained_measures(exit_weighting: str, n_layers: int) -> dict[str, str]:
-    """Measures whose parameters a run with this exit weighting never trained: {measure:
-    why}.
-
-    The learned exit classifiers compare every exit with the final one (their
-    argmax, or their target NLL): `losses.lm_loss` trains them only when every exit
-    before the last has a non-zero loss weight ("final" scores the last exit alone).
-    Untrained, they keep their initial output and say nothing.
+    thresholds: the grid swept, calibrated and certified, each in [0, 1].
+    measures: the confidence measures (`config.ExitMeasure` values) to evaluate.
     """
-    weights = exit_weights(n_layers, exit_weighting)  # [L]
-    unscored = (np.flatnonzero(weights[:-1] == 0) + 1).tolist()  # 1-based exits
-    if not unscored:
-        return {}
-    return {
-        ExitMeasure.LEARNED.value: (
-            f"exit_weighting={exit_weighting!r} leaves exit(s) {unscored} unscored in "
-            "training, so the learned exit classifiers were never trained"
-        )
-    }
 
+    thresholds: tuple[float, ...]  # the threshold grid, each in [0, 1]
+    measures: tuple[str, ...]  # confidence measures (ExitMeasure values)
+    exit_weighting: str | None = None  # the run's TrainConfig.exit_weighting (None: unknown)
+    max_ppl_change_pct: float = 2.0  # calibration budget: test-ppl change allowed, in %
+    timing_windows: int = 8  # windows timed per measure (wall-clock table)
+    carry: bool = False  # the "continuous" protocol (state carried across windows)
+    ltt_risks: tuple = LTT_RISKS  # (risk, epsilon) pairs certified by Learn-then-Test
+    ltt_delta: float = 0.1  # Learn-then-Test level: guarantees hold w.p. >= 1 - delta
 
-def evaluated_measures(measures, exit_weighting: str | None, n_layers: int):
-    """(measures to evaluate, {skipped measure: why}) for a run's exit weighting
-    (None: unknown, every measure is kept). Raises ValueError when none is left."""
-    if not measures:
-        raise ValueError("measures must name at least one confidence measure")
-    untrained = {} if exit_weighting is None else untrained_measures(exit_weighting, n_layers)
-    skipped = {m: why for m, why in untrained.items() if m in measures}
-    kept = [m for m in measures if m not in skipped]
-    if not kept:
-        raise ValueError(f"no confidence measure left to evaluate: {'; '.join(skipped.values())}")
-    return kept, skipped
+    def __post_init__(self):
+        object.__setattr__(self, "thresholds", tuple(map(float, self.thresholds)))
+        object.__setattr__(self, "measures", tuple(self.measures))
+        object.__setattr__(self, "ltt_risks", tuple(map(tuple, self.ltt_risks)))
+        if not self.thresholds:
+            raise ValueError("thresholds must hold at least one threshold")
+        if not self.measures:
+            raise ValueError("measures must name at least one confidence measure")
+        for measure in self.measures:
+            for threshold in self.thresholds:
+                check_exit_options(threshold, measure, "freeze")
+        if self.exit_weighting is not None:
+            check_choice("exit_weighting", self.exit_weighting, ExitWeighting)
+        check_ppl_budget(self.max_ppl_change_pct)
+        check_count("timing_windows", self.timing_windows)
+        if not isinstance(self.carry, bool):
+            raise ValueError(f"carry must be True or False, got {self.carry!r}")
+        for risk, epsilon in self.ltt_risks:
+            check_levels(risk, epsilon, self.ltt_delta)
 
+    def measures_for(self, model_config) -> tuple[list[str], dict[str, str]]:
+        """(measures to evaluate, {skipped measure: why}) for a model of
+        `model_config` (`exit_scores.evaluated_measures`).
 
-LTT_RISKS = (("consistency", 0.05), ("quality", 1 - 1 / 1.02))  # (risk, epsilon) pairs
-
-
-def check_evaluation(
-    config,
-    *,
-    thresholds,
-    measures,
-    exit_weighting: str | None = None,
-    max_ppl_change_pct: float = 2.0,
-    timing_windows: int = 8,
-    carry: bool = False,
-    ltt_risks=LTT_RISKS,
-    ltt_delta: float = 0.1,
-):
-    """Checks the options of `evaluate_checkpoint` for a model of `config`, on the
-    host, before any work; returns (measures to evaluate, {skipped measure: why})
-    (`evaluated_measures`).
-
-    Raises:
-      ValueError (one line): no threshold, or one outside [0, 1]; no or an unknown
-        measure, or none left; an unknown exit_weighting; max_ppl_change_pct not
-        finite and >= 0; timing_windows not an integer >= 1; carry for a model that
-        cannot carry its state; an unknown Learn-then-Test risk, or its epsilon or
-        ltt_delta outside (0, 1).
-    """
-    from ee_jax import calibrate  # it builds on this module's scores
-
-    if not len(thresholds):
-        raise ValueError("thresholds must hold at least one threshold")
-    measures, skipped = evaluated_measures(measures, exit_weighting, config.n_layers)
-    for measure in measures:
-        for threshold in thresholds:
-            check_exit_options(threshold, measure, "freeze")
-    check_ppl_budget(max_ppl_change_pct)
-    check_count("timing_windows", timing_windows)
-    if carry:
-        check_carry(config)
-    for risk, epsilon in ltt_risks:
-        calibrate.check_levels(risk, epsilon, ltt_delta)
-    return measures, skipped
+        Raises:
+          ValueError: no measure left, or carry for a model that cannot carry its state.
+        """
+        if self.carry:
+            check_carry(model_config)
+        return evaluated_measures(self.measures, self.exit_weighting, model_config.n_layers)
 
 
 def evaluate_checkpoint(
-    model,
-    params,
-    valid: LMStream,
-    test: LMStream,
-    *,
-    thresholds,
-    measures,
-    exit_weighting: str | None = None,
-    max_ppl_change_pct: float = 2.0,
-    timing_windows: int = 8,
-    carry: bool = False,
-    progress: bool = True,
-    ltt_risks=LTT_RISKS,
-    ltt_delta: float = 0.1,
+    model, params, valid: LMStream, test: LMStream, options: EvalConfig, *, progress=True
 ) -> dict:
-    """The whole early-exit evaluation of a trained model (see the module docstring).
+    """The whole early-exit evaluation of a trained model (module docstring).
 
-    Args:
-      exit_weighting: the run's `TrainConfig.exit_weighting`. Measures it left
-        untrained (`untrained_measures`: "learned" when some exit before the last
-        was never scored) are skipped with a printed note, and listed with the
-        reason under "skipped_measures". None: unknown, every measure is evaluated.
-      carry: score the exits (perplexities, sweep, oracle, calibration) and run the
-        real halting loop in the "continuous" protocol (`map_windows`); the
-        timings read windows from a fresh state either way ("window"), as the
-        results record under "protocol" and "timing_protocol".
-      ltt_risks: (risk, epsilon) pairs certified by Learn-then-Test at level
-        ltt_delta (`learn_then_test_rows`).
+    One pass over each split gives the exit scores (`passes.collect_exit_scores`);
+    the sweep, the calibration on valid and Learn-then-Test are functions of them
+    (`exit_scores`, `calibrate`). Measures the run's exit weighting left untrained
+    (`exit_scores.untrained_measures`: "learned" when some exit before the last was
+    never scored) are skipped with a printed note, and listed with the reason
+    under "skipped_measures". With options.carry the exits are scored and the
+    real halting loop runs in the "continuous" protocol; the timings read windows
+    from a fresh state either way ("window"), as the results record under
+    "protocol", "real_loop_protocol" and "timing_protocol".
 
     Returns a JSON-ready dict: the tokens scored per split ("tokens": {"valid",
-    "test"}), full-depth exit perplexities, the threshold sweep per
-    measure on test, the oracle row, the threshold calibrated on valid per measure
-    and its test row, the real halting loop at each calibrated threshold (its
-    perplexity change against "real_loop_reference_ppl", the final exit in the
-    same protocol), and wall-clock timings.
+    "test"}), full-depth exit perplexities, the threshold sweep per measure on
+    test, the oracle row, the threshold calibrated on valid per measure and its
+    test row, the real halting loop at each calibrated threshold (its perplexity
+    change against "real_loop_reference_ppl", the final exit in the same
+    protocol), Learn-then-Test rows and wall-clock timings.
 
     Raises:
-      ValueError: a bad option (`check_evaluation`) or a stream the model cannot
-        read (`check_stream`); raised before any computation.
+      ValueError: options that do not fit the model (`EvalConfig.measures_for`) or
+        a stream the model cannot read (`check_stream`); raised before any
+        computation.
     """
+    if not isinstance(options, EvalConfig):
+        raise ValueError(f"options must be an EvalConfig, got {type(options).__name__}")
     config = model.config
-    measures, skipped = check_evaluation(
-        config,
-        thresholds=thresholds,
-        measures=measures,
-        exit_weighting=exit_weighting,
-        max_ppl_change_pct=max_ppl_change_pct,
-        timing_windows=timing_windows,
-        carry=carry,
-        ltt_risks=ltt_risks,
-        ltt_delta=ltt_delta,
-    )
+    measures, skipped = options.measures_for(config)
+    thresholds, carry = options.thresholds, options.carry
+    max_ppl_change_pct = options.max_ppl_change_pct
     check_stream(valid, config)
     check_stream(test, config)
     for measure, why in skipped.items():
@@ -616,7 +217,7 @@ def evaluate_checkpoint(
         "protocol": protocol_name(carry),
         "real_loop_protocol": protocol_name(carry),
         "timing_protocol": protocol_name(False),
-        "exit_weighting": exit_weighting,
+        "exit_weighting": options.exit_weighting,
         "measures": measures,
         "skipped_measures": skipped,
         "tokens": {"valid": valid_scores.tokens, "test": test_scores.tokens},
@@ -653,65 +254,19 @@ def evaluate_checkpoint(
     for row in results["real_loop"]:
         row["ppl_change_pct"] = 100 * (row["ppl"] / reference - 1)
     results["learn_then_test"] = learn_then_test_rows(
-        valid_scores, test_scores, config, measures, thresholds, ltt_risks, ltt_delta
+        valid_scores,
+        test_scores,
+        config,
+        measures,
+        thresholds,
+        options.ltt_risks,
+        options.ltt_delta,
     )
     timed = sorted({*(c["threshold"] for c in results["calibration"].values()), 0.9, 1.0})
     results["timing"] = {
         measure: time_early_exit(
-            model, params, test, timed, measure=measure, windows=timing_windows
+            model, params, test, timed, measure=measure, windows=options.timing_windows
         )
         for measure in measures
     }
     return results
-
-
-LTT_BUDGETS_PCT = (0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)  # perplexity budgets tried
-
-
-def learn_then_test_rows(valid, test, config, measures, thresholds, risks, delta, *, splits=200):
-    """Learn-then-Test thresholds (`ee_jax.calibrate`) for every measure and risk:
-    certified on valid's units, checked on test's, and the violation rate over
-    `splits` random halvings of valid + test units. For the quality risk also the
-    smallest perplexity budget of LTT_BUDGETS_PCT that certifies some early exit.
-
-    Returns a JSON-ready list of rows (`calibrate.certify` plus "violation_rate",
-    "splits", and for quality "smallest_budget_pct").
-
-    Raises:
-      ValueError: splits not an integer >= 1, an unknown risk, or an epsilon or
-        delta outside (0, 1); before any computation.
-    """
-    from ee_jax import calibrate  # it builds on this module's scores
-
-    check_count("splits", splits)
-    for risk, epsilon in risks:
-        calibrate.check_levels(risk, epsilon, delta)
-    grid = np.sort(np.unique(np.append(np.asarray(thresholds, np.float64), 1.0)))[::-1]
-    rows = []
-    for measure in measures:
-        for risk, epsilon in risks:
-            row = calibrate.certify(
-                valid, test, config, measure, grid, risk=risk, epsilon=epsilon, delta=delta
-            )
-            pooled = np.concatenate(
-                [calibrate.unit_risks(s, measure, grid, risk)[0] for s in (valid, test)], axis=1
-            )
-            rate, realised, chosen = calibrate.violation_rate(
-                pooled, grid, risk, epsilon, delta, splits=splits
-            )
-            row.update(violation_rate=rate, splits=splits, mean_realised_risk=realised)
-            if risk == "quality":
-                valid_risks = calibrate.unit_risks(valid, measure, grid, risk)[0]
-                row["smallest_budget_pct"] = next(
-                    (
-                        budget
-                        for budget in LTT_BUDGETS_PCT
-                        if calibrate.learn_then_test(
-                            valid_risks, grid, risk, 1 - 1 / (1 + budget / 100), delta
-                        ).threshold
-                        < 1.0
-                    ),
-                    None,
-                )
-            rows.append(row)
-    return rows

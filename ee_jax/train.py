@@ -25,6 +25,7 @@ from ee_jax.config import TrainConfig, upgrade_dict
 from ee_jax.data import LMStream, Vocabulary, train_batch
 from ee_jax.metrics import MetricsWriter
 from ee_jax.model import EarlyExitLM
+from ee_jax.passes import exit_perplexities
 from ee_jax.run import VOCAB_CHECKSUM_FILE, VOCAB_FILE, check_vocab, save_vocab, vocab_words
 from ee_jax.train_state import (
     TrainState,
@@ -100,7 +101,7 @@ def train(
         row's "config_changes"); otherwise that raises CheckpointError.
       progress: show a progress bar.
       valid: windows to validate on every `eval_every` steps (with eval_every > 0):
-        the perplexity of every exit (`evaluate.exit_perplexities`, continuous
+        the perplexity of every exit (`passes.exit_perplexities`, continuous
         protocol when config.carry_state) in a metrics row {"step",
         "valid_exit_ppl", "valid_tokens", "valid_protocol"}.
       tensorboard: also write the metrics as TensorBoard event files in
@@ -231,8 +232,6 @@ def train(
 
 def _validate(config: TrainConfig, params, valid: LMStream, step: int) -> dict:
     """The metrics row of a validation pass at `step` (see `train`)."""
-    from ee_jax.evaluate import exit_perplexities  # evaluation builds on training's modules
-
     model = EarlyExitLM(config.model)
     result = exit_perplexities(model, params, valid, carry=config.carry_state, progress=False)
     return {

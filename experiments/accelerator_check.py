@@ -22,7 +22,7 @@ under its name (error and traceback) and the next one still runs:
    (compilation included): a probe of `log_every` steps measures the step rate,
    then training resumes up to the step that fills the time left (`stop_at_step`,
    the preset's schedule unchanged); then the valid perplexity of every exit
-   (`ee_jax.evaluate.exit_perplexities`) and the logged metrics rows.
+   (`ee_jax.passes.exit_perplexities`) and the logged metrics rows.
 
 Times are medians of at least --min_repeats calls after compilation and a
 warm-up call, each followed by `jax.block_until_ready` (`ee_jax.timing`).
@@ -62,9 +62,9 @@ from ee_jax import cli
 from ee_jax.bk_core import resolve_method, resolvent_diagonal
 from ee_jax.config import TrainConfig, train_preset
 from ee_jax.data import Batch, Corpus, Vocabulary, load_wikitext2, make_lm_stream
-from ee_jax.evaluate import exit_perplexities
 from ee_jax.losses import tail_capacities
 from ee_jax.model import EarlyExitLM
+from ee_jax.passes import exit_perplexities
 from ee_jax.timing import Timing, cold_compilation, time_jitted
 from ee_jax.train import train
 from ee_jax.train_state import init_state, make_train_step, parameter_count, run_keys, step_keys

@@ -94,23 +94,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)  # every numeric flag is checked here, before any work
     ee_jax.enable_compilation_cache()
-    from ee_jax import evaluate, report, train
+    from ee_jax import evaluate, report
 
     try:
         run, corpus = cli.load_run_and_corpus(args, args.step)
         config, params, step = run.config, run.variables, run.step
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
-    options = dict(
-        thresholds=args.thresholds,
-        measures=args.measures,
-        exit_weighting=config.exit_weighting,
-        max_ppl_change_pct=args.max_ppl_change_pct,
-        timing_windows=args.timing_windows,
-        carry=cli.carried(args.protocol, config),
-    )
     try:  # the library's own checks (say, no measure left the run trained), up front
-        evaluate.check_evaluation(config.model, **options)
+        options = evaluate.EvalConfig(
+            thresholds=args.thresholds,
+            measures=args.measures,
+            exit_weighting=config.exit_weighting,
+            max_ppl_change_pct=args.max_ppl_change_pct,
+            timing_windows=args.timing_windows,
+            carry=cli.carried(args.protocol, config),
+        )
+        options.measures_for(config.model)
     except ValueError as error:
         return cli.report_error(error)
     batch_size = args.batch_size or config.eval_batch_size
@@ -123,8 +123,7 @@ def main(argv=None) -> int:
         )
         for split in ("valid", "test")
     ]
-    model = train.EarlyExitLM(config.model)
-    results = evaluate.evaluate_checkpoint(model, params, *streams, **options)
+    results = evaluate.evaluate_checkpoint(run.model, params, *streams, options)
     results.update(
         split_tokens={split: len(getattr(corpus, split)) for split in ("test", "valid")},
         step=step,

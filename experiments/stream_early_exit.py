@@ -76,11 +76,11 @@ def thresholds(args) -> dict:
 def check_stream_flags(args: argparse.Namespace, config) -> tuple[list, dict]:
     """Raises ValueError (one line for the user) on flags or a model the streaming
     evaluation would refuse; returns (measures to evaluate, {skipped measure: why})."""
-    from ee_jax import decode, evaluate
+    from ee_jax import decode, exit_scores
     from ee_jax.early_exit import check_exit_options
 
     decode.check_decodable(config.model)  # the numeric flags were checked by the parser
-    measures, skipped = evaluate.evaluated_measures(
+    measures, skipped = exit_scores.evaluated_measures(
         args.measures, config.exit_weighting, config.model.n_layers
     )
     for measure in measures:
@@ -92,7 +92,7 @@ def check_stream_flags(args: argparse.Namespace, config) -> tuple[list, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
-    from ee_jax import decode, train
+    from ee_jax import passes, train
 
     try:
         run, corpus = cli.load_run_and_corpus(args)
@@ -114,21 +114,21 @@ def main(argv=None) -> int:
     settings = [("learned", 1.0), *thresholds(args).items()]
     for batch_size in args.batch_size:
         stream = make_lm_stream(ids, batch_size, config.model.n_seq, eos_id=corpus.vocab.eos_id)
-        passes = [[] for _ in settings]
+        timed_runs = [[] for _ in settings]
         for _ in range(args.repeats):  # interleaved, so load changes hit every setting
-            for runs, (measure, threshold) in zip(passes, settings, strict=True):
+            for runs, (measure, threshold) in zip(timed_runs, settings, strict=True):
                 runs.append(
-                    decode.stream_evaluate(
+                    passes.stream_evaluate(
                         model, params, stream, threshold, measure=measure, carry=carry
                     )
                 )
-        full_s = statistics.median(run["seconds"] for run in passes[0])
-        for runs, (measure, _) in zip(passes, settings, strict=True):
+        full_s = statistics.median(result["seconds"] for result in timed_runs[0])
+        for runs, (measure, _) in zip(timed_runs, settings, strict=True):
             seconds = statistics.median(run["seconds"] for run in runs)
             rows.append(
                 {
                     **runs[0],
-                    "measure": "full depth" if runs is passes[0] else measure,
+                    "measure": "full depth" if runs is timed_runs[0] else measure,
                     "seconds": seconds,
                     "seconds_each": [run["seconds"] for run in runs],
                     "tokens_per_s": runs[0]["total_tokens"] / seconds,

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     except ValueError as error:  # a field out of range: the configs' own checks
         return cli.report_error(error)
     ee_jax.enable_compilation_cache()
-    from ee_jax import evaluate, train  # after the cache is set
+    from ee_jax import passes, train  # after the cache is set
 
     try:
         corpus = load_wikitext2(
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         tokens = getattr(corpus, name)
         windows = make_lm_stream(tokens, config.eval_batch_size, config.model.n_seq, eos_id=eos)
         for suffix, carry in protocols.items():  # the window protocol, then continuous
-            result = evaluate.exit_perplexities(model, state.params, windows, carry=carry)
+            result = passes.exit_perplexities(model, state.params, windows, carry=carry)
             result["step"] = int(state.step)
             cli.write_json(pathlib.Path(args.workdir) / f"{name}_exit_ppl{suffix}.json", result)
             print(

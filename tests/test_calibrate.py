@@ -12,7 +12,7 @@ from ee_jax.calibrate import (
     unit_risks,
     violation_rate,
 )
-from ee_jax.evaluate import ExitScores, exit_depths
+from ee_jax.exit_scores import ExitScores, exit_depths
 
 
 @pytest.mark.parametrize("method", ["hoeffding_bentkus", "betting"])

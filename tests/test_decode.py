@@ -15,15 +15,10 @@ import ee_jax
 from ee_jax import decode
 from ee_jax.config import tiny, train_preset
 from ee_jax.data import Vocabulary, make_lm_stream
-from ee_jax.decode import (
-    decode_sequence,
-    decode_step,
-    generate,
-    sample_tokens,
-    stream_evaluate,
-)
+from ee_jax.decode import decode_sequence, decode_step, generate, sample_tokens
 from ee_jax.early_exit import early_exit_forward
 from ee_jax.model import EarlyExitLM
+from ee_jax.passes import real_loop_row, stream_evaluate
 from ee_jax.state import RecurrentState
 
 CONFIG = tiny()
@@ -112,8 +107,6 @@ def test_generate_rejects_bad_arguments(setup):
 def test_streaming_evaluation_matches_the_parallel_evaluation(output, carry):
     # The halting loop over windows (from a fresh state, or carried from the previous
     # window: continuous) against decoding the same windows token by token.
-    from ee_jax.evaluate import real_loop_row
-
     model, variables, _ = model_and_tokens(output)
     ids = np.random.default_rng(1).integers(0, CONFIG.vocab_size, 150)
     stream = make_lm_stream(ids, 2, CONFIG.n_seq, eos_id=0)

@@ -11,7 +11,8 @@ import optax
 import pytest
 from conftest import TOLERANCE
 
-from ee_jax import decode, evaluate, report
+from ee_jax import calibrate as calibrate_lib
+from ee_jax import evaluate, exit_scores, passes, report
 from ee_jax.config import tiny
 from ee_jax.data import make_lm_stream
 from ee_jax.early_exit import ExitStats, early_exit_forward
@@ -38,7 +39,7 @@ def model_and_split(output="full"):
     params = model.init(jax.random.key(0), np.zeros((1, config.n_seq), np.int32))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, 1000)
     stream = make_lm_stream(ids, 4, config.n_seq, eos_id=0)
-    scores = evaluate.collect_exit_scores(model, params, stream, progress=False)
+    scores = passes.collect_exit_scores(model, params, stream, progress=False)
     return model, params, ids, stream, scores
 
 
@@ -70,9 +71,9 @@ def test_every_token_is_scored_once_and_full_depth_equals_the_plain_forward(outp
     config = model.config
     # When it is evaluated at full depth: offline sweep, per-exit perplexities,
     # the halting loop that never exits early.
-    full = evaluate.sweep(scores, config, "softmax_max", [1.0])[0]
-    plain = evaluate.exit_perplexities(model, params, stream, progress=False)
-    loop = evaluate.real_loop_row(model, params, stream, 1.0, "softmax_max", progress=False)
+    full = exit_scores.sweep(scores, config, "softmax_max", [1.0])[0]
+    plain = passes.exit_perplexities(model, params, stream, progress=False)
+    loop = passes.real_loop_row(model, params, stream, 1.0, "softmax_max", progress=False)
     # Then every target is scored once and each perplexity is the plain forward's,
     forward = jax.jit(functools.partial(model.apply, params))
     expected = np.exp(reference_nll_sums(forward, stream) / len(ids))
@@ -91,7 +92,7 @@ def test_every_token_is_scored_once_and_full_depth_equals_the_plain_forward(outp
 @pytest.mark.parametrize("measure", ["softmax_max", "learned", "state_saturation"])
 def test_sweep_rows_are_consistent(setup, measure):
     *_, scores = setup
-    rows = evaluate.sweep(scores, CONFIG, measure, THRESHOLDS)
+    rows = exit_scores.sweep(scores, CONFIG, measure, THRESHOLDS)
     depths = [row["avg_exit_layer"] for row in rows]
     assert np.all(np.diff(depths) >= 0), depths  # monotone in the threshold
     for row in rows:
@@ -119,17 +120,17 @@ def test_per_exit_thresholds_match_an_eager_loop(setup):
     confidence = scores.confidence["softmax_max"]
     # Exit 1 at its 70% quantile, exit 2 at its 20%: all three depths occur.
     thresholds = np.array([np.quantile(confidence[0], 0.7), np.quantile(confidence[1], 0.2)])
-    depths = evaluate.exit_depths(scores, "softmax_max", thresholds)
+    depths = exit_scores.exit_depths(scores, "softmax_max", thresholds)
     np.testing.assert_array_equal(depths, eager_exit_depths(confidence, thresholds))
     assert set(depths) == {0, 1, 2}
     never = np.array([thresholds[0], 1.0])  # 1.0: exit 2 is never taken
-    depths = evaluate.exit_depths(scores, "softmax_max", never)
+    depths = exit_scores.exit_depths(scores, "softmax_max", never)
     np.testing.assert_array_equal(depths, eager_exit_depths(confidence, never))
     assert set(depths) == {0, 2}
-    single = evaluate.exit_depths(scores, "softmax_max", 0.02)
+    single = exit_scores.exit_depths(scores, "softmax_max", 0.02)
     np.testing.assert_array_equal(single, eager_exit_depths(confidence, [0.02, 0.02]))
     with pytest.raises(ValueError, match="per-exit thresholds must have shape"):
-        evaluate.exit_depths(scores, "softmax_max", np.full(CONFIG.n_layers, 0.5))
+        exit_scores.exit_depths(scores, "softmax_max", np.full(CONFIG.n_layers, 0.5))
 
 
 def halting_loop_reference(model, params, stream, threshold, measure, exited_state):
@@ -153,7 +154,7 @@ def test_sweep_equals_the_real_halting_loop_with_compute_policy(output):
     model, params, ids, stream, scores = model_and_split(output)
     config = model.config
     threshold = float(np.quantile(scores.confidence["softmax_max"][0], 0.5))
-    row = evaluate.sweep(scores, config, "softmax_max", [threshold])[0]
+    row = exit_scores.sweep(scores, config, "softmax_max", [threshold])[0]
     nll, stats = halting_loop_reference(model, params, stream, threshold, "softmax_max", "compute")
     summary = stats.summary()
     assert summary["total_tokens"] == len(ids)
@@ -169,7 +170,7 @@ def test_real_loop_row_scores_each_target_at_its_exit_head(output):
     model, params, ids, stream, scores = model_and_split(output)
     threshold = float(np.quantile(scores.confidence["softmax_max"][0], 0.5))
     # When the halting loop (policy "freeze") is evaluated from exit features...
-    row = evaluate.real_loop_row(model, params, stream, threshold, "softmax_max", progress=False)
+    row = passes.real_loop_row(model, params, stream, threshold, "softmax_max", progress=False)
     # ...and from early_exit_forward's logits [B, N, V].
     nll, stats = halting_loop_reference(model, params, stream, threshold, "softmax_max", "freeze")
     # Then perplexity and exit statistics are the same,
@@ -203,15 +204,15 @@ def counted_traces():
 
 
 EVALUATIONS = {
-    "exit_perplexities": lambda m, p, s: evaluate.exit_perplexities(m, p, s, progress=False),
-    "collect_exit_scores": lambda m, p, s: evaluate.collect_exit_scores(m, p, s, progress=False),
-    "real_loop_row": lambda m, p, s: evaluate.real_loop_row(
+    "exit_perplexities": lambda m, p, s: passes.exit_perplexities(m, p, s, progress=False),
+    "collect_exit_scores": lambda m, p, s: passes.collect_exit_scores(m, p, s, progress=False),
+    "real_loop_row": lambda m, p, s: passes.real_loop_row(
         m, p, s, 0.02, "softmax_max", progress=False
     ),
     "time_early_exit": lambda m, p, s: evaluate.time_early_exit(
         m, p, s, [0.02, 1.0], measure="softmax_max", windows=1, repeats=1
     ),
-    "stream_evaluate": lambda m, p, s: decode.stream_evaluate(m, p, s, 0.02, progress=False),
+    "stream_evaluate": lambda m, p, s: passes.stream_evaluate(m, p, s, 0.02, progress=False),
 }
 
 
@@ -250,37 +251,31 @@ def test_a_second_evaluation_with_the_same_model_traces_nothing(setup, name):
 
 def test_oracle_and_calibration(setup):
     *_, scores = setup
-    oracle = evaluate.oracle_depths(scores)
+    oracle = exit_scores.oracle_depths(scores)
     # At the oracle depth the prediction equals the final one, and not before it.
     columns = np.arange(scores.tokens)
     assert np.all(scores.argmax[oracle, columns] == scores.argmax[-1])
-    row = evaluate.depth_row(scores, oracle, CONFIG, "learned")
+    row = exit_scores.depth_row(scores, oracle, CONFIG, "learned")
     assert row["top1_agreement"] == 1.0
     # Calibration returns the lowest threshold within tolerance.
-    threshold = evaluate.calibrate(
+    threshold = exit_scores.calibrate(
         scores, CONFIG, "softmax_max", THRESHOLDS, max_ppl_change_pct=2.0
     )
-    rows = {r["threshold"]: r for r in evaluate.sweep(scores, CONFIG, "softmax_max", THRESHOLDS)}
+    rows = {r["threshold"]: r for r in exit_scores.sweep(scores, CONFIG, "softmax_max", THRESHOLDS)}
     assert rows[threshold]["ppl_change_pct"] <= 2.0
     assert all(rows[t]["ppl_change_pct"] > 2.0 for t in THRESHOLDS if t < threshold)
     # A negative or non-finite tolerance is refused, not calibrated to full depth.
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="max_ppl_change_pct"):
-            evaluate.calibrate(scores, CONFIG, "softmax_max", THRESHOLDS, max_ppl_change_pct=bad)
+            exit_scores.calibrate(scores, CONFIG, "softmax_max", THRESHOLDS, max_ppl_change_pct=bad)
 
 
 def test_report_writes_tables_and_plots(setup, tmp_path):
     model, params, ids, stream, scores = setup
-    results = evaluate.evaluate_checkpoint(
-        model,
-        params,
-        stream,
-        stream,
-        thresholds=[0.02, 1.0],
-        measures=["softmax_max"],
-        timing_windows=2,
-        progress=False,
+    options = evaluate.EvalConfig(
+        thresholds=[0.02, 1.0], measures=["softmax_max"], timing_windows=2
     )
+    results = evaluate.evaluate_checkpoint(model, params, stream, stream, options, progress=False)
     # The exit speedup is measured against the same loop at threshold 1.0, timed once.
     timing = results["timing"]["softmax_max"]
     assert timing["full_loop_ms"] == timing[1.0]["ms"] and timing[1.0]["exit_speedup"] == 1.0
@@ -404,12 +399,12 @@ def no_computation(*args, **kwargs):
 @pytest.mark.parametrize(
     "run",
     [
-        lambda m, p, s: evaluate.exit_perplexities(m, p, s, progress=False),
-        lambda m, p, s: evaluate.collect_exit_scores(m, p, s, progress=False),
+        lambda m, p, s: passes.exit_perplexities(m, p, s, progress=False),
+        lambda m, p, s: passes.collect_exit_scores(m, p, s, progress=False),
         lambda m, p, s: evaluate.time_early_exit(m, p, s, [0.5], measure="softmax_max"),
-        lambda m, p, s: evaluate.real_loop_row(m, p, s, 0.5, "softmax_max", progress=False),
+        lambda m, p, s: passes.real_loop_row(m, p, s, 0.5, "softmax_max", progress=False),
         lambda m, p, s: evaluate.evaluate_checkpoint(
-            m, p, s, s, thresholds=[0.5], measures=["softmax_max"], progress=False
+            m, p, s, s, evaluate.EvalConfig(thresholds=[0.5], measures=["softmax_max"])
         ),
     ],
     ids=["exit_perplexities", "collect_exit_scores", "time", "real_loop_row", "checkpoint"],
@@ -431,17 +426,10 @@ def test_streams_with_bad_ids_raise_before_the_model_runs(
 def small_evaluation(model, params, stream, **options):
     """`evaluate_checkpoint` on one stream (as valid and test), two thresholds, the
     softmax_max and learned measures, one timing window."""
-    return evaluate.evaluate_checkpoint(
-        model,
-        params,
-        stream,
-        stream,
-        thresholds=[0.02, 1.0],
-        measures=["softmax_max", "learned"],
-        timing_windows=1,
-        progress=False,
-        **options,
+    options = evaluate.EvalConfig(
+        thresholds=[0.02, 1.0], measures=["softmax_max", "learned"], timing_windows=1, **options
     )
+    return evaluate.evaluate_checkpoint(model, params, stream, stream, options, progress=False)
 
 
 def test_the_whole_evaluation_runs_for_an_attention_model():
@@ -459,9 +447,9 @@ def test_untrained_exit_classifiers_are_skipped_and_said_so(setup, capsys):
     # learned exit classifiers never trained (losses.lm_loss).
     model, params, ids, _, _ = setup
     stream = make_lm_stream(ids[:200], 4, CONFIG.n_seq, eos_id=0)
-    assert evaluate.untrained_measures("uniform", CONFIG.n_layers) == {}
-    assert evaluate.untrained_measures("linear", CONFIG.n_layers) == {}
-    assert "learned" in evaluate.untrained_measures("final", CONFIG.n_layers)
+    assert exit_scores.untrained_measures("uniform", CONFIG.n_layers) == {}
+    assert exit_scores.untrained_measures("linear", CONFIG.n_layers) == {}
+    assert "learned" in exit_scores.untrained_measures("final", CONFIG.n_layers)
     # When the checkpoint is evaluated with the learned measure requested.
     results = small_evaluation(model, params, stream, exit_weighting="final")
     # Then it is not evaluated, a note says why, and the results record it.
@@ -473,7 +461,7 @@ def test_untrained_exit_classifiers_are_skipped_and_said_so(setup, capsys):
     assert [row["measure"] for row in results["real_loop"]] == ["softmax_max"]
     # And asking for the learned measure alone is refused before any computation.
     with pytest.raises(ValueError, match="no confidence measure left"):
-        evaluate.evaluated_measures(["learned"], "final", CONFIG.n_layers)
+        exit_scores.evaluated_measures(["learned"], "final", CONFIG.n_layers)
 
 
 def no_work(*args, **kwargs):
@@ -497,12 +485,14 @@ def test_bad_evaluation_options_raise_one_line_before_any_work(
 ):
     # Given an evaluation whose every pass over a split would fail the test.
     model, params, _, stream, _ = setup
-    monkeypatch.setattr(evaluate, "map_windows", no_work)
+    monkeypatch.setattr(passes, "map_windows", no_work)
     monkeypatch.setattr(evaluate, "interleaved", no_work)
-    arguments = dict(thresholds=[0.5, 1.0], measures=["softmax_max"], progress=False)
-    # When an option is out of range, one one-line ValueError says which, at once.
+    arguments = dict(thresholds=[0.5, 1.0], measures=["softmax_max"])
+    # When an option is out of range, one one-line ValueError says which, at once:
+    # making the options, or (carry for a model that cannot) evaluating with them.
     with pytest.raises(ValueError, match=message) as error:
-        evaluate.evaluate_checkpoint(model, params, stream, stream, **{**arguments, **options})
+        options = evaluate.EvalConfig(**{**arguments, **options})
+        evaluate.evaluate_checkpoint(model, params, stream, stream, options, progress=False)
     assert "\n" not in str(error.value)
 
 
@@ -515,10 +505,10 @@ def test_bad_counts_and_thresholds_of_the_parts_are_refused(setup, monkeypatch):
     # A threshold outside [0, 1] (or nan) neither always nor never exits: it is refused.
     for bad in (1.5, -0.1, float("nan"), [0.5, 2.0]):
         with pytest.raises(ValueError, match=r"thresholds must be in \[0, 1\]"):
-            evaluate.exit_depths(scores, "softmax_max", bad)
+            exit_scores.exit_depths(scores, "softmax_max", bad)
     with pytest.raises(ValueError, match="splits must be an integer >= 1, got 0"):
-        evaluate.learn_then_test_rows(
-            scores, scores, CONFIG, ["softmax_max"], [0.5], evaluate.LTT_RISKS, 0.1, splits=0
+        calibrate_lib.learn_then_test_rows(
+            scores, scores, CONFIG, ["softmax_max"], [0.5], calibrate_lib.LTT_RISKS, 0.1, splits=0
         )
 
 

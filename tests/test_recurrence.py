@@ -17,10 +17,10 @@ from ee_jax import bk_core, decode, train_state
 from ee_jax import train as train_lib
 from ee_jax.config import tiny, train_preset
 from ee_jax.data import make_lm_stream
-from ee_jax.decode import decode_sequence, generate, stream_evaluate
-from ee_jax.evaluate import collect_exit_scores, exit_perplexities
+from ee_jax.decode import decode_sequence, generate
 from ee_jax.losses import exit_nll
 from ee_jax.model import EarlyExitLM
+from ee_jax.passes import collect_exit_scores, exit_perplexities, stream_evaluate
 from ee_jax.state import RecurrentState
 
 FREE = tiny().replace(

@@ -1,8 +1,8 @@
 """Training: loss decreases, exact resume after a kill, data parallelism, errors."""
 
 import argparse
-import importlib.util
 import gzip
+import importlib.util
 import json
 import os
 import pathlib
@@ -22,9 +22,9 @@ from ee_jax import train as train_lib
 from ee_jax.checkpoint import CheckpointError
 from ee_jax.config import train_preset
 from ee_jax.data import Batch, Corpus, Vocabulary, load_wikitext2, make_lm_stream
-from ee_jax.evaluate import exit_perplexities
 from ee_jax.metrics import MetricsWriter
 from ee_jax.model import EarlyExitLM
+from ee_jax.passes import exit_perplexities
 from ee_jax.run import load_run, read_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -18,8 +18,9 @@ import numpy as np
 
 import ee_jax
 from ee_jax.data import make_lm_stream
-from ee_jax.evaluate import collect_exit_scores, exit_depths
+from ee_jax.exit_scores import exit_depths
 from ee_jax.flops import exit_flops
+from ee_jax.passes import collect_exit_scores
 
 MEASURE, TOLERANCE_PCT = "learned", 2.0
 GRID = np.round(np.arange(0.5, 1.0, 0.0025), 4)

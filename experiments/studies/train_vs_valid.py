@@ -15,7 +15,7 @@ import sys
 
 import ee_jax
 from ee_jax.data import make_lm_stream
-from ee_jax.evaluate import exit_perplexities
+from ee_jax.passes import exit_perplexities
 
 
 def main(workdir: str) -> None:
