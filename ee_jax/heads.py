@@ -9,9 +9,9 @@ OutputLayers  the output weights, [H, ...] for H = L heads ("per_exit") or 1
               (kernels [out, in]), a full softmax or an adaptive softmax (Grave et
               al. 2017, arXiv 1609.04309), the tied parts read from the Embedder.
 ExitHead      one exit's own parts: its LayerNorm before the output layer and its
-              learned exit classifier, LN + Dense(1) on the stop-gradient hidden
-              state (the "learned" measure). `EarlyExitLM` stacks L of them on a
-              leading layer axis, like the blocks.
+              learned exit classifier, LN + a linear logit on the stop-gradient
+              hidden state (the "learned" measure). `EarlyExitLM` stacks L of them
+              on a leading layer axis, like the blocks.
 """
 
 import jax
@@ -22,11 +22,6 @@ from ee_jax import adaptive
 from ee_jax.config import ModelConfig
 
 normal = nn.initializers.normal
-
-
-def layer_norm(name: str) -> nn.LayerNorm:
-    """LayerNorm over the last axis, eps 1e-6, variance as mean((x - mean)^2)."""
-    return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name=name)
 
 
 class Embedder(nn.Module):
@@ -140,14 +135,28 @@ class OutputLayers(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """One exit's LayerNorm and learned exit classifier (module docstring)."""
+    """One exit's LayerNorm and learned exit classifier (module docstring).
+
+    Both norms are `nn.LayerNorm` (eps 1e-6, variance mean((x - mean)^2)) followed
+    by their own scale and bias, ((x - mean) * rsqrt(var + eps)) * scale + bias:
+    nn.LayerNorm's own affine multiplies the scale into rsqrt first, which rounds
+    differently from the arithmetic every earlier run was trained with.
+    """
 
     config: ModelConfig
 
     def setup(self):
-        self.norm = layer_norm("norm")
-        self.classifier_norm = layer_norm("classifier_norm")
-        self.classifier = nn.Dense(1, kernel_init=nn.initializers.zeros, name="classifier")
+        d = self.config.d_model
+        ones, zeros = nn.initializers.ones, nn.initializers.zeros
+        self.normalize = nn.LayerNorm(
+            epsilon=1e-6, use_scale=False, use_bias=False, use_fast_variance=False
+        )
+        self.norm_scale = self.param("norm_scale", ones, (d,))
+        self.norm_bias = self.param("norm_bias", zeros, (d,))
+        self.classifier_norm_scale = self.param("classifier_norm_scale", ones, (d,))
+        self.classifier_norm_bias = self.param("classifier_norm_bias", zeros, (d,))
+        self.classifier_kernel = self.param("classifier_kernel", zeros, (d,))
+        self.classifier_bias = self.param("classifier_bias", zeros, ())
 
     def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """h [..., D] -> (exit features [..., D], classifier logit [...])."""
@@ -155,9 +164,11 @@ class ExitHead(nn.Module):
 
     def features(self, h: jax.Array) -> jax.Array:
         """The exit's LayerNorm of hidden states [..., D]; [..., D]."""
-        return self.norm(h)
+        return self.normalize(h) * self.norm_scale + self.norm_bias
 
     def classifier_logit(self, h: jax.Array) -> jax.Array:
         """The learned exit classifier's logit [...] (input gradient stopped: it does
         not train the backbone)."""
-        return self.classifier(self.classifier_norm(jax.lax.stop_gradient(h)))[..., 0]
+        x = self.normalize(jax.lax.stop_gradient(h))
+        x = x * self.classifier_norm_scale + self.classifier_norm_bias
+        return x @ self.classifier_kernel + self.classifier_bias

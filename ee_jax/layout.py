@@ -9,10 +9,9 @@ output weights side by side. Now they live in Linen modules (`ee_jax.heads`):
     tail{k}_projection, tail{k}_embedding   embedder/... ("tied" output: adaptive input)
     unembed_*, head_*, cluster_kernel,      output/... (the output layers)
       tail{k}_kernel / _bias / _projection
-    exit_norm_scale / _bias [L, D]          exits/norm/scale / bias
-    classifier_norm_scale / _bias [L, D]    exits/classifier_norm/scale / bias
-    classifier_kernel [L, D]                exits/classifier/kernel [L, D, 1]
-    classifier_bias [L]                     exits/classifier/bias [L, 1]
+    exit_norm_scale / _bias [L, D]          exits/norm_scale / norm_bias
+    classifier_norm_scale / _bias [L, D]    exits/classifier_norm_scale / _bias
+    classifier_kernel [L, D], _bias [L]     exits/classifier_kernel, classifier_bias
 
 `Checkpointer.restore` reads a step's recorded tree first; for the earlier layout
 it restores into `earlier_layout(template)` and returns `upgrade(restored)`. Both
@@ -26,13 +25,13 @@ import re
 
 import jax
 
-_EXIT_ARRAYS = {  # earlier name -> (module, parameter)
-    "exit_norm_scale": ("norm", "scale"),
-    "exit_norm_bias": ("norm", "bias"),
-    "classifier_norm_scale": ("classifier_norm", "scale"),
-    "classifier_norm_bias": ("classifier_norm", "bias"),
-    "classifier_kernel": ("classifier", "kernel"),
-    "classifier_bias": ("classifier", "bias"),
+_EXIT_ARRAYS = {  # earlier name -> name in exits/ (same shape)
+    "exit_norm_scale": "norm_scale",
+    "exit_norm_bias": "norm_bias",
+    "classifier_norm_scale": "classifier_norm_scale",
+    "classifier_norm_bias": "classifier_norm_bias",
+    "classifier_kernel": "classifier_kernel",
+    "classifier_bias": "classifier_bias",
 }
 _EMBEDDER = re.compile(r"token_embed|position_embed|tail\d+_embedding")
 
@@ -59,9 +58,7 @@ def _upgrade_params(params: dict) -> dict:
     new = {"embedder": {}, "blocks": params["blocks"], "exits": {}, "output": {}}
     for name, value in params.items():
         if name in _EXIT_ARRAYS:
-            module, leaf = _EXIT_ARRAYS[name]
-            value = _reshape(value, (*value.shape, 1)) if module == "classifier" else value
-            new["exits"].setdefault(module, {})[leaf] = value
+            new["exits"][_EXIT_ARRAYS[name]] = value
         elif _EMBEDDER.fullmatch(name) or (tied and name.endswith("_projection")):
             new["embedder"][name] = value
         elif name != "blocks":
@@ -73,9 +70,8 @@ def _downgrade_params(params: dict) -> dict:
     if _is_earlier_params(params) or "exits" not in params:
         return params
     flat = {**params["embedder"], "blocks": params["blocks"], **params["output"]}
-    for name, (module, leaf) in _EXIT_ARRAYS.items():
-        value = params["exits"][module][leaf]
-        flat[name] = _reshape(value, value.shape[:-1]) if module == "classifier" else value
+    for name, new_name in _EXIT_ARRAYS.items():
+        flat[name] = params["exits"][new_name]
     return flat
 
 
@@ -104,10 +100,3 @@ def _map_params(tree, fn):
         tree,
         is_leaf=_is_holder,
     )
-
-
-def _reshape(value, shape):
-    """An array reshaped, or an abstract array (ShapeDtypeStruct) given the shape."""
-    if isinstance(value, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(shape, value.dtype, sharding=value.sharding)
-    return value.reshape(shape)

@@ -48,6 +48,5 @@ def random_exit_classifiers(variables: dict, key) -> dict:
     every token equally confident under the "learned" measure)."""
     params = dict(variables["params"])
     exits = dict(params["exits"])
-    kernel = exits["classifier"]["kernel"]  # [L, D, 1]
-    exits["classifier"] = {**exits["classifier"], "kernel": jax.random.normal(key, kernel.shape)}
+    exits["classifier_kernel"] = jax.random.normal(key, exits["classifier_kernel"].shape)
     return {"params": {**params, "exits": exits}}

@@ -236,13 +236,13 @@ def test_training_loss_gradients_reach_every_exit_router_and_potentials(tokens, 
     # Then every exit head, every router, every potential and every exit classifier
     # receive finite, non-zero gradients.
     per_layer = {
-        "exit norm": gradients["exits"]["norm"]["scale"],
+        "exit norm": gradients["exits"]["norm_scale"],
         "unembedding": gradients["output"]["unembed_kernel"],
         "router": gradients["blocks"]["moe"]["router"]["kernel"],
         "potential": gradients["blocks"]["bk"]["potential"]["kernel"],
         # The last exit's classifier has nothing to learn (a token there exits anyway).
         "exit classifier": jnp.concatenate(
-            [gradients["exits"]["classifier"]["kernel"][:-1, :, 0], jnp.ones((1, config.d_model))]
+            [gradients["exits"]["classifier_kernel"][:-1], jnp.ones((1, config.d_model))]
         ),
     }
     for name, gradient in per_layer.items():
@@ -297,7 +297,7 @@ def test_chunked_loss_gradient_equals_autodiff_of_materialised_log_softmax(token
         loss - metrics["classifier_loss"], want_loss, rtol=TOLERANCE["float32"]
     )
     # Every part; of the exits only the norms (the classifiers have no loss here).
-    for path in (["blocks"], ["embedder"], ["output"], ["exits", "norm"]):
+    for path in (["blocks"], ["embedder"], ["output"], ["exits", "norm_scale"]):
         name = "/".join(path)
         leaves = [
             jax.tree.leaves(functools.reduce(dict.get, path, g["params"])) for g in (got, want)

@@ -5,19 +5,27 @@ Run with the package as of that layout (git commit fd25535):
     python tests/data/layout_2026-12/make_fixture.py
 It trains a tiny tied-adaptive run with value solves and a carried state for 2
 steps on random ids, saves it under run/, and writes outputs.npz: the final
-exit's log-probabilities and every exit's classifier logit on fixed tokens.
+exit's log-probabilities and every exit's classifier logit on fixed tokens, and
+what one more train step from the saved state gives on step 2's batch (its loss,
+gradient norm and the parameters after it, flattened in the tree's order), all
+under the test suite's settings (tests/conftest.py), which change rounding.
 """
 
+import os
 import pathlib
 import shutil
 
-import numpy as np
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # as tests/conftest.py sets
 
-from ee_jax import train as train_lib
-from ee_jax.config import train_preset
-from ee_jax.data import make_lm_stream
-from ee_jax.model import EarlyExitLM
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
+from ee_jax import train as train_lib  # noqa: E402
+from ee_jax.config import train_preset  # noqa: E402
+from ee_jax.data import make_lm_stream, train_batch  # noqa: E402
+from ee_jax.model import EarlyExitLM  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py sets
 HERE = pathlib.Path(__file__).resolve().parent
 V = 40
 
@@ -51,7 +59,21 @@ def main():
         model.apply(state.params, states[i], i, method=EarlyExitLM.exit_classifier)
         for i in range(config.model.n_layers)
     ]
-    np.savez(HERE / "outputs.npz", tokens=tokens, log_probs=log_probs, classifier=classifier)
+    step = jax.jit(
+        train_lib.make_train_step(config, train_lib.stream_capacities(config, stream), len(stream))
+    )
+    batch = train_batch(stream, 2)
+    after, metrics = step(state, batch, train_lib.step_keys(train_lib.run_keys(config.seed), 2))
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(after.params))])
+    np.savez(
+        HERE / "outputs.npz",
+        tokens=tokens,
+        log_probs=log_probs,
+        classifier=classifier,
+        step_loss=np.asarray(metrics["loss"]),
+        step_grad_norm=np.asarray(metrics["grad_norm"]),
+        step_params=flat,
+    )
 
 
 if __name__ == "__main__":
