@@ -56,49 +56,24 @@ def _finite(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _checked(parse, expected: str, ok):
+    """A flag type: `parse(text)`, refused unless ok(value) ("expected <expected>")."""
+
+    def flag_type(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return flag_type
 
 
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """A finite number (no nan or inf)."""
-    return _finite(text)
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (durations)."""
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A number in [0, 1] (thresholds)."""
-    value = _finite(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
+positive_int = _checked(_integer, "an integer >= 1", lambda v: v >= 1)
+nonnegative_int = _checked(_integer, "an integer >= 0", lambda v: v >= 0)
+finite_float = _checked(_finite, "a finite number", lambda v: True)
+positive_float = _checked(_finite, "a finite number > 0", lambda v: v > 0)  # durations
+nonnegative_float = _checked(_finite, "a finite number >= 0", lambda v: v >= 0)
+probability = _checked(_finite, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)  # thresholds
 
 
 def add_data_flags(parser: argparse.ArgumentParser, *, workdir: bool = True) -> None:

@@ -91,21 +91,11 @@ def exit_nll(
     return jnp.stack(scored)
 
 
-def lm_loss(
-    params,
-    tokens: jax.Array,
-    targets: jax.Array,
-    mask: jax.Array,
-    config: TrainConfig,
-    *,
-    rngs: dict[str, jax.Array] | None = None,
-    tail_capacities: tuple[int, ...] | None = None,
-) -> tuple[jax.Array, dict]:
-    """`lm_loss_from` the start of a text (a fresh state): (loss [], metrics)."""
+def lm_loss(params, tokens, targets, mask, config: TrainConfig, **options):
+    """`lm_loss_from` the start of a text (a fresh state), with its keyword
+    options (rngs, tail_capacities): (loss [], metrics)."""
     start = RecurrentState.make(config.model, tokens.shape[0])
-    loss, (metrics, _) = lm_loss_from(
-        params, start, tokens, targets, mask, config, rngs=rngs, tail_capacities=tail_capacities
-    )
+    loss, (metrics, _) = lm_loss_from(params, start, tokens, targets, mask, config, **options)
     return loss, metrics
 
 

@@ -186,14 +186,11 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
 def main(argv=None) -> int:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
-    from ee_jax.model import EarlyExitLM
-
     try:
         run, corpus = cli.load_run_and_corpus(args)
-        config, variables, step = run.config, run.variables, run.step
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
-    model = EarlyExitLM(config.model)
+    model, variables, step = run.model, run.variables, run.step
     threshold = args.exit_threshold
     if threshold is None:
         threshold = calibrated_threshold(args.workdir, args.exit_measure)

@@ -92,20 +92,16 @@ def check_stream_flags(args: argparse.Namespace, config) -> tuple[list, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ee_jax.enable_compilation_cache()
-    from ee_jax import passes, train
+    from ee_jax import passes
 
     try:
         run, corpus = cli.load_run_and_corpus(args)
-        config, params, step = run.config, run.variables, run.step
-    except cli.USER_ERRORS as error:
+        args.measures, skipped = check_stream_flags(args, run.config)
+    except (*cli.USER_ERRORS, ValueError) as error:
         return cli.report_error(error)
-    try:
-        args.measures, skipped = check_stream_flags(args, config)
-    except ValueError as error:
-        return cli.report_error(error)
+    model, params, config, step = run.model, run.variables, run.config, run.step
     for measure, why in skipped.items():
         print(f"note: not evaluating the {measure!r} measure: {why}")
-    model = train.EarlyExitLM(config.model)
     carry = cli.carried(args.protocol, config)
     ids = corpus.test[: args.max_tokens]
     rows = []
