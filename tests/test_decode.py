@@ -12,7 +12,7 @@ import pytest
 from conftest import TOLERANCE, random_exit_classifiers
 
 import ee_jax
-from ee_jax import decode
+from ee_jax import decode, passes
 from ee_jax.config import tiny, train_preset
 from ee_jax.data import Vocabulary, make_lm_stream
 from ee_jax.decode import decode_sequence, decode_step, generate, sample_tokens
@@ -130,9 +130,10 @@ def no_computation(*args, **kwargs):
 
 
 def forbid_computation(monkeypatch):
-    """Every jitted decoding program of `decode` raises if it is called."""
-    for name in ("_decode_scan", "_prefill", "_generate_chunk", "_stream_window"):
+    """Every jitted decoding program (`decode`, `passes.stream_evaluate`) raises if called."""
+    for name in ("_decode_scan", "_prefill", "_generate_chunk"):
         monkeypatch.setattr(decode, name, no_computation)
+    monkeypatch.setattr(passes, "_stream_window", no_computation)
 
 
 @pytest.mark.parametrize("bad_id", [V, -1])
@@ -450,7 +451,7 @@ def test_generate_cli_prints_and_counts_the_tokens_up_to_eos(monkeypatch, capsys
     config = script_config()
     model = EarlyExitLM(config.model)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    prompt, steps, chunk = np.array([[3, 1]]), 12, 4
+    prompt, steps = np.array([[3, 1]]), 12
     free, free_depths = generate(model, variables, prompt, steps, jax.random.key(0))
     new, new_depths = np.asarray(free[0, 2:]), np.asarray(free_depths[0])
     seen = {3, 1}
@@ -458,7 +459,8 @@ def test_generate_cli_prints_and_counts_the_tokens_up_to_eos(monkeypatch, capsys
         if eos >= 2 and token not in seen:
             break
         seen.add(int(token))
-    assert eos < steps - 1 and eos % chunk != chunk - 1  # tokens after it in its chunk
+    chunk = eos + 2  # tokens after <eos> in its chunk (the tokens do not depend on chunk)
+    assert chunk < steps
     words = [f"w{i}" for i in range(V)]
     words[new[eos]] = "<eos>"
     vocab = Vocabulary(tuple(words))
