@@ -212,6 +212,18 @@ def test_a_cache_in_first_occurrence_order_is_rebuilt(tmp_path):
         np.testing.assert_array_equal(getattr(again, split), getattr(corpus, split))
 
 
+def test_a_cache_vocabulary_with_cr_line_endings_is_rebuilt(tmp_path):
+    # Given a cache whose vocab.txt an editor saved with CRLF line endings,
+    folder = write_corpus(tmp_path / "src", SMALL_CORPUS)
+    corpus = data.load_wikitext2(folder, cache_dir=tmp_path / "cache", verify_checksums=False)
+    (path,) = (tmp_path / "cache").rglob("vocab.txt")
+    path.write_bytes("\r\n".join(corpus.vocab.words).encode("utf-8"))
+    # When loaded again, Then it is rebuilt from the source: no word ends in \r.
+    again = data.load_wikitext2(folder, cache_dir=tmp_path / "cache", verify_checksums=False)
+    assert again.vocab.words == corpus.vocab.words == SMALL_VOCAB
+    assert b"\r" not in path.read_bytes()
+
+
 def test_second_load_reads_the_cache_without_tfds(corpus, reference, cache_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the cached load must not prepare again")

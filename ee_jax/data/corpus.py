@@ -134,7 +134,10 @@ def _load_cached(ids_dir: Path) -> Corpus | None:
     if not (ids_dir / "vocab.txt").is_file():
         return None
     # Bytes, not read_text: universal newlines must not touch the words.
-    words = (ids_dir / "vocab.txt").read_bytes().decode("utf-8").split("\n")
+    data = (ids_dir / "vocab.txt").read_bytes()
+    if b"\r" in data:  # CR line endings (an editor's): its words would end in \r
+        return None
+    words = data.decode("utf-8").split("\n")
     ids = {split: np.load(ids_dir / f"{split}.ids.npy") for split in SPLITS}
     # Ids written in another order (say first-occurrence, before VERSION 1.1.0)
     # must not be reused. Train counts non-increasing in id is enough: ids that
