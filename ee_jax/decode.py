@@ -174,6 +174,7 @@ def generate(
     measure: str = "softmax_max",
     temperature: float = 0.0,
     sample_top_k: int | None = None,
+    sample_top_p: float | None = None,
     state: RecurrentState | None = None,
     stop_token: int | None = None,
     chunk: int = 64,
@@ -186,9 +187,10 @@ def generate(
     the start of a text); then each new token is one `decode_step` with per-token
     exits, `chunk` steps per jitted scan. temperature 0 is greedy; otherwise
     samples from softmax(logits / temperature), restricted to the sample_top_k
-    largest logits when given (`sample_tokens`), with the key
-    `fold_in(rng, position of the token fed)` for each row: the output does not
-    depend on `chunk` or on the other rows of the batch, and a generation resumed
+    largest logits and then to the nucleus of mass sample_top_p when given
+    (`sample_tokens`), with the key
+    `row_key(rng, row, position of the token fed)`: the output does not depend on
+    `chunk` or on the other rows of the batch, and a generation resumed
     from a returned state continues exactly as an uninterrupted one (pass the last
     token as the prompt and the same rng).
 
@@ -224,7 +226,7 @@ def generate(
     check_tokens(prompt, config, stream=True)
     _check_count("steps", steps, 0)
     _check_count("chunk", chunk, 1)
-    check_sampling(temperature, sample_top_k, config.vocab_size)
+    check_sampling(temperature, sample_top_k, config.vocab_size, sample_top_p)
     batch, prompt_length = np.shape(prompt)
     state = RecurrentState.make(config, batch) if state is None else state
     check_state(state, config, batch)
@@ -237,6 +239,7 @@ def generate(
     if prompt_length > 1:
         state = _prefill(model, variables, state, prompt[:, :-1])
     options = dict(measure=measure, sample_top_k=sample_top_k, greedy=temperature == 0)
+    options["sample_top_p"] = None if sample_top_p is None else jnp.float32(sample_top_p)
     stop = jnp.int32(-1 if stop_token is None else stop_token)  # -1: no id matches
     scalars = (jnp.float32(threshold), jnp.float32(temperature), rng, stop)
     last, stopped = prompt[:, -1], jnp.zeros(batch, bool)
@@ -299,6 +302,7 @@ def _generate_chunk(
     measure,
     sample_top_k,
     greedy,
+    sample_top_p,
 ):
     """`length` generation steps from `token` [B] in one scan: (new tokens [B, length],
     their exit depths [B, length], state after feeding all but the last new token,
@@ -310,7 +314,7 @@ def _generate_chunk(
 
     def step(carry, _):
         state, token, stopped = carry
-        key = jax.vmap(jax.random.fold_in, (None, 0))(rng, state.position)  # [B]
+        key = jax.vmap(row_key, (None, 0, 0))(rng, jnp.arange(token.shape[0]), state.position)
         if greedy:  # the exact argmax, without every word's log-probability
             new, depth, _, after = decode_step(
                 model, variables, state, token, threshold, measure, greedy_token
@@ -319,7 +323,7 @@ def _generate_chunk(
             logits, depth, _, after = decode_step(
                 model, variables, state, token, threshold, measure
             )
-            new = sample_tokens(logits, key, temperature, sample_top_k)
+            new = sample_tokens(logits, key, temperature, sample_top_k, sample_top_p)
         state = after.select(~stopped, state)  # a stopped row keeps its state and position
         new, depth = jnp.where(stopped, stop, new), jnp.where(stopped, 0, depth)
         return (state, new, stopped | (new == stop)), (new, depth)
@@ -353,13 +357,27 @@ def load_state(path: str | os.PathLike, config: ModelConfig, batch: int) -> Recu
     return jax.tree.map(jnp.asarray, state)
 
 
-def check_sampling(temperature, sample_top_k, vocab_size: int) -> None:
-    """Raises ValueError unless temperature is a finite real >= 0 and sample_top_k is
-    None or an integer in [1, vocab_size]."""
+def row_key(rng, row, position) -> jax.Array:
+    """The sampling key of batch row `row` at `position`: rows draw independently,
+    and a row's draws do not depend on how its text was split into calls."""
+    return jax.random.fold_in(jax.random.fold_in(rng, row), position)
+
+
+def check_sampling(temperature, sample_top_k, vocab_size: int, sample_top_p=None) -> None:
+    """Raises ValueError unless temperature is a finite real >= 0, sample_top_k is
+    None or an integer in [1, vocab_size] and sample_top_p None or a real in (0, 1]."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a real number, got {temperature!r}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if sample_top_p is not None and (
+        isinstance(sample_top_p, bool)
+        or not isinstance(sample_top_p, numbers.Real)
+        or not 0 < sample_top_p <= 1
+    ):
+        raise ValueError(
+            f"sample_top_p must be a real number in (0, 1] or None, got {sample_top_p!r}"
+        )
     if sample_top_k is None:
         return
     if isinstance(sample_top_k, bool) or not isinstance(sample_top_k, numbers.Integral):
@@ -369,8 +387,11 @@ def check_sampling(temperature, sample_top_k, vocab_size: int) -> None:
 
 
 @functools.partial(jax.jit, static_argnames="sample_top_k")
-def sample_tokens(logits, rng, temperature, sample_top_k: int | None = None) -> jax.Array:
-    """One token per row from softmax(logits / temperature) over the top k; [B] int32.
+def sample_tokens(
+    logits, rng, temperature, sample_top_k: int | None = None, sample_top_p=None
+) -> jax.Array:
+    """One token per row from softmax(logits / temperature) over the top k and the
+    nucleus of mass top p; [B] int32.
 
     Gumbel-max: with g ~ Gumbel(0, 1) i.i.d., argmax(logits / T + g) is a sample of
     softmax(logits / T). For T < 1 the same argmax is taken of logits + T * g
@@ -380,15 +401,19 @@ def sample_tokens(logits, rng, temperature, sample_top_k: int | None = None) -> 
     sampling tends to greedy as T -> 0+.
 
     sample_top_k keeps exactly k ids: the first k of a stable descending order of
-    the logits, so a tie at the cut keeps the lowest ids.
+    the logits, so a tie at the cut keeps the lowest ids (`top_k_logits`);
+    sample_top_p then keeps the nucleus of that distribution (`top_p_logits`).
 
     Args:
       logits: [B, V] logits (or log-probabilities) of the next token.
       rng: a PRNG key, or one per row [B].
       temperature: [] finite, >= 0 (traced: one compilation for all).
       sample_top_k: None (every id) or k in [1, V] (static).
+      sample_top_p: None (every id) or p in (0, 1] ([], traced).
     """
     logits = top_k_logits(logits, sample_top_k)
+    if sample_top_p is not None:
+        logits = top_p_logits(logits, temperature, sample_top_p)
     temperature = jnp.asarray(temperature, jnp.float32)
     if jnp.ndim(rng) == 0:
         noise = jax.random.gumbel(rng, logits.shape, jnp.float32)  # [B, V], finite
@@ -403,10 +428,71 @@ def sample_tokens(logits, rng, temperature, sample_top_k: int | None = None) -> 
 def top_k_logits(logits, sample_top_k: int | None) -> jax.Array:
     """logits [..., V] as float32, all but the sample_top_k largest set to -inf (None:
     every id kept): the first k of a stable descending order, so a tie at the cut
-    keeps the lowest ids."""
+    keeps the lowest ids.
+
+    Without a sort of the V logits (slow on a CPU): `lax.top_k` gives the k-th
+    largest value; every id above it is kept, and of the ids equal to it as many as
+    the top k hold, lowest ids first.
+    """
     logits = logits.astype(jnp.float32)
     if sample_top_k is None:
         return logits
-    order = jnp.argsort(-logits, axis=-1, stable=True)  # [..., V] ids, largest first
-    rank = jnp.argsort(order, axis=-1)  # [..., V] each id's place in that order
-    return jnp.where(rank < sample_top_k, logits, -jnp.inf)
+    kth = jax.lax.top_k(logits, sample_top_k)[0][..., -1:]  # [..., 1]
+    above = logits > kth
+    tied = logits == kth
+    room = sample_top_k - jnp.sum(above, axis=-1, keepdims=True)  # ties the top k holds
+    keep = above | (tied & (jnp.cumsum(tied, axis=-1) <= room))
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def tempered_log_probs(logits, temperature) -> jax.Array:
+    """log softmax(logits / T) of logits [..., V] (-inf allowed) for T >= 0; a T that is
+    0 to float32 arithmetic (XLA flushes one below the normal range, < 1.2e-38, to 0)
+    gives all the mass to the argmax (ties: the lowest id), as `sample_tokens` does."""
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    # (logits - max) <= 0, so dividing by a small T gives -inf at worst, never inf.
+    tempered = jax.nn.log_softmax((logits - jnp.max(logits, -1, keepdims=True)) / temperature)
+    argmax = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=bool)
+    return jnp.where(temperature > 0, tempered, jnp.where(argmax, 0.0, -jnp.inf))
+
+
+NUCLEUS_STEPS = 31  # bisection steps over the bit patterns of non-negative float32s
+
+
+def top_p_logits(logits, temperature, top_p) -> jax.Array:
+    """logits [..., V] float32 with every id outside the nucleus set to -inf: the fewest
+    ids, taken in a stable descending order of softmax(logits / T) (ties: lowest id
+    first), whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020,
+    "The Curious Case of Neural Text Degeneration").
+
+    Without a sort of the V probabilities (slow on a CPU): the probability at the
+    cut is the largest one whose "mass of every probability >= it" reaches top_p,
+    found by bisection over the float32 bit patterns (monotone for non-negative
+    floats), NUCLEUS_STEPS passes over V; every id above it is kept, and ids equal
+    to it, lowest first, while the mass kept before them is below top_p.
+
+    Args:
+      logits: [..., V]; temperature: [] >= 0; top_p: [] or [...] (one per row) in (0, 1].
+    """
+    logits = logits.astype(jnp.float32)
+    probs = jnp.exp(tempered_log_probs(logits, temperature))  # [..., V]
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), bits.shape[:-1])  # [...]
+
+    def mass_from(cut):  # mass of the probabilities >= the float with bits `cut`; [...]
+        return jnp.sum(jnp.where(bits >= cut[..., None], probs, 0.0), axis=-1)
+
+    def bisect(_, bounds):  # invariant: mass_from(low) >= top_p (or low = 0)
+        low, high = bounds
+        middle = low + (high - low + 1) // 2
+        reaches = mass_from(middle) >= top_p
+        return jnp.where(reaches, middle, low), jnp.where(reaches, high, middle - 1)
+
+    start = (jnp.zeros(bits.shape[:-1], jnp.int32), jnp.max(bits, axis=-1))
+    cut = jax.lax.fori_loop(0, NUCLEUS_STEPS, bisect, start)[0][..., None]  # [..., 1]
+    above, tied = bits > cut, bits == cut
+    mass_above = jnp.sum(jnp.where(above, probs, 0.0), axis=-1, keepdims=True)
+    value = jax.lax.bitcast_convert_type(cut, jnp.float32)
+    before = mass_above + (jnp.cumsum(tied, axis=-1) - 1) * value  # mass before each tie
+    return jnp.where(above | (tied & (before < top_p[..., None])), logits, -jnp.inf)

@@ -41,7 +41,9 @@ from ee_jax.decode import (
     check_positions,
     check_sampling,
     greedy_token,
+    tempered_log_probs,
     top_k_logits,
+    top_p_logits,
 )
 from ee_jax.model import EarlyExitLM, check_tokens
 from ee_jax.state import RecurrentState
@@ -88,6 +90,7 @@ def speculative_generate(
     draft_tokens: int,
     temperature: float = 0.0,
     sample_top_k: int | None = None,
+    sample_top_p: float | None = None,
 ):
     """Continues each [B, P] prompt by `steps` tokens of the full model, drafted by an
     early exit and verified by the remaining blocks (module docstring).
@@ -95,7 +98,8 @@ def speculative_generate(
     The prompt is read in one parallel pass (as `decode.generate`); then the whole
     draft-verify-accept loop is one jitted `lax.while_loop`, each row at its own
     position. temperature 0 is greedy; otherwise sampling from softmax(logits / T)
-    over the sample_top_k largest logits when given (as `decode.sample_tokens`).
+    over the sample_top_k largest logits and the nucleus of mass sample_top_p when
+    given (as `decode.sample_tokens`).
 
     Args:
       prompt: [B, P] ids, P >= 1.
@@ -126,7 +130,7 @@ def speculative_generate(
             f"draft_exit must be an integer in [1, {config.n_layers - 1}] (an exit before "
             f"the last), got {draft_exit!r}"
         )
-    check_sampling(temperature, sample_top_k, config.vocab_size)
+    check_sampling(temperature, sample_top_k, config.vocab_size, sample_top_p)
     batch, prompt_length = np.shape(prompt)
     check_positions(config, 0, prompt_length + steps - 1)
     prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
@@ -147,6 +151,7 @@ def speculative_generate(
         int(draft_tokens),
         temperature == 0,
         sample_top_k,
+        None if sample_top_p is None else jnp.float32(sample_top_p),
     )
     accepted = np.asarray(accepted)
     rounds = int((accepted >= 0).any(axis=1).sum())
@@ -154,19 +159,16 @@ def speculative_generate(
     return jnp.concatenate([prompt, new[:, :steps]], axis=1), stats
 
 
-def warped_log_probs(logits, temperature, sample_top_k):
-    """log of `sample_tokens`' distribution for temperature > 0: softmax(logits / T) over
-    the sample_top_k largest logits (ties at the cut: lowest ids); [..., V].
-
-    As `sample_tokens`, a T that is 0 to float32 arithmetic (XLA flushes one below
-    the normal range, < 1.2e-38, to 0) gives all the mass to the argmax (ties: the
-    lowest id): sampling tends to greedy as T -> 0+."""
+def warped_log_probs(logits, temperature, sample_top_k, sample_top_p=None):
+    """log of `decode.sample_tokens`' distribution: softmax(logits / T) over the
+    sample_top_k largest logits (ties at the cut: lowest ids) and then over the
+    nucleus of mass sample_top_p (`decode.top_p_logits`); [..., V]. A T that is 0 to
+    float32 arithmetic gives all the mass to the argmax (`decode.tempered_log_probs`):
+    sampling tends to greedy as T -> 0+."""
     logits = top_k_logits(logits, sample_top_k)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    # (logits - max) <= 0, so dividing by a small T gives -inf at worst, never inf.
-    tempered = jax.nn.log_softmax((logits - jnp.max(logits, -1, keepdims=True)) / temperature)
-    argmax = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=bool)
-    return jnp.where(temperature > 0, tempered, jnp.where(argmax, 0.0, -jnp.inf))
+    if sample_top_p is not None:
+        logits = top_p_logits(logits, temperature, sample_top_p)
+    return tempered_log_probs(logits, temperature)
 
 
 def _per_row(x, index, position_axis: int, batch_axis: int):
@@ -185,7 +187,8 @@ def draft(model, variables, token, position, layers, key, *, draft_exit, k, samp
       token: [B] the last accepted token (not yet fed); position: [B] its position.
       layers: the mixer states of blocks 1..e before `token` (leaves [e, B, ...]).
       sampling: None (greedy: the exit's argmax, `adaptive.exact_argmax`) or
-        (temperature [], sample_top_k) for draws from the exit's distribution.
+        (temperature [], sample_top_k, sample_top_p) for draws from the exit's
+        distribution.
 
     Returns:
       (layer-e hidden states of the k + 1 fed tokens [B, k+1, D], the mixer states of
@@ -302,13 +305,24 @@ class _Rounds:
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10))
 def _speculative_loop(
-    model, variables, state, token, rng, temperature, steps, draft_exit, k, greedy, sample_top_k
+    model,
+    variables,
+    state,
+    token,
+    rng,
+    temperature,
+    steps,
+    draft_exit,
+    k,
+    greedy,
+    sample_top_k,
+    sample_top_p,
 ):
     """The draft-verify-accept rounds from `token` [B] (not yet fed) and `state`:
     (new tokens [B, steps + k + 1] (the first `steps` valid), accepted drafts per
     round [steps, B] (-1 where the row had finished or the round never ran))."""
     batch = token.shape[0]
-    sampling = None if greedy else (temperature, sample_top_k)
+    sampling = None if greedy else (temperature, sample_top_k, sample_top_p)
 
     def round_fn(carry: _Rounds) -> _Rounds:
         key = jax.random.fold_in(rng, carry.index)

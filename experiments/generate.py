@@ -52,6 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="sample only from the k most likely tokens, k in [1, V] (default: all)",
     )
+    parser.add_argument(
+        "--sample_top_p",
+        type=float,
+        default=None,
+        help="sample only from the nucleus: the most likely tokens whose probability "
+        "reaches p, p in (0, 1] (default: all)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(
         "--profile",
@@ -117,9 +124,11 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
             f"prompt length {prompt_length} + --steps {args.steps} - 1: {error}"
         ) from None
     try:
-        decode.check_sampling(args.temperature, args.sample_top_k, config.model.vocab_size)
+        decode.check_sampling(
+            args.temperature, args.sample_top_k, config.model.vocab_size, args.sample_top_p
+        )
     except ValueError as error:  # name the flags
-        raise ValueError(f"--temperature / --sample_top_k: {error}") from None
+        raise ValueError(f"--temperature / --sample_top_k / --sample_top_p: {error}") from None
 
 
 def main(argv=None) -> int:
@@ -162,6 +171,7 @@ def generate_text(decode, model, params, vocab, prompt, args):
         measure=args.measure,
         temperature=args.temperature,
         sample_top_k=args.sample_top_k,
+        sample_top_p=args.sample_top_p,
         stop_token=vocab.eos_id if args.stop_at_eos else None,
         chunk=args.chunk,
         on_chunk=lambda new, depth: print(

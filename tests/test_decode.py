@@ -215,6 +215,8 @@ def test_sampling_tends_to_greedy_as_the_temperature_goes_to_zero(setup, tempera
         (dict(temperature=-1.0), "temperature"),
         (dict(temperature="1"), "temperature"),
         (dict(temperature=1.0, sample_top_k=0), "sample_top_k"),
+        (dict(temperature=1.0, sample_top_p=0.0), "sample_top_p"),
+        (dict(temperature=1.0, sample_top_p=True), "sample_top_p"),
         (dict(temperature=1.0, sample_top_k=V + 1), "sample_top_k"),
         (dict(temperature=1.0, sample_top_k=2.0), "sample_top_k"),
         (dict(steps=-1), "steps"),
@@ -346,6 +348,9 @@ def test_generate_cli_checks_prompt_ids_model_and_sampling_flags():
         (dict(temperature=-0.5), "temperature"),
         (dict(sample_top_k=0), "sample_top_k"),
         (dict(sample_top_k=V + 1), "sample_top_k"),
+        (dict(sample_top_p=0.0), "sample_top_p"),
+        (dict(sample_top_p=1.5), "sample_top_p"),
+        (dict(sample_top_p=float("nan")), "sample_top_p"),
         (dict(steps=-1), "steps"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -483,3 +488,38 @@ def test_generate_cli_prints_and_counts_the_tokens_up_to_eos(monkeypatch, capsys
     layers = config.model.n_layers
     counts = np.bincount(new_depths[: eos + 1], minlength=layers + 1)[1:]
     assert lines[-1] == f"{eos + 1} tokens; exit depths 1..{layers}: {counts.tolist()}"
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 40, 97])
+def test_top_k_keeps_the_first_k_of_a_stable_descending_order(k):
+    # Given logits with many ties (few distinct values), 4 rows of V = 97.
+    logits = np.random.default_rng(k).integers(-3, 4, (4, V)).astype(np.float32)
+    # When all but the top k are masked (lax.top_k and a count of ties, no sort).
+    kept = np.asarray(decode.top_k_logits(jnp.asarray(logits), k)) > -np.inf
+    # Then the kept ids are exactly the first k of numpy's stable descending sort.
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    expected = np.zeros_like(kept)
+    np.put_along_axis(expected, order, True, axis=-1)
+    np.testing.assert_array_equal(kept, expected)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_top_p_keeps_the_nucleus_of_a_stable_descending_order(temperature):
+    # Given logits with ties (few distinct values), 4 rows of V = 97, and for each
+    # row every nucleus size m: a top_p halfway between the masses of the first m - 1
+    # and m ids of a float64 stable descending sort (so rounding cannot move the cut).
+    rng = np.random.default_rng(int(10 * temperature))
+    logits = rng.integers(-4, 4, (4, V)).astype(np.float32) / 2
+    probs = np.exp(logits.astype(np.float64) / temperature)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=-1), axis=-1)
+    for m in (1, 2, 5, 30, V):
+        top_p = (cumulative[:, m - 2] if m > 1 else 0.0) / 2 + cumulative[:, m - 1] / 2
+        top_p = np.minimum(top_p, 1.0).astype(np.float32)
+        # When the ids outside the nucleus are masked (bisection, no sort).
+        masked = decode.top_p_logits(jnp.asarray(logits), temperature, jnp.asarray(top_p))
+        # Then the kept ids are the first m of the sort.
+        expected = np.zeros(logits.shape, bool)
+        np.put_along_axis(expected, order[:, :m], True, axis=-1)
+        np.testing.assert_array_equal(np.asarray(masked) > -np.inf, expected, err_msg=f"m={m}")

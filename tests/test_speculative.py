@@ -102,9 +102,24 @@ def test_trace_blocks_gives_the_state_after_every_position():
         np.testing.assert_allclose(solved[:, :, i], after.layers.solved[1:], atol=1e-5)
 
 
-def exact_joint(model, variables, context, length, layer, temperature):
-    """p(x_1..x_length | context) of exit `layer` (0-based) at `temperature`, by
-    enumerating every continuation with full passes; [V] * length."""
+def reference_nucleus(probs: np.ndarray, top_p: float | None) -> np.ndarray:
+    """probs [..., V] (float64) renormalised over the nucleus: the first ids of a
+    stable descending sort whose cumulative probability reaches top_p."""
+    if top_p is None:
+        return probs
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    before = np.cumsum(ranked, axis=-1) - ranked  # mass ahead of each ranked id
+    keep = np.zeros(probs.shape, bool)
+    np.put_along_axis(keep, order, before < top_p, axis=-1)
+    kept = np.where(keep, probs, 0.0)
+    return kept / kept.sum(axis=-1, keepdims=True)
+
+
+def exact_joint(model, variables, context, length, layer, temperature, top_p=None):
+    """p(x_1..x_length | context) of exit `layer` (0-based) at `temperature` (and over
+    the nucleus of mass top_p), by enumerating every continuation with full passes;
+    [V] * length."""
     vocab = model.config.vocab_size
     joint = np.ones([1] * 0)
     for step in range(length):
@@ -113,49 +128,89 @@ def exact_joint(model, variables, context, length, layer, temperature):
         batch = np.concatenate([np.repeat(context[None], len(prefixes), 0), prefixes], 1)
         logits = model.apply(variables, jnp.asarray(batch), method=EarlyExitLM.exit_logits)
         log_p = jax.nn.log_softmax(np.asarray(logits[layer, :, -1], np.float64) / temperature)
-        conditional = np.exp(np.asarray(log_p, np.float64)).reshape([vocab] * step + [vocab])
-        joint = joint[..., None] * conditional
+        conditional = reference_nucleus(np.exp(np.asarray(log_p, np.float64)), top_p)
+        joint = joint[..., None] * conditional.reshape([vocab] * step + [vocab])
     return joint
 
 
-def test_speculative_sampling_has_the_full_models_distribution():
+def assert_chi_square_fits(tokens, exact, alternative, vocab: int):
+    """Rows of tokens [R, n] against the exact joint [V ** n]: no row in a cell of
+    probability 0, and a chi-square test over the others (cells with fewer than 5
+    expected rows pooled) does not reject it at level 0.001, a test whose power
+    against `alternative` (another joint) is at least 0.999."""
+    rows, length = tokens.shape
+    cell = np.ravel_multi_index(tokens.T, (vocab,) * length)
+    counts = np.bincount(cell, minlength=vocab**length)
+    possible = exact > 0
+    assert counts[~possible].sum() == 0  # nothing outside the support (a nucleus)
+    small = possible & (exact * rows < 5)
+    large = possible & ~small
+
+    def cells(p):
+        pooled = p[small].sum()
+        return np.append(p[large], pooled) if exact[small].sum() > 0 else p[large]
+
+    expected, observed = cells(exact) * rows, cells(counts)
+    df = len(expected) - 1
+    statistic = np.sum((observed - expected) ** 2 / expected)
+    critical = scipy.stats.chi2.ppf(0.999, df)
+    shift = rows * np.sum((cells(alternative) - cells(exact)) ** 2 / cells(exact))
+    outside = alternative[~possible].sum()  # a row there rejects at once
+    power = max(scipy.stats.ncx2.sf(critical, df, shift), 1 - (1 - outside) ** rows)
+    assert power >= 0.999
+    assert statistic < critical, (statistic, critical)
+
+
+SMALL = tiny().replace(vocab_size=8, position="none", bk_value_dim=3)
+CONTEXT = np.array([3, 1, 4, 1, 5], np.int32)
+
+
+@pytest.mark.parametrize("top_p", [None, 0.8])
+def test_speculative_sampling_has_the_full_models_distribution(top_p):
     # Given a small-vocabulary model, one context, and the exact distribution of the
-    # full model's next 3 tokens at temperature 0.8 (and, as the alternative the test
-    # must detect, that of the unverified draft exit).
-    config = tiny().replace(vocab_size=8, position="none", bk_value_dim=3)
-    model, variables = model_and_variables(config)
-    context = np.array([3, 1, 4, 1, 5], np.int32)
-    exact = exact_joint(model, variables, context, 3, config.n_layers - 1, 0.8).ravel()
-    draft = exact_joint(model, variables, context, 3, 0, 0.8).ravel()
+    # full model's next 3 tokens at temperature 0.8 (over the nucleus of mass top_p),
+    # and, as the alternative the test must detect, that of the unverified draft exit.
+    model, variables = model_and_variables(SMALL)
+    exact = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8, top_p)
+    draft = exact_joint(model, variables, CONTEXT, 3, 0, 0.8, top_p)
     # When 20,000 rows each sample 3 tokens speculatively (exit 1 drafts 2 at a time).
-    rows = 20000
     out, stats = speculative_generate(
         model,
         variables,
-        np.tile(context, (rows, 1)),
+        np.tile(CONTEXT, (20000, 1)),
         3,
         jax.random.key(7),
         draft_exit=1,
         draft_tokens=2,
         temperature=0.8,
+        sample_top_p=top_p,
     )
-    new = np.asarray(out[:, len(context) :])
-    counts = np.bincount(np.ravel_multi_index(new.T, (8, 8, 8)), minlength=8**3)
-    # Then a chi-square test (cells with fewer than 5 expected rows pooled) does not
-    # reject the full model's distribution at level 0.001, a test whose power
-    # against the draft's distribution is at least 0.999.
-    small = exact * rows < 5
-    cells = lambda p: np.append(p[~small], p[small].sum())  # noqa: E731
-    expected, observed, alternative = cells(exact) * rows, cells(counts), cells(draft)
-    df = len(expected) - 1
-    statistic = np.sum((observed - expected) ** 2 / expected)
-    critical = scipy.stats.chi2.ppf(0.999, df)
-    power = scipy.stats.ncx2.sf(
-        critical, df, rows * np.sum((alternative - cells(exact)) ** 2 / cells(exact))
-    )
-    assert power >= 0.999
-    assert statistic < critical, (statistic, critical)
+    # Then the tokens follow the full model's distribution, not the draft's.
+    assert_chi_square_fits(np.asarray(out[:, len(CONTEXT) :]), exact.ravel(), draft.ravel(), 8)
     assert 0 < stats.acceptance_rate < 1  # drafts were both kept and rejected
+
+
+def test_sampling_with_a_nucleus_has_the_models_distribution():
+    # Given the exact distribution of the full model's next 3 tokens at temperature
+    # 0.8 over the nucleus of mass 0.8, and the one without the nucleus.
+    model, variables = model_and_variables(SMALL)
+    exact = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8, 0.8)
+    unrestricted = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8)
+    # When 20,000 rows each sample 3 tokens at full depth (decode.generate).
+    out, _ = generate(
+        model,
+        variables,
+        np.tile(CONTEXT, (20000, 1)),
+        3,
+        jax.random.key(8),
+        threshold=1.0,
+        temperature=0.8,
+        sample_top_p=0.8,
+    )
+    # Then they follow the nucleus distribution, not the unrestricted one.
+    assert_chi_square_fits(
+        np.asarray(out[:, len(CONTEXT) :]), exact.ravel(), unrestricted.ravel(), 8
+    )
 
 
 @pytest.mark.parametrize(
@@ -167,6 +222,7 @@ def test_speculative_sampling_has_the_full_models_distribution():
         (dict(draft_exit=1, draft_tokens=0), "draft_tokens must be an integer >= 1"),
         (dict(draft_exit=1, draft_tokens=2, temperature=float("nan")), "temperature"),
         (dict(draft_exit=1, draft_tokens=2, sample_top_k=0), "sample_top_k"),
+        (dict(draft_exit=1, draft_tokens=2, sample_top_p=2.0), "sample_top_p"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(options, message):
