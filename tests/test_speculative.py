@@ -165,6 +165,18 @@ SMALL = tiny().replace(vocab_size=8, position="none", bk_value_dim=3)
 CONTEXT = np.array([3, 1, 4, 1, 5], np.int32)
 
 
+def sample_rows(generate_fn, seed: int, **options):
+    """3 tokens after CONTEXT for each of 20,000 rows at temperature 0.8, by
+    `generate_fn` (decode.generate or speculative_generate): (new tokens [R, 3], the
+    function's second output)."""
+    model, variables = model_and_variables(SMALL)
+    rows = np.tile(CONTEXT, (20000, 1))
+    out, extra = generate_fn(
+        model, variables, rows, 3, jax.random.key(seed), temperature=0.8, **options
+    )
+    return np.asarray(out[:, len(CONTEXT) :]), extra
+
+
 @pytest.mark.parametrize("top_p", [None, 0.8])
 def test_speculative_sampling_has_the_full_models_distribution(top_p):
     # Given a small-vocabulary model, one context, and the exact distribution of the
@@ -174,19 +186,11 @@ def test_speculative_sampling_has_the_full_models_distribution(top_p):
     exact = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8, top_p)
     draft = exact_joint(model, variables, CONTEXT, 3, 0, 0.8, top_p)
     # When 20,000 rows each sample 3 tokens speculatively (exit 1 drafts 2 at a time).
-    out, stats = speculative_generate(
-        model,
-        variables,
-        np.tile(CONTEXT, (20000, 1)),
-        3,
-        jax.random.key(7),
-        draft_exit=1,
-        draft_tokens=2,
-        temperature=0.8,
-        sample_top_p=top_p,
+    new, stats = sample_rows(
+        speculative_generate, 7, draft_exit=1, draft_tokens=2, sample_top_p=top_p
     )
     # Then the tokens follow the full model's distribution, not the draft's.
-    assert_chi_square_fits(np.asarray(out[:, len(CONTEXT) :]), exact.ravel(), draft.ravel(), 8)
+    assert_chi_square_fits(new, exact.ravel(), draft.ravel(), 8)
     assert 0 < stats.acceptance_rate < 1  # drafts were both kept and rejected
 
 
@@ -197,20 +201,9 @@ def test_sampling_with_a_nucleus_has_the_models_distribution():
     exact = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8, 0.8)
     unrestricted = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8)
     # When 20,000 rows each sample 3 tokens at full depth (decode.generate).
-    out, _ = generate(
-        model,
-        variables,
-        np.tile(CONTEXT, (20000, 1)),
-        3,
-        jax.random.key(8),
-        threshold=1.0,
-        temperature=0.8,
-        sample_top_p=0.8,
-    )
+    new, _ = sample_rows(generate, 8, threshold=1.0, sample_top_p=0.8)
     # Then they follow the nucleus distribution, not the unrestricted one.
-    assert_chi_square_fits(
-        np.asarray(out[:, len(CONTEXT) :]), exact.ravel(), unrestricted.ravel(), 8
-    )
+    assert_chi_square_fits(new, exact.ravel(), unrestricted.ravel(), 8)
 
 
 @pytest.mark.parametrize(
