@@ -430,19 +430,17 @@ def top_k_logits(logits, sample_top_k: int | None) -> jax.Array:
     every id kept): the first k of a stable descending order, so a tie at the cut
     keeps the lowest ids.
 
-    Without a sort of the V logits (slow on a CPU): `lax.top_k` gives the k-th
-    largest value; every id above it is kept, and of the ids equal to it as many as
-    the top k hold, lowest ids first.
+    Without a sort of the V logits (12 ms for V = 33,278 on this CPU): `lax.top_k`
+    (0.1 ms), whose ties come lowest index first, and a scatter of its k ids.
     """
     logits = logits.astype(jnp.float32)
     if sample_top_k is None:
         return logits
-    kth = jax.lax.top_k(logits, sample_top_k)[0][..., -1:]  # [..., 1]
-    above = logits > kth
-    tied = logits == kth
-    room = sample_top_k - jnp.sum(above, axis=-1, keepdims=True)  # ties the top k holds
-    keep = above | (tied & (jnp.cumsum(tied, axis=-1) <= room))
-    return jnp.where(keep, logits, -jnp.inf)
+    ids = jax.lax.top_k(logits, sample_top_k)[1]  # [..., k]
+    flat = ids.reshape(-1, sample_top_k)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    keep = jnp.zeros((flat.shape[0], logits.shape[-1]), bool).at[rows, flat].set(True)
+    return jnp.where(keep.reshape(logits.shape), logits, -jnp.inf)
 
 
 def tempered_log_probs(logits, temperature) -> jax.Array:
