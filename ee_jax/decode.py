@@ -20,7 +20,6 @@ constant.
 """
 
 import functools
-import math
 import numbers
 import os
 import pathlib
@@ -40,6 +39,7 @@ from ee_jax.early_exit import (
     halting_loop,
 )
 from ee_jax.model import EarlyExitLM, check_tokens
+from ee_jax.sampling import check_sampling, row_key, sample_tokens
 from ee_jax.state import RecurrentState, check_carry, check_state
 
 
@@ -355,142 +355,3 @@ def load_state(path: str | os.PathLike, config: ModelConfig, batch: int) -> Recu
         raise ValueError(f"{path} is not a decoding state of this model: {error}") from error
     check_state(state, config, batch)
     return jax.tree.map(jnp.asarray, state)
-
-
-def row_key(rng, row, position) -> jax.Array:
-    """The sampling key of batch row `row` at `position`: rows draw independently,
-    and a row's draws do not depend on how its text was split into calls."""
-    return jax.random.fold_in(jax.random.fold_in(rng, row), position)
-
-
-def check_sampling(temperature, sample_top_k, vocab_size: int, sample_top_p=None) -> None:
-    """Raises ValueError unless temperature is a finite real >= 0, sample_top_k is
-    None or an integer in [1, vocab_size] and sample_top_p None or a real in (0, 1]."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a real number, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if sample_top_p is not None and (
-        isinstance(sample_top_p, bool)
-        or not isinstance(sample_top_p, numbers.Real)
-        or not 0 < sample_top_p <= 1
-    ):
-        raise ValueError(
-            f"sample_top_p must be a real number in (0, 1] or None, got {sample_top_p!r}"
-        )
-    if sample_top_k is None:
-        return
-    if isinstance(sample_top_k, bool) or not isinstance(sample_top_k, numbers.Integral):
-        raise ValueError(f"sample_top_k must be an integer or None, got {sample_top_k!r}")
-    if not 1 <= sample_top_k <= vocab_size:
-        raise ValueError(f"sample_top_k must be in [1, {vocab_size}], got {sample_top_k}")
-
-
-@functools.partial(jax.jit, static_argnames="sample_top_k")
-def sample_tokens(
-    logits, rng, temperature, sample_top_k: int | None = None, sample_top_p=None
-) -> jax.Array:
-    """One token per row from softmax(logits / temperature) over the top k and the
-    nucleus of mass top p; [B] int32.
-
-    Gumbel-max: with g ~ Gumbel(0, 1) i.i.d., argmax(logits / T + g) is a sample of
-    softmax(logits / T). For T < 1 the same argmax is taken of logits + T * g
-    (scaled by T > 0), so nothing can overflow: logits / T with T >= 1 is at most
-    the logits, T * g with T < 1 at most g (|g| < 17 in float32). At T = 0, or a T
-    whose product with g underflows, this is exactly the argmax (ties: lowest id):
-    sampling tends to greedy as T -> 0+.
-
-    sample_top_k keeps exactly k ids: the first k of a stable descending order of
-    the logits, so a tie at the cut keeps the lowest ids (`top_k_logits`);
-    sample_top_p then keeps the nucleus of that distribution (`top_p_logits`).
-
-    Args:
-      logits: [B, V] logits (or log-probabilities) of the next token.
-      rng: a PRNG key, or one per row [B].
-      temperature: [] finite, >= 0 (traced: one compilation for all).
-      sample_top_k: None (every id) or k in [1, V] (static).
-      sample_top_p: None (every id) or p in (0, 1] ([], traced).
-    """
-    logits = top_k_logits(logits, sample_top_k)
-    if sample_top_p is not None:
-        logits = top_p_logits(logits, temperature, sample_top_p)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    if jnp.ndim(rng) == 0:
-        noise = jax.random.gumbel(rng, logits.shape, jnp.float32)  # [B, V], finite
-    else:  # a key per row
-        noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:], jnp.float32))(rng)
-    scores = jnp.where(
-        temperature >= 1, logits / temperature + noise, logits + temperature * noise
-    )  # [B, V]
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-
-
-def top_k_logits(logits, sample_top_k: int | None) -> jax.Array:
-    """logits [..., V] as float32, all but the sample_top_k largest set to -inf (None:
-    every id kept): the first k of a stable descending order, so a tie at the cut
-    keeps the lowest ids.
-
-    Without a sort of the V logits (12 ms for V = 33,278 on this CPU): `lax.top_k`
-    (0.1 ms), whose ties come lowest index first, and a scatter of its k ids.
-    """
-    logits = logits.astype(jnp.float32)
-    if sample_top_k is None:
-        return logits
-    ids = jax.lax.top_k(logits, sample_top_k)[1]  # [..., k]
-    flat = ids.reshape(-1, sample_top_k)
-    rows = jnp.arange(flat.shape[0])[:, None]
-    keep = jnp.zeros((flat.shape[0], logits.shape[-1]), bool).at[rows, flat].set(True)
-    return jnp.where(keep.reshape(logits.shape), logits, -jnp.inf)
-
-
-def tempered_log_probs(logits, temperature) -> jax.Array:
-    """log softmax(logits / T) of logits [..., V] (-inf allowed) for T >= 0; a T that is
-    0 to float32 arithmetic (XLA flushes one below the normal range, < 1.2e-38, to 0)
-    gives all the mass to the argmax (ties: the lowest id), as `sample_tokens` does."""
-    logits = logits.astype(jnp.float32)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    # (logits - max) <= 0, so dividing by a small T gives -inf at worst, never inf.
-    tempered = jax.nn.log_softmax((logits - jnp.max(logits, -1, keepdims=True)) / temperature)
-    argmax = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=bool)
-    return jnp.where(temperature > 0, tempered, jnp.where(argmax, 0.0, -jnp.inf))
-
-
-NUCLEUS_STEPS = 31  # bisection steps over the bit patterns of non-negative float32s
-
-
-def top_p_logits(logits, temperature, top_p) -> jax.Array:
-    """logits [..., V] float32 with every id outside the nucleus set to -inf: the fewest
-    ids, taken in a stable descending order of softmax(logits / T) (ties: lowest id
-    first), whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020,
-    "The Curious Case of Neural Text Degeneration").
-
-    Without a sort of the V probabilities (slow on a CPU): the probability at the
-    cut is the largest one whose "mass of every probability >= it" reaches top_p,
-    found by bisection over the float32 bit patterns (monotone for non-negative
-    floats), NUCLEUS_STEPS passes over V; every id above it is kept, and ids equal
-    to it, lowest first, while the mass kept before them is below top_p.
-
-    Args:
-      logits: [..., V]; temperature: [] >= 0; top_p: [] or [...] (one per row) in (0, 1].
-    """
-    logits = logits.astype(jnp.float32)
-    probs = jnp.exp(tempered_log_probs(logits, temperature))  # [..., V]
-    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
-    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), bits.shape[:-1])  # [...]
-
-    def mass_from(cut):  # mass of the probabilities >= the float with bits `cut`; [...]
-        return jnp.sum(jnp.where(bits >= cut[..., None], probs, 0.0), axis=-1)
-
-    def bisect(_, bounds):  # invariant: mass_from(low) >= top_p (or low = 0)
-        low, high = bounds
-        middle = low + (high - low + 1) // 2
-        reaches = mass_from(middle) >= top_p
-        return jnp.where(reaches, middle, low), jnp.where(reaches, high, middle - 1)
-
-    start = (jnp.zeros(bits.shape[:-1], jnp.int32), jnp.max(bits, axis=-1))
-    cut = jax.lax.fori_loop(0, NUCLEUS_STEPS, bisect, start)[0][..., None]  # [..., 1]
-    above, tied = bits > cut, bits == cut
-    mass_above = jnp.sum(jnp.where(above, probs, 0.0), axis=-1, keepdims=True)
-    value = jax.lax.bitcast_convert_type(cut, jnp.float32)
-    before = mass_above + (jnp.cumsum(tied, axis=-1) - 1) * value  # mass before each tie
-    return jnp.where(above | (tied & (before < top_p[..., None])), logits, -jnp.inf)

@@ -34,18 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ee_jax.decode import (
-    _check_count,
-    _prefill,
-    check_decodable,
-    check_positions,
-    check_sampling,
-    greedy_token,
-    tempered_log_probs,
-    top_k_logits,
-    top_p_logits,
-)
+from ee_jax.decode import _check_count, _prefill, check_decodable, check_positions, greedy_token
 from ee_jax.model import EarlyExitLM, check_tokens
+from ee_jax.sampling import check_sampling, tempered_log_probs, top_k_logits, top_p_logits
 from ee_jax.state import RecurrentState
 
 
@@ -99,7 +90,7 @@ def speculative_generate(
     draft-verify-accept loop is one jitted `lax.while_loop`, each row at its own
     position. temperature 0 is greedy; otherwise sampling from softmax(logits / T)
     over the sample_top_k largest logits and the nucleus of mass sample_top_p when
-    given (as `decode.sample_tokens`).
+    given (as `sampling.sample_tokens`).
 
     Args:
       prompt: [B, P] ids, P >= 1.
@@ -160,10 +151,10 @@ def speculative_generate(
 
 
 def warped_log_probs(logits, temperature, sample_top_k, sample_top_p=None):
-    """log of `decode.sample_tokens`' distribution: softmax(logits / T) over the
+    """log of `sampling.sample_tokens`' distribution: softmax(logits / T) over the
     sample_top_k largest logits (ties at the cut: lowest ids) and then over the
-    nucleus of mass sample_top_p (`decode.top_p_logits`); [..., V]. A T that is 0 to
-    float32 arithmetic gives all the mass to the argmax (`decode.tempered_log_probs`):
+    nucleus of mass sample_top_p (`sampling.top_p_logits`); [..., V]. A T that is 0 to
+    float32 arithmetic gives all the mass to the argmax (`sampling.tempered_log_probs`):
     sampling tends to greedy as T -> 0+."""
     logits = top_k_logits(logits, sample_top_k)
     if sample_top_p is not None:

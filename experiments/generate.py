@@ -107,7 +107,7 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
     """Raises ValueError (one line for the user) on flags or a model decode.generate
     would refuse; a ValueError from generate itself is then a bug and keeps its
     traceback."""
-    from ee_jax import decode
+    from ee_jax import decode, sampling
     from ee_jax.early_exit import check_exit_options
 
     decode.check_decodable(config.model)
@@ -124,7 +124,7 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
             f"prompt length {prompt_length} + --steps {args.steps} - 1: {error}"
         ) from None
     try:
-        decode.check_sampling(
+        sampling.check_sampling(
             args.temperature, args.sample_top_k, config.model.vocab_size, args.sample_top_p
         )
     except ValueError as error:  # name the flags

@@ -15,10 +15,11 @@ import ee_jax
 from ee_jax import decode, passes
 from ee_jax.config import tiny, train_preset
 from ee_jax.data import Vocabulary, make_lm_stream
-from ee_jax.decode import decode_sequence, decode_step, generate, sample_tokens
+from ee_jax.decode import decode_sequence, decode_step, generate
 from ee_jax.early_exit import early_exit_forward
 from ee_jax.model import EarlyExitLM
 from ee_jax.passes import real_loop_row, stream_evaluate
+from ee_jax.sampling import sample_tokens, top_k_logits, top_p_logits
 from ee_jax.state import RecurrentState
 
 CONFIG = tiny()
@@ -495,7 +496,7 @@ def test_top_k_keeps_the_first_k_of_a_stable_descending_order(k):
     # Given logits with many ties (few distinct values), 4 rows of V = 97.
     logits = np.random.default_rng(k).integers(-3, 4, (4, V)).astype(np.float32)
     # When all but the top k are masked (lax.top_k and a count of ties, no sort).
-    kept = np.asarray(decode.top_k_logits(jnp.asarray(logits), k)) > -np.inf
+    kept = np.asarray(top_k_logits(jnp.asarray(logits), k)) > -np.inf
     # Then the kept ids are exactly the first k of numpy's stable descending sort.
     order = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
     expected = np.zeros_like(kept)
@@ -518,7 +519,7 @@ def test_top_p_keeps_the_nucleus_of_a_stable_descending_order(temperature):
         top_p = (cumulative[:, m - 2] if m > 1 else 0.0) / 2 + cumulative[:, m - 1] / 2
         top_p = np.minimum(top_p, 1.0).astype(np.float32)
         # When the ids outside the nucleus are masked (bisection, no sort).
-        masked = decode.top_p_logits(jnp.asarray(logits), temperature, jnp.asarray(top_p))
+        masked = top_p_logits(jnp.asarray(logits), temperature, jnp.asarray(top_p))
         # Then the kept ids are the first m of the sort.
         expected = np.zeros(logits.shape, bool)
         np.put_along_axis(expected, order[:, :m], True, axis=-1)
