@@ -38,7 +38,7 @@ from ee_jax.early_exit import (
     exit_outputs,
     halting_loop,
 )
-from ee_jax.model import EarlyExitLM, check_tokens
+from ee_jax.model import EarlyExitLM, check_positions, check_tokens
 from ee_jax.sampling import check_sampling, row_key, sample_tokens
 from ee_jax.state import RecurrentState, check_carry, check_state
 
@@ -114,18 +114,6 @@ def check_decodable(config: ModelConfig) -> None:
     not seen, and the attention mixer would need a key-value cache.
     """
     check_carry(config)
-
-
-def check_positions(config: ModelConfig, start: int, count: int) -> None:
-    """Raises ValueError unless the `count` positions from `start` are rows of a
-    "learned" position table (0..n_seq-1): inside jit, a gather past it would
-    silently read the last row. Position "none" reads any length."""
-    if config.position == "learned" and start + count > config.n_seq:
-        raise ValueError(
-            f"positions {start}..{start + count - 1} pass the position table of "
-            f'n_seq={config.n_seq} rows (position "learned"); a model with position "none" '
-            f"reads any length"
-        )
 
 
 def decode_sequence(

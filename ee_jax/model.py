@@ -75,6 +75,18 @@ def check_tokens(tokens, config: ModelConfig, *, stream: bool = False) -> None:
         )
 
 
+def check_positions(config: ModelConfig, start: int, count: int) -> None:
+    """Raises ValueError unless the `count` positions from `start` are rows of a
+    "learned" position table (0..n_seq-1): inside jit, a gather past it would
+    silently read the last row. Position "none" reads any length."""
+    if config.position == "learned" and start + count > config.n_seq:
+        raise ValueError(
+            f"positions {start}..{start + count - 1} pass the position table of "
+            f'n_seq={config.n_seq} rows (position "learned"); a model with position "none" '
+            f"reads any length"
+        )
+
+
 class EarlyExitLM(nn.Module):
     """ResNet-BK language model with an exit head after every block."""
 
@@ -108,13 +120,8 @@ class EarlyExitLM(nn.Module):
         row's first position, `RecurrentState.position`)."""
         check_tokens(tokens, self.config)
         length = tokens.shape[1]
-        if self.config.position == "learned" and not isinstance(offset, jax.core.Tracer):
-            last = int(np.max(offset)) + length - 1
-            if last >= self.config.n_seq:
-                raise ValueError(
-                    f"position {last} is past the position table (n_seq="
-                    f'{self.config.n_seq}); a model with position "none" reads any length'
-                )
+        if not isinstance(offset, jax.core.Tracer):
+            check_positions(self.config, int(np.max(offset)), length)
         positions = jnp.asarray(offset, jnp.int32)[..., None] + jnp.arange(length)
         h = self.embedder(tokens, positions)
         return self.embed_dropout(h, deterministic=deterministic)

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ee_jax.decode import _check_count, _prefill, check_decodable, check_positions, greedy_token
-from ee_jax.model import EarlyExitLM, check_tokens
+from ee_jax.decode import _check_count, _prefill, check_decodable, greedy_token
+from ee_jax.model import EarlyExitLM, check_positions, check_tokens
 from ee_jax.sampling import check_sampling, tempered_log_probs, top_k_logits, top_p_logits
 from ee_jax.state import RecurrentState
 

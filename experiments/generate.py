@@ -109,6 +109,7 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
     traceback."""
     from ee_jax import decode, sampling
     from ee_jax.early_exit import check_exit_options
+    from ee_jax.model import check_positions
 
     decode.check_decodable(config.model)
     if args.threshold is not None:
@@ -118,7 +119,7 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
     try:  # the positions generate reads: the prompt's and all but the last new token's
-        decode.check_positions(config.model, 0, prompt_length + args.steps - 1)
+        check_positions(config.model, 0, prompt_length + args.steps - 1)
     except ValueError as error:  # name the flag
         raise ValueError(
             f"prompt length {prompt_length} + --steps {args.steps} - 1: {error}"
