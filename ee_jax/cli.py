@@ -153,3 +153,18 @@ def carried(protocol: str, config) -> bool:
     """Whether an evaluation reads the split in the "continuous" protocol: as asked,
     or for "auto" as the run trained (`TrainConfig.carry_state`)."""
     return config.carry_state if protocol == "auto" else protocol == "continuous"
+
+
+def calibrated_threshold(workdir, measure: str) -> float | None:
+    """The threshold `experiments/eval_early_exit.py` calibrated on valid for
+    `measure` (WORKDIR/eval/results.json), or None when there is none."""
+    path = pathlib.Path(workdir) / "eval" / "results.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("calibration", {}).get(measure, {}).get("threshold")
+
+
+def prompts_from_test_split(corpus, batch: int, length: int) -> np.ndarray:
+    """[batch, length] int32 prompts of the test split: row b starts at token b x 997."""
+    ids = np.asarray(corpus.test, np.int32)
+    return np.stack([ids[b * 997 : b * 997 + length] for b in range(batch)])

@@ -20,8 +20,6 @@ Prints a table and writes --json.
 """
 
 import argparse
-import json
-import pathlib
 import sys
 import time
 
@@ -45,14 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=cli.positive_int, default=3, help="timed rounds (>= 2)")
     parser.add_argument("--json", default="bench_decode.json", help="results file")
     return parser.parse_args(argv)
-
-
-def calibrated_threshold(workdir, measure: str) -> float | None:
-    """The run's threshold for `measure` calibrated by eval_early_exit.py, if any."""
-    path = pathlib.Path(workdir) / "eval" / "results.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get("calibration", {}).get(measure, {}).get("threshold")
 
 
 def modes(args, threshold: float | None) -> dict[str, dict]:
@@ -85,11 +75,10 @@ def main(argv=None) -> int:
         run, corpus = cli.load_run_and_corpus(args)
     except cli.USER_ERRORS as error:
         return cli.report_error(error)
-    threshold = calibrated_threshold(args.workdir, args.exit_measure)
-    ids = np.asarray(corpus.test, np.int32)
+    threshold = cli.calibrated_threshold(args.workdir, args.exit_measure)
     rows = []
     for batch in args.batch_sizes:
-        prompt = np.stack([ids[b * 997 : b * 997 + args.prompt_length] for b in range(batch)])
+        prompt = cli.prompts_from_test_split(corpus, batch, args.prompt_length)
         calls = {
             name: lambda options=options, prompt=prompt: decode.generate(
                 run.model, run.variables, prompt, args.steps, jax.random.key(0), **options

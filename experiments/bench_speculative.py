@@ -21,8 +21,6 @@ Prints tables and writes --json.
 
 import argparse
 import functools
-import json
-import pathlib
 import sys
 import time
 
@@ -67,19 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default="bench_speculative.json", help="results file")
     return parser.parse_args(argv)
-
-
-def prompts(corpus, batch: int, length: int) -> np.ndarray:
-    ids = np.asarray(corpus.test, np.int32)
-    return np.stack([ids[b * 997 : b * 997 + length] for b in range(batch)])
-
-
-def calibrated_threshold(workdir, measure: str) -> float | None:
-    path = pathlib.Path(workdir) / "eval" / "results.json"
-    if not path.exists():
-        return None
-    calibration = json.loads(path.read_text()).get("calibration", {})
-    return calibration.get(measure, {}).get("threshold")
 
 
 def search(model, variables, prompt, args) -> list[dict]:
@@ -129,7 +114,7 @@ def lossless(model, variables, corpus, best, args) -> dict:
     result = {}
     for batch in (1, 8):
         steps = -(-args.check_tokens // batch)
-        prompt = prompts(corpus, batch, args.prompt_length)
+        prompt = cli.prompts_from_test_split(corpus, batch, args.prompt_length)
         full, _ = generate(model, variables, prompt, steps, jax.random.key(0), threshold=1.0)
         spec, _ = speculative_generate(model, variables, prompt, steps, jax.random.key(0), **best)
         new = slice(args.prompt_length, None)
@@ -146,7 +131,7 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     from ee_jax.speculative import speculative_generate
     from ee_jax.state import RecurrentState
 
-    prompt = prompts(corpus, batch, args.prompt_length)
+    prompt = cli.prompts_from_test_split(corpus, batch, args.prompt_length)
     key = jax.random.key(0)
     common = (model, variables, prompt, args.steps, key)
     sample = sampling(args)
@@ -193,7 +178,7 @@ def main(argv=None) -> int:
     model, variables, step = run.model, run.variables, run.step
     threshold = args.exit_threshold
     if threshold is None:
-        threshold = calibrated_threshold(args.workdir, args.exit_measure)
+        threshold = cli.calibrated_threshold(args.workdir, args.exit_measure)
     if threshold is None:
         return cli.report_error(
             ValueError(
@@ -202,7 +187,7 @@ def main(argv=None) -> int:
             )
         )
     greedy = args.temperature == 0
-    prompt = prompts(corpus, 1, args.prompt_length)
+    prompt = cli.prompts_from_test_split(corpus, 1, args.prompt_length)
     rows = search(model, variables, prompt, args)
     best_row = max(rows, key=lambda row: row["tokens_per_s"])
     best = {"draft_exit": best_row["draft_exit"], "draft_tokens": best_row["draft_tokens"]}

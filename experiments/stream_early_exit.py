@@ -13,7 +13,6 @@ eval_early_exit.py (WORKDIR/eval/results.json), else 0.9.
 """
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -68,9 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def thresholds(args) -> dict:
     if args.threshold is not None:
         return {measure: args.threshold for measure in args.measures}
-    path = pathlib.Path(args.workdir) / "eval" / "results.json"
-    calibrated = json.loads(path.read_text())["calibration"] if path.exists() else {}
-    return {m: calibrated.get(m, {}).get("threshold", 0.9) for m in args.measures}
+    calibrated = {m: cli.calibrated_threshold(args.workdir, m) for m in args.measures}
+    return {m: 0.9 if t is None else t for m, t in calibrated.items()}
 
 
 def check_stream_flags(args: argparse.Namespace, config) -> tuple[list, dict]:
