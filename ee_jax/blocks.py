@@ -3,8 +3,10 @@
 Shape legend: B batch, N positions, D width, H BK heads, P values per head.
 
     Block:    h + dropout(MoE(LN(h)) + mixer(LN(h)))       [B, N, D] -> [B, N, D]
+              (num_experts = 0: no MoE FFN, h + dropout(mixer(LN(h))))
     mixers:   "bk"         BKLayer: the diagonal of the resolvent (T - zI)^-1 of
                            T = H0 + diag(v(x)) per head (ResNet-BK), causal or not;
+              "lstm"       LSTMLayer: an LSTM (the recurrent baseline);
               "attention"  causal multi-head self-attention (an ablation);
               "none"       no sequence mixing (an ablation).
 
@@ -22,7 +24,7 @@ from flax import linen as nn
 from ee_jax.bk_core import causal_solve, causal_solve_step, causal_step, resolvent_diagonal
 from ee_jax.config import ModelConfig
 from ee_jax.moe import MoEFeedForward
-from ee_jax.state import BKState, mixer_state
+from ee_jax.state import BKState, LSTMState, mixer_state
 
 
 def head_z(config: ModelConfig) -> jax.Array:
@@ -139,6 +141,46 @@ class BKLayer(nn.Module):
         return self.project(features)
 
 
+class LSTMLayer(nn.Module):
+    """The "lstm" mixer: one LSTM layer of D units (flax `nn.OptimizedLSTMCell`;
+    Hochreiter & Schmidhuber 1997, gates as in Zaremba et al. 2014, arXiv
+    1409.2329), D -> D, causal; its (cell, hidden) state is carried like BK's."""
+
+    config: ModelConfig
+
+    def setup(self):
+        self.cell = nn.OptimizedLSTMCell(self.config.d_model, name="cell")
+
+    def __call__(self, x: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
+        """[B, N, D] input and the state before it -> ([B, N, D] hidden outputs, the
+        state after position N-1)."""
+        last, outputs = self._scan(lambda cell, carry, x: cell(carry, x), x, state)
+        return outputs, LSTMState(*last)
+
+    def trace(self, x: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
+        """`__call__` keeping the state after every position: -> ([B, N, D] outputs,
+        LSTMState with leaves [B, N, D]); [:, i] the state after position i."""
+
+        def body(cell, carry, x):
+            carry, _ = cell(carry, x)
+            return carry, carry
+
+        states = LSTMState(*self._scan(body, x, state)[1])
+        return states.hidden, states
+
+    def step(self, x: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
+        """One position: x [B, D] and the state before it -> (output [B, D], state)."""
+        carry, output = self.cell(tuple(state), x)
+        return output, LSTMState(*carry)
+
+    def _scan(self, body, x, state):
+        """nn.scan of body(cell, carry, x_t) over the positions of x [B, N, D]."""
+        scan = nn.scan(
+            body, variable_broadcast="params", split_rngs={"params": False}, in_axes=1, out_axes=1
+        )
+        return scan(self.cell, tuple(state), x)
+
+
 class CausalSelfAttention(nn.Module):
     """The "attention" mixer: causal multi-head self-attention (flax's
     `nn.MultiHeadDotProductAttention`, Vaswani et al. 2017), D -> D."""
@@ -163,7 +205,10 @@ class Block(nn.Module):
     def setup(self):
         mixer = self.config.mixer
         self.norm = nn.LayerNorm(name="norm")
-        self.moe = MoEFeedForward(self.config.num_experts, self.config.top_k, name="moe")
+        if self.config.num_experts:
+            self.moe = MoEFeedForward(self.config.num_experts, self.config.top_k, name="moe")
+        if mixer == "lstm":
+            self.lstm = LSTMLayer(self.config, name="lstm")
         if mixer == "bk":
             self.bk = BKLayer(self.config, name="bk")
             self.bk_scale = self.param("bk_scale", nn.initializers.ones, ())
@@ -186,8 +231,12 @@ class Block(nn.Module):
         if state is None:
             state = mixer_state(self.config, h.shape[0])
         x, mixed, state = self.mix_from(h, state)
-        update, balance_loss = self.moe(x, mask)
-        h = h + self.dropout(update + mixed, deterministic=deterministic)
+        if self.config.num_experts:
+            update, balance_loss = self.moe(x, mask)
+            mixed = update + mixed
+        else:
+            balance_loss = jnp.zeros(())
+        h = h + self.dropout(mixed, deterministic=deterministic)
         return h, balance_loss, state
 
     def mix(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -203,6 +252,8 @@ class Block(nn.Module):
         if self.config.mixer == "bk":
             features, state = self.bk(x, state)
             return x, self.bk_scale * features, state
+        if self.config.mixer == "lstm":
+            return x, *self.lstm(x, state)
         if self.config.mixer == "attention":
             return x, self.attention(x), state
         return x, jnp.zeros_like(x), state
@@ -215,6 +266,8 @@ class Block(nn.Module):
         if self.config.mixer == "bk":
             features, states = self.bk.trace(x, state)
             mixed = self.bk_scale * features
+        elif self.config.mixer == "lstm":
+            mixed, states = self.lstm.trace(x, state)
         else:  # no mixer: the state never changes
             mixed = jnp.zeros_like(x)
             states = jax.tree.map(
@@ -226,18 +279,23 @@ class Block(nn.Module):
     def mix_step(self, h: jax.Array, state: BKState) -> tuple[jax.Array, jax.Array, BKState]:
         """`mix` at one position when decoding: h [B, D] -> (LN(h), mixer output, state)."""
         x = self.norm(h)
+        if self.config.mixer == "lstm":
+            return x, *self.lstm.step(x, state)
         if self.config.mixer != "bk":
             return x, jnp.zeros_like(x), state
         features, state = self.bk.step(x, state)
         return x, self.bk_scale * features, state
 
     def feed_forward(self, x: jax.Array) -> jax.Array:
-        """The MoE FFN of normalised tokens x [..., D] -> [..., D] (inference)."""
-        return self.moe(x)[0]
+        """The MoE FFN of normalised tokens x [..., D] -> [..., D] (inference); zeros
+        without one (num_experts = 0)."""
+        return self.moe(x)[0] if self.config.num_experts else jnp.zeros_like(x)
 
     def propagate(self, h: jax.Array, state: BKState) -> BKState:
         """A skipped block's mixer state update for an exited token (norm, potentials,
         values and the recurrence; no MoE): later tokens still see it as context."""
+        if self.config.mixer == "lstm":
+            return self.lstm.step(self.norm(h), state)[1]
         if self.config.mixer != "bk":
             return state
         return self.bk.recur(self.norm(h), state)

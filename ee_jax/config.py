@@ -11,7 +11,9 @@ Unembedding = Literal["per_exit", "shared", "tied"]
 ExitWeighting = Literal["uniform", "linear", "final"]
 ClassifierTarget = Literal["agreement", "loss_gap"]
 Output = Literal["full", "adaptive"]
-Mixer = Literal["bk", "attention", "none"]
+Mixer = Literal["bk", "lstm", "attention", "none"]
+Optimizer = Literal["adamw", "sgd"]
+Schedule = Literal["warmup_cosine", "plateau"]
 Position = Literal["learned", "none"]
 
 
@@ -39,7 +41,7 @@ class ModelConfig:
     n_layers: int = 4  # L, BK blocks, each followed by an exit head
     n_seq: int = 128  # N, training window (and, for position "learned", longest sequence)
     position: Position = "learned"  # "learned" table of n_seq positions, or "none" (any length)
-    num_experts: int = 4  # E, experts in each MoE FFN
+    num_experts: int = 4  # E, experts in each MoE FFN (0: blocks without an FFN)
     top_k: int = 1  # experts each token is routed to
     dropout: float = 0.1  # dropout rate on embeddings and residual branches (training)
     causal: bool = True  # causal BK core (next-token model); False sees later tokens
@@ -51,7 +53,7 @@ class ModelConfig:
     h0_offdiagonal: float = 1.0  # off-diagonals of H0 (discrete Laplacian: 1)
     bk_method: BKMethod = "auto"  # BK core scan; auto: sequential on CPU, else associative
     unembedding: Unembedding = "shared"  # per-exit matrices, one shared, or tied to the input
-    mixer: Mixer = "bk"  # sequence mixing: "bk", causal "attention", or "none" (ablation)
+    mixer: Mixer = "bk"  # sequence mixing: "bk", "lstm", causal "attention", or "none" (ablation)
     bk_value_dim: int = 0  # P: per-head values solved through the causal resolvent (0: none)
     attention_heads: int = 4  # heads of the "attention" mixer (d_model must divide by it)
     output: Output = "full"  # exit output layer: "full" or "adaptive" softmax (ee_jax.adaptive)
@@ -64,7 +66,6 @@ class ModelConfig:
             "d_model",
             "n_layers",
             "n_seq",
-            "num_experts",
             "bk_heads",
             "attention_heads",
         )
@@ -72,6 +73,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"num_experts must be an integer >= 0, got {self.num_experts!r}")
         if not isinstance(self.bk_value_dim, int) or self.bk_value_dim < 0:
             raise ValueError(f"bk_value_dim must be an integer >= 0, got {self.bk_value_dim!r}")
         if self.bk_value_dim and not self.causal:
@@ -81,7 +84,7 @@ class ModelConfig:
                 f"d_model={self.d_model} must be divisible by attention_heads="
                 f"{self.attention_heads}"
             )
-        if not 1 <= self.top_k <= self.num_experts:
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
             )
@@ -159,9 +162,12 @@ class TrainConfig:
     model: ModelConfig  # the model (vocab_size is set from the data's vocabulary)
     batch_size: int = 16  # B, sequences per step (divisible by the device count)
     steps: int = 1000  # optimizer steps in total (the schedule's length)
-    learning_rate: float = 3e-3  # AdamW peak learning rate
-    warmup_steps: int = 100  # linear warm-up steps, then cosine decay to 0
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    optimizer: Optimizer = "adamw"  # AdamW, or plain SGD (the LSTM baselines' optimiser)
+    learning_rate: float = 3e-3  # peak (warmup_cosine) or starting (plateau) learning rate
+    lr_schedule: Schedule = "warmup_cosine"  # or "plateau": times plateau_factor per bad epoch
+    plateau_factor: float = 0.25  # "plateau": factor after an epoch that did not improve valid
+    warmup_steps: int = 100  # linear warm-up steps, then cosine decay to 0 (warmup_cosine)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (sgd: must be 0)
     grad_clip: float = 1.0  # clip gradients to this global norm
     exit_weighting: ExitWeighting = "uniform"  # loss weight of each exit: uniform/linear/final
     balance_weight: float = 0.01  # weight of the MoE load-balancing loss
@@ -205,9 +211,18 @@ class TrainConfig:
             raise ValueError(f"carry_state must be True or False, got {self.carry_state!r}")
         if self.carry_state and (self.model.mixer == "attention" or not self.model.causal):
             raise ValueError(
-                'carry_state=True needs a recurrent causal model (mixer "bk" or "none", '
+                'carry_state=True needs a recurrent causal model (mixer "bk", "lstm" or "none", '
                 f"causal=True), got mixer={self.model.mixer!r}, causal={self.model.causal}"
             )
+        if self.optimizer == "sgd" and self.weight_decay:
+            raise ValueError(
+                f"optimizer sgd has no weight decay here: set weight_decay=0, "
+                f"got {self.weight_decay}"
+            )
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        check_choice("optimizer", self.optimizer, Optimizer)
+        check_choice("lr_schedule", self.lr_schedule, Schedule)
         check_choice("exit_weighting", self.exit_weighting, ExitWeighting)
         check_choice("classifier_target", self.classifier_target, ClassifierTarget)
 
@@ -304,6 +319,8 @@ def train_preset(name: str, vocab_size: int) -> TrainConfig:
           docs/results/recurrence/ have the runs that chose it.
     gpu:  Colab GPU/TPU: the cpu preset's choices at D = 256, L = 8, N = 256,
           B = 64: 1,300 steps, about 10 epochs; not yet run on an accelerator.
+    lstm: the recurrent anchor, the PyTorch word_language_model example's tied
+          2-layer LSTM-200 and its SGD recipe, 6 epochs, in this harness (`_lstm`).
     """
     if name not in TRAIN_PRESETS:
         raise ValueError(f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")
@@ -367,6 +384,47 @@ def _gpu(vocab_size: int) -> TrainConfig:
     )
 
 
+LSTM_EPOCH_STEPS = 2984  # windows of 20 x 35 tokens in one pass over WikiText-2 train
+
+
+def _lstm(vocab_size: int) -> TrainConfig:
+    """The LSTM anchor: the PyTorch word_language_model example (2-layer LSTM of 200
+    units, tied embeddings, dropout 0.2, truncated BPTT 35, batch 20, SGD at lr 20
+    divided by 4 after an epoch that does not improve valid, gradient clip 0.25),
+    6 epochs. Differences the harness brings: each LSTM layer sits in a pre-norm
+    residual block, a LayerNorm precedes the tied softmax, dropout falls on the
+    embeddings and on each block's residual branch, and flax's LSTM initialisation."""
+    return TrainConfig(
+        model=ModelConfig(
+            vocab_size=vocab_size,
+            d_model=200,
+            n_layers=2,
+            n_seq=35,
+            position="none",
+            mixer="lstm",
+            num_experts=0,
+            dropout=0.2,
+            unembedding="tied",
+            output="full",
+        ),
+        batch_size=20,
+        steps=6 * LSTM_EPOCH_STEPS,
+        optimizer="sgd",
+        learning_rate=20.0,
+        lr_schedule="plateau",
+        plateau_factor=0.25,
+        warmup_steps=0,
+        weight_decay=0.0,
+        grad_clip=0.25,
+        exit_weighting="final",
+        balance_weight=0.0,
+        carry_state=True,
+        log_every=100,
+        checkpoint_every=500,
+        eval_batch_size=10,
+    )
+
+
 TRAIN_PRESETS = {
     "tiny": lambda vocab_size: TrainConfig(
         model=tiny(vocab_size),
@@ -381,4 +439,5 @@ TRAIN_PRESETS = {
     "small": _small,
     "cpu": _cpu,
     "gpu": _gpu,
+    "lstm": _lstm,
 }

@@ -4,13 +4,16 @@ FLOPs count 2 per multiply-add of the matrix products plus the elementwise work
 that scales with the output size (softmax); O(D) elementwise terms (LayerNorms,
 GELU, residual adds) are left out: they are a few percent of a block at D = 64.
 
-    block       = mixer + 2*D*E (router) + top_k * (2*D*2D + 2*2D*D) (experts)
+    block       = mixer + 2*D*E (router) + top_k * (2*D*2D + 2*2D*D) (experts; none
+                  for E = 0)
     mixer "bk"  = 2*D*H (potentials) + BK_CORE*H (scan, x2 if bidirectional)
                 + 2*D*H*P (values) + BK_SOLVE*H*P (value recurrence)
                 + 2*2H(1+P)*D (projection); P = bk_value_dim
     "attention" = 2*4*D*D (q, k, v, output projections) + 4*n*D (scores and
                   weighted values over n = (N+1)/2 positions, the average context
                   of an N-position window) + 3*n*A (softmax over A heads)
+    "lstm"      = 2*2*D*4D (input and recurrent products of the 4 gates) + 16*D
+                  (gate nonlinearities) + 5*D (cell and output)
     "none"      = 0
     head        = (2*D + 3) * S, S = c_1 + K head outputs (S = V for a full output;
                   3 for max, exp, sum of the softmax)
@@ -26,7 +29,8 @@ GELU, residual adds) are left out: they are a few percent of a block at D = 64.
     propagate   = 2*D*H(1+P) + (BK_CORE + BK_SOLVE*P)*H for "bk": a skipped layer
                   under "freeze" still feeds an exited token's potential and values
                   to the BK recurrence (context for later tokens); 2*2*D*D for
-                  "attention" (keys and values of the frozen state); 0 for "none".
+                  "attention" (keys and values of the frozen state); the whole step
+                  for "lstm"; 0 for "none".
                   Under "compute" a skipped layer costs a whole block.
 
     full depth              = L*block + output
@@ -52,6 +56,9 @@ def mixer_flops(config: ModelConfig) -> tuple[float, float]:
         recurrence = (BK_CORE * (1 if config.causal else 2) + BK_SOLVE * p) * h
         propagate = 2 * d * h * (1 + p) + recurrence
         return propagate + 2 * 2 * h * (1 + p) * d, propagate
+    if config.mixer == "lstm":  # input and recurrent matmuls of 4 gates, gates, cell
+        step = 2 * 2 * d * 4 * d + 4 * d * 4 + 5 * d
+        return step, step
     if config.mixer == "attention":
         context = (config.n_seq + 1) / 2
         return 2 * 4 * d * d + 4 * context * d + 3 * context * config.attention_heads, 4 * d * d
@@ -60,7 +67,7 @@ def mixer_flops(config: ModelConfig) -> tuple[float, float]:
 
 def block_flops(config: ModelConfig) -> float:
     d = config.d_model
-    experts = config.top_k * (2 * d * 2 * d + 2 * 2 * d * d)
+    experts = config.top_k * (2 * d * 2 * d + 2 * 2 * d * d) if config.num_experts else 0
     return mixer_flops(config)[0] + 2 * d * config.num_experts + experts
 
 

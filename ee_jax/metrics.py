@@ -8,10 +8,44 @@ its last checkpoint) are dropped from both, so a resumed run's metrics equal an
 uninterrupted run's.
 """
 
+import datetime
+import importlib.metadata
 import json
+import os
 import pathlib
 
+import jax
 import tensorboardX
+
+ENVIRONMENT_FILE = "environment.jsonl"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def record_environment(workdir: pathlib.Path, start: int) -> dict:
+    """Appends this sitting's software and machine to workdir/environment.jsonl: the
+    step it starts from, the UTC time, the versions of PACKAGES, $XLA_FLAGS (as
+    `import ee_jax` left them) and the devices. Numerics depend on all of them, so
+    a run that does not reproduce can be traced to its sittings. Returns the row."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    device = jax.devices()[0]
+    row = {
+        "start_step": start,
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": versions,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+    }
+    with open(pathlib.Path(workdir) / ENVIRONMENT_FILE, "a") as file:
+        file.write(json.dumps(row) + "\n")
+    return row
 
 
 class MetricsWriter:

@@ -13,6 +13,7 @@ position) and `decode.save_state` / `load_state`.
 The mixer state is typed by the model's mixer:
   "bk"    `BKState`: per head, G_ii of the last position read and, with
           bk_value_dim P > 0, the causal solve's values y (`bk_core.causal_solve`);
+  "lstm"  `LSTMState`: the LSTM's cell and hidden vectors (`blocks.LSTMLayer`);
   "none", "attention"  None: the mixer-free ablation keeps nothing, and the
           attention mixer cannot continue a text (it would need a key-value cache;
           `check_carry`).
@@ -36,8 +37,21 @@ class BKState(NamedTuple):
     solved: jax.Array | None  # [..., B, H, P] complex64: values y_i; None when P = 0
 
 
-def mixer_state(config: ModelConfig, batch: int) -> BKState | None:
+class LSTMState(NamedTuple):
+    """An LSTM layer's state after a position (`blocks.LSTMLayer`); leading axes [..., B]."""
+
+    cell: jax.Array  # [..., B, D] float32: the memory cell c
+    hidden: jax.Array  # [..., B, D] float32: the output h
+
+
+MIXER_STATES = {"bk": BKState, "lstm": LSTMState}  # the mixers that keep a state
+
+
+def mixer_state(config: ModelConfig, batch: int) -> BKState | LSTMState | None:
     """One layer's mixer state before the first position (zeros), for `batch` rows."""
+    if config.mixer == "lstm":
+        zeros = jnp.zeros((batch, config.d_model), jnp.float32)
+        return LSTMState(zeros, zeros)
     if config.mixer != "bk":
         return None
     shape = (batch, config.bk_heads)
@@ -107,14 +121,15 @@ def check_state(state, config: ModelConfig, batch: int) -> None:
 def check_carry(config: ModelConfig) -> None:
     """Raises ValueError unless a pass can continue from a state (`RecurrentState`).
 
-    The causal BK recurrence (and the mixer-free ablation, which needs no state)
-    can; a bidirectional model reads later positions, and the attention mixer
+    The causal recurrences (BK, LSTM; and the mixer-free ablation, which needs no
+    state) can; a bidirectional model reads later positions, and the attention mixer
     would need a key-value cache of every earlier position.
     """
     if config.mixer == "attention":
         raise ValueError(
             'carrying context across passes is built for the recurrent mixers ("bk", '
-            '"none"); this model\'s mixer is "attention", which would need a key-value cache'
+            '"lstm", "none"); this model\'s mixer is "attention", which would need a key-value '
+            "cache"
         )
     if not config.causal:
         raise ValueError(

@@ -2,7 +2,8 @@
 
 The work directory holds `config.json`, `vocab.txt` (the words of the ids),
 `vocab.sha256` (its checksum), `metrics.jsonl` (one strict-JSON row per logged
-step) and `checkpoints/`. A run resumes from its latest checkpoint: the batch of
+step), `environment.jsonl` (versions, XLA flags and devices of each sitting) and
+`checkpoints/`. A run resumes from its latest checkpoint: the batch of
 step s is a pure function of s (`data.train_batch`) and so are its keys
 (`step_keys`: the run's named keys folded with s), so an interrupted run
 continues exactly where it stopped.
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from ee_jax.checkpoint import Checkpointer, CheckpointError, config_changes, write_atomic
 from ee_jax.config import TrainConfig, upgrade_dict
 from ee_jax.data import LMStream, Vocabulary, train_batch
-from ee_jax.metrics import MetricsWriter
+from ee_jax.metrics import MetricsWriter, record_environment
 from ee_jax.model import EarlyExitLM
 from ee_jax.passes import exit_perplexities
 from ee_jax.run import VOCAB_CHECKSUM_FILE, VOCAB_FILE, check_vocab, save_vocab, vocab_words
@@ -32,8 +33,10 @@ from ee_jax.train_state import (
     data_parallel,
     global_batch,
     init_state,
+    learning_rate,
     make_mesh,
     make_train_step,
+    plateau_update,
     run_keys,
     step_keys,
     stream_capacities,
@@ -100,7 +103,9 @@ def train(
         config.json in fields that change training (listed in the next metrics
         row's "config_changes"); otherwise that raises CheckpointError.
       progress: show a progress bar.
-      valid: windows to validate on every `eval_every` steps (with eval_every > 0):
+      valid: windows to validate on every `eval_every` steps (with eval_every > 0)
+        and, for lr_schedule "plateau", after every epoch (its row then also has the
+        "learning_rate" for the next epoch):
         the perplexity of every exit (`passes.exit_perplexities`, continuous
         protocol when config.carry_state) in a metrics row {"step",
         "valid_exit_ppl", "valid_tokens", "valid_protocol"}.
@@ -135,6 +140,11 @@ def train(
         raise TrainSetupError(f"eval_every must be an integer >= 0, got {eval_every!r}")
     if eval_every and valid is None:
         raise TrainSetupError("eval_every > 0 needs the `valid` windows to evaluate on")
+    plateau = config.lr_schedule == "plateau"
+    if plateau and valid is None:
+        raise TrainSetupError(
+            'lr_schedule "plateau" validates after every epoch: it needs the `valid` windows'
+        )
     if vocab is not None and len(vocab_words(vocab)) != config.model.vocab_size:
         raise TrainSetupError(
             f"the vocabulary has {len(vocab_words(vocab))} words but the model's vocab_size "
@@ -153,6 +163,8 @@ def train(
                 f"for ({end}: steps={config.steps}, stop_at_step={stop_at_step})"
             )
         metrics = MetricsWriter(workdir, start, primary=_is_primary(), tensorboard=tensorboard)
+        if _is_primary():
+            record_environment(workdir, start)
         pending = metrics.dropped_changes if start else []  # a fresh run inherits none
         if changes:
             pending.append({"from_step": start, "fields": changes})
@@ -212,8 +224,15 @@ def train(
                             loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}"
                         )
                     timed_steps, timer, compile_s, pending = 0, time.perf_counter(), None, []
-                if eval_every and (step + 1) % eval_every == 0:
-                    metrics.write(_validate(config, state.params, valid, step + 1))
+                epoch_end = plateau and (step + 1) % len(stream) == 0
+                if epoch_end or (eval_every and (step + 1) % eval_every == 0):
+                    row = _validate(config, state.params, valid, step + 1)
+                    if epoch_end:
+                        valid_loss = float(np.log(row["valid_exit_ppl"][-1]))
+                        opt_state = plateau_update(config, state.opt_state, valid_loss)
+                        state = state.replace(opt_state=jax.device_put(opt_state, replicated))
+                        row["learning_rate"] = learning_rate(config, state.opt_state)
+                    metrics.write(row)
                     timer = time.perf_counter()  # validation time is not training time
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == end or stop:
                     checkpointer.save(step + 1, state)

@@ -18,7 +18,7 @@ from ee_jax.config import ModelConfig, TrainConfig
 from ee_jax.data.batching import Batch, LMStream
 from ee_jax.losses import lm_loss_from, tail_capacities
 from ee_jax.model import EarlyExitLM
-from ee_jax.state import BKState, RecurrentState
+from ee_jax.state import MIXER_STATES, RecurrentState
 
 
 @flax.struct.dataclass
@@ -33,20 +33,57 @@ class TrainState:
     carry: tuple | None = None
 
 
-def carried_layers(carry: tuple | None) -> BKState | None:
-    """`TrainState.carry` as `RecurrentState.layers`."""
-    return None if carry is None else BKState(*carry)
+def carried_layers(config: ModelConfig, carry: tuple | None):
+    """`TrainState.carry` as `RecurrentState.layers` (the mixer's state type)."""
+    return None if carry is None else MIXER_STATES[config.mixer](*carry)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, config.steps
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(schedule, weight_decay=config.weight_decay),
-    )
+    """Global-norm clipping, then AdamW or SGD at the schedule's learning rate.
+
+    "warmup_cosine": linear warm-up, then cosine decay to 0.
+    "plateau": the learning rate is a hyper-parameter in the optimizer state
+    (`optax.inject_hyperparams`), lowered by `plateau_update` after each epoch that
+    did not improve the validation loss (the rule of the PyTorch word_language_model
+    example); the best validation loss so far is kept beside it, so a resumed run
+    decides as the uninterrupted one would.
+    """
+
+    def optimizer(learning_rate, best_valid_loss=None):  # best_valid_loss: plateau's record
+        if config.optimizer == "sgd":
+            return optax.sgd(learning_rate)
+        return optax.adamw(learning_rate, weight_decay=config.weight_decay)
+
+    if config.lr_schedule == "plateau":
+        rule = optax.inject_hyperparams(optimizer)
+        inner = rule(learning_rate=config.learning_rate, best_valid_loss=jnp.inf)
+    else:
+        inner = optimizer(
+            optax.warmup_cosine_decay_schedule(
+                0.0, config.learning_rate, config.warmup_steps, config.steps
+            )
+        )
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), inner)
+
+
+def plateau_update(config: TrainConfig, opt_state, valid_loss: float):
+    """The "plateau" rule after an epoch's validation: a loss below the best so far
+    becomes the best; otherwise the learning rate is multiplied by
+    config.plateau_factor. Returns the new optimizer state (`make_optimizer`)."""
+    clip_state, rule_state = opt_state
+    hyper = dict(rule_state.hyperparams)
+    if valid_loss < float(hyper["best_valid_loss"]):
+        hyper["best_valid_loss"] = jnp.asarray(valid_loss, hyper["best_valid_loss"].dtype)
+    else:
+        hyper["learning_rate"] = hyper["learning_rate"] * config.plateau_factor
+    return (clip_state, rule_state._replace(hyperparams=hyper))
+
+
+def learning_rate(config: TrainConfig, opt_state) -> float | None:
+    """The learning rate in the optimizer state ("plateau"), else None."""
+    if config.lr_schedule != "plateau":
+        return None
+    return float(opt_state[1].hyperparams["learning_rate"])
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
@@ -125,7 +162,7 @@ def make_train_step(
             carried = jax.tree.map(
                 lambda fresh, last: jnp.where(restart, fresh, last),
                 start.layers,
-                carried_layers(state.carry),
+                carried_layers(config.model, state.carry),
             )
             start = start.replace(layers=carried)
         (loss, (metrics, after)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -20,7 +20,7 @@ import sys
 
 import ee_jax
 from ee_jax import cli
-from ee_jax.config import ModelConfig, TrainConfig, field_help, train_preset
+from ee_jax.config import TRAIN_PRESETS, ModelConfig, TrainConfig, field_help, train_preset
 from ee_jax.data import load_wikitext2, make_lm_stream
 
 SKIPPED = {"model", "vocab_size"}
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--preset",
         default="cpu",
-        choices=["tiny", "small", "cpu", "gpu"],
+        choices=sorted(TRAIN_PRESETS),
         help="training preset (see ee_jax.config.train_preset)",
     )
     cli.add_data_flags(parser)

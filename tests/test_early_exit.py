@@ -116,12 +116,18 @@ MIXERS = {
     "bk_values": ADAPTIVE.replace(bk_value_dim=2),
     "attention": ADAPTIVE.replace(mixer="attention", attention_heads=2),
     "none": ADAPTIVE.replace(mixer="none"),
+    "lstm": ADAPTIVE.replace(mixer="lstm"),
 }
 
 
 @pytest.mark.parametrize(
     "mixer, measure",
-    [("bk_values", "softmax_max"), ("attention", "learned"), ("none", "softmax_max")],
+    [
+        ("bk_values", "softmax_max"),
+        ("attention", "learned"),
+        ("none", "softmax_max"),
+        ("lstm", "softmax_margin"),
+    ],
 )
 def test_compacted_loop_equals_the_masked_loop_and_the_eager_reference(mixer, measure):
     # Given each mixer and thresholds from "almost everyone exits at once" to

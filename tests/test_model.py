@@ -1,6 +1,7 @@
 """EarlyExitLM, its MoE FFN and its configuration."""
 
 import functools
+import operator
 
 import chex
 import jax
@@ -43,7 +44,8 @@ def init(config, tokens, seed=0):
         (dict(bk_method="dense"), "bk_method"),
         (dict(unembedding="tie"), "unembedding"),
         (dict(bk_heads=0), "bk_heads"),
-        (dict(mixer="lstm"), "mixer"),
+        (dict(mixer="gru"), "mixer"),
+        (dict(num_experts=-1), "num_experts"),
         (dict(bk_value_dim=-1), "bk_value_dim"),
         (dict(bk_value_dim=2, causal=False), "bk_value_dim"),
         (dict(mixer="attention", attention_heads=3), "attention_heads"),
@@ -335,6 +337,7 @@ MIXERS = {
     "bk_values": CONFIG.replace(bk_value_dim=3),
     "attention": CONFIG.replace(mixer="attention", attention_heads=2),
     "none": CONFIG.replace(mixer="none"),
+    "lstm": CONFIG.replace(mixer="lstm"),
 }
 
 
@@ -351,6 +354,56 @@ def test_only_the_mixer_carries_context_and_only_forward(tokens, mixer):
     later = float(jnp.max(jnp.abs(before[:, t + 1 :] - after[:, t + 1 :])))
     np.testing.assert_array_equal(before[:, :t], after[:, :t])
     assert (later == 0.0) if mixer == "none" else (later > 1e-3)
+
+
+def reference_lstm_model(params, tokens, n_layers):
+    """Hidden states [L, B, N, D] of an "lstm" model without FFN, in float64 numpy, by
+    an eager loop over positions: h_l = h_{l-1} + LSTM_l(LN_l(h_{l-1})), the LSTM
+    equations of Hochreiter & Schmidhuber (gates i, f, g, o; c = f c + i g,
+    h = o tanh(c))."""
+    as64 = lambda tree: jax.tree.map(lambda p: np.asarray(p, np.float64), tree)  # noqa: E731
+    params = as64(params)
+    h = params["embedder"]["token_embed"]["embedding"][np.asarray(tokens)]  # [B, N, D]
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    outputs = []
+    for layer in range(n_layers):
+        block = jax.tree.map(operator.itemgetter(layer), params["blocks"])
+        norm, cell = block["norm"], block["lstm"]["cell"]
+        mean = h.mean(-1, keepdims=True)
+        x = (h - mean) / np.sqrt(((h - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+        x = x * norm["scale"] + norm["bias"]
+        c = y = np.zeros(h.shape[::2])
+        out = np.zeros_like(h)
+        for t in range(h.shape[1]):
+            gate = {
+                g: x[:, t] @ cell[f"i{g}"]["kernel"]
+                + y @ cell[f"h{g}"]["kernel"]
+                + cell[f"h{g}"]["bias"]
+                for g in "ifgo"
+            }
+            c = sigmoid(gate["f"]) * c + sigmoid(gate["i"]) * np.tanh(gate["g"])
+            y = sigmoid(gate["o"]) * np.tanh(c)
+            out[:, t] = y
+        h = h + out
+        outputs.append(h)
+    return np.stack(outputs)
+
+
+def test_lstm_mixer_without_ffn_equals_a_float64_eager_lstm(tokens):
+    # Given an "lstm" model without FFN (the LSTM anchor's block) and random biases.
+    config = CONFIG.replace(mixer="lstm", num_experts=0, position="none")
+    model, variables = init(config, tokens)
+    noise = lambda p, k: p + 0.3 * jax.random.normal(k, p.shape)  # noqa: E731
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    variables = jax.tree.unflatten(
+        treedef, [noise(p, k) for p, k in zip(leaves, keys, strict=True)]
+    )
+    # When its hidden states are computed, then they equal the eager float64 loop.
+    states, balance = model.apply(variables, tokens, method=EarlyExitLM.hidden_states)
+    expected = reference_lstm_model(variables["params"], tokens, config.n_layers)
+    np.testing.assert_allclose(states, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(balance, 0.0)
 
 
 def test_attention_mixer_is_flax_attention_with_a_causal_mask(tokens):

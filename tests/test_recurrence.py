@@ -27,6 +27,7 @@ FREE = tiny().replace(
     position="none", output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0
 )
 VALUES = FREE.replace(bk_value_dim=3)
+LSTM = FREE.replace(mixer="lstm")
 V = FREE.vocab_size
 
 
@@ -112,7 +113,7 @@ def random_tokens(shape, seed=0):
     return jax.random.randint(jax.random.key(seed), shape, 0, V)
 
 
-@pytest.mark.parametrize("config", [FREE, VALUES], ids=["diagonal", "values"])
+@pytest.mark.parametrize("config", [FREE, VALUES, LSTM], ids=["diagonal", "values", "lstm"])
 def test_one_pass_equals_chunks_and_token_by_token_decoding(config):
     # Given a position-free model and 3 rows of 50 tokens (n_seq is 16).
     model, variables = model_and_variables(config)
@@ -290,7 +291,7 @@ def test_each_step_continues_the_last_windows_state_and_an_epoch_restarts_it():
 
     fresh = RecurrentState.make(config.model, 2).layers
     expected_start = fresh
-    carried = lambda: train_state.carried_layers(state.carry)  # noqa: E731
+    carried = lambda: train_state.carried_layers(config.model, state.carry)  # noqa: E731
     for s in range(5):  # windows 0, 1, 2, then 0 and 1 of the next epoch
         window = s % len(stream)
         if window == 0:

@@ -20,13 +20,15 @@ from ee_jax.state import RecurrentState
 ADAPTIVE = dict(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
 FREE = tiny().replace(position="none", bk_value_dim=3, **ADAPTIVE)
 LEARNED = tiny().replace(**ADAPTIVE)
+LSTM = tiny().replace(position="none", mixer="lstm", **ADAPTIVE)
 
 
 @functools.cache
 def model_and_variables(config, damping=0.3):
-    """The model with blocks 2..L's outputs (MoE down-projection, BK scale) scaled by
-    `damping`: its exits (one shared head) then agree often, not always, so drafts
-    are accepted at several counts in 0..k, as in a trained model."""
+    """The model with blocks 2..L's outputs (MoE down-projection, BK scale; for an
+    LSTM, its input's scale, as its output is about linear in small inputs) scaled
+    by `damping`: its exits (one shared head) then agree often, not always, so
+    drafts are accepted at several counts in 0..k, as in a trained model."""
     model = EarlyExitLM(config)
     variables = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
     blocks = variables["params"]["blocks"]
@@ -34,7 +36,11 @@ def model_and_variables(config, damping=0.3):
     damp = lambda x: x * scale.reshape(-1, *[1] * (x.ndim - 1))  # noqa: E731
     moe = {**blocks["moe"], "down_kernel": damp(blocks["moe"]["down_kernel"])}
     moe["down_bias"] = damp(blocks["moe"]["down_bias"])
-    blocks = {**blocks, "moe": moe, "bk_scale": damp(blocks["bk_scale"])}
+    if config.mixer == "lstm":
+        norm = {**blocks["norm"], "scale": damp(blocks["norm"]["scale"])}
+        blocks = {**blocks, "moe": moe, "norm": norm}
+    else:
+        blocks = {**blocks, "moe": moe, "bk_scale": damp(blocks["bk_scale"])}
     return model, {"params": {**variables["params"], "blocks": blocks}}
 
 
@@ -48,8 +54,9 @@ def prompt(batch, length, vocab, seed=5):
         (FREE, 1, 300, 1, 4),
         (FREE, 3, 300, 2, 2),
         (LEARNED, 2, 12, 1, 3),
+        (LSTM, 2, 100, 1, 3),
     ],
-    ids=["none-B1-e1-k4", "none-B3-e2-k2", "learned-B2-e1-k3"],
+    ids=["none-B1-e1-k4", "none-B3-e2-k2", "learned-B2-e1-k3", "lstm-B2-e1-k3"],
 )
 def test_greedy_speculative_decoding_gives_full_depth_greedy_tokens(
     config, batch, steps, draft_exit, draft_tokens
@@ -80,17 +87,16 @@ def test_greedy_speculative_decoding_gives_full_depth_greedy_tokens(
     assert stats.tokens_per_round == pytest.approx(1 + stats.acceptance_rate * draft_tokens)
 
 
-def test_trace_blocks_gives_the_state_after_every_position():
+@pytest.mark.parametrize("config", [FREE, LSTM], ids=["bk", "lstm"])
+def test_trace_blocks_gives_the_state_after_every_position(config):
     # Given hidden states after block 1 and the full model's pass over 12 tokens.
-    model, variables = model_and_variables(FREE)
-    tokens = prompt(2, 12, FREE.vocab_size)
+    model, variables = model_and_variables(config)
+    tokens = prompt(2, 12, config.vocab_size)
     states, _ = model.apply(variables, tokens, method=EarlyExitLM.hidden_states)
-    start = RecurrentState.make(FREE, 2)
+    start = RecurrentState.make(config, 2)
     upper = jax.tree.map(lambda x: x[1:], start.layers)
     # When blocks 2..L run on them, keeping every position's state.
-    final, (green, solved) = model.apply(
-        variables, states[0], upper, 1, method=EarlyExitLM.trace_blocks
-    )
+    final, traced = model.apply(variables, states[0], upper, 1, method=EarlyExitLM.trace_blocks)
     # Then the output is the last block's, and the state after position i is the one
     # a pass over tokens[:, :i+1] leaves.
     np.testing.assert_allclose(final, states[-1], rtol=TOLERANCE["float32"], atol=1e-5)
@@ -98,8 +104,10 @@ def test_trace_blocks_gives_the_state_after_every_position():
         after = model.apply(
             variables, tokens[:, : i + 1], start, method=EarlyExitLM.hidden_states_from
         )[2]
-        np.testing.assert_allclose(green[:, :, i], after.layers.green[1:], atol=1e-5)
-        np.testing.assert_allclose(solved[:, :, i], after.layers.solved[1:], atol=1e-5)
+        for got, expected in zip(
+            jax.tree.leaves(traced), jax.tree.leaves(after.layers), strict=True
+        ):
+            np.testing.assert_allclose(got[:, :, i], expected[1:], atol=1e-5)
 
 
 def reference_nucleus(probs: np.ndarray, top_p: float | None) -> np.ndarray:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ee_jax import cli
+from ee_jax import cli, train_state
 from ee_jax import train as train_lib
 from ee_jax.checkpoint import CheckpointError
 from ee_jax.config import train_preset
@@ -571,3 +571,55 @@ def test_profile_traces_the_steps_after_the_compiling_one(corpus, tmp_path):
     events = events["traceEvents"] if isinstance(events, dict) else events
     steps = sorted({int(e["args"]["step_num"]) for e in events if e.get("name") == "train"})
     assert steps == list(range(1, 1 + train_lib.PROFILE_STEPS))
+
+
+def test_the_plateau_rule_lowers_the_rate_only_after_an_epoch_without_improvement():
+    # Given the SGD optimizer with the "plateau" schedule at learning rate 20.
+    config = train_preset("lstm", 97).replace(**TINY_LSTM)
+    opt_state = train_state.make_optimizer(config).init({"w": jnp.zeros(3)})
+    # When epochs end with these validation losses, then the rate is divided by 4
+    # exactly after the ones that did not beat the best so far (a tie does not).
+    rates = []
+    for loss in (5.0, 4.0, 4.5, 4.0, 3.9, 3.95):
+        opt_state = train_state.plateau_update(config, opt_state, loss)
+        rates.append(train_state.learning_rate(config, opt_state))
+    assert rates == [20.0, 20.0, 5.0, 1.25, 1.25, 0.3125]
+
+
+TINY_LSTM = dict(d_model=16, n_seq=8, batch_size=4, checkpoint_every=1, log_every=1, steps=12)
+
+
+def test_plateau_training_follows_its_validations_and_resumes_exactly(corpus, tmp_path):
+    # Given the LSTM anchor's recipe at a tiny size, on a stream of 3 windows an epoch
+    # (a large rate and a mild factor, so that the rule acts), stopped at step 5.
+    config = train_preset("lstm", len(corpus.vocab)).replace(
+        **TINY_LSTM, learning_rate=30.0, plateau_factor=0.5
+    )
+    stream = make_lm_stream(corpus.train[:90], 4, 8, eos_id=0)
+    valid = make_lm_stream(corpus.valid[:200], 2, 8, eos_id=0)
+    assert len(stream) == 3
+    straight = train_lib.train(config, stream, tmp_path / "a", valid=valid, progress=False)
+    train_lib.train(config, stream, tmp_path / "b", valid=valid, stop_at_step=5, progress=False)
+    resumed = train_lib.train(config, stream, tmp_path / "b", valid=valid, progress=False)
+    # Then validations ran after every epoch, and each logged rate is the rule applied
+    # to the logged validation perplexities.
+    rows = [
+        json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    ]
+    checks = [row for row in rows if "learning_rate" in row]
+    assert [row["step"] for row in checks] == [3, 6, 9, 12]
+    rate, best = 30.0, np.inf
+    for row in checks:
+        loss = np.log(row["valid_exit_ppl"][-1])
+        rate, best = (rate, loss) if loss < best else (rate * 0.5, best)
+        assert row["learning_rate"] == pytest.approx(rate, rel=1e-6)
+    assert rate < 30.0, "the rule should have acted at least once"
+    # And the resumed run equals the straight one bit for bit, rate included.
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # And each sitting recorded its software and flags.
+    sittings = (tmp_path / "b" / "environment.jsonl").read_text().splitlines()
+    assert [json.loads(row)["start_step"] for row in sittings] == [0, 5]
+    row = json.loads(sittings[0])
+    assert row["versions"]["jax"] == jax.__version__
+    assert row["xla_flags"] == os.environ.get("XLA_FLAGS", "")
