@@ -60,11 +60,15 @@ def head_logits(layer: OutputLayer, x: jax.Array) -> jax.Array:
     return jnp.einsum("...d,vd->...v", x, layer.head_kernel) + layer.head_bias
 
 
+def tail_logits(layer: OutputLayer, k: int, x: jax.Array) -> jax.Array:
+    """Logits of tail cluster k (0-based) given features [..., D]; [..., n_k]."""
+    projected = jnp.einsum("...d,pd->...p", x, layer.tail_projections[k])  # [..., d_k]
+    return jnp.einsum("...p,vp->...v", projected, layer.tail_kernels[k]) + layer.tail_biases[k]
+
+
 def tail_log_probs(layer: OutputLayer, k: int, x: jax.Array) -> jax.Array:
     """log softmax of tail cluster k (0-based) given features [..., D]; [..., n_k]."""
-    projected = jnp.einsum("...d,pd->...p", x, layer.tail_projections[k])  # [..., d_k]
-    logits = jnp.einsum("...p,vp->...v", projected, layer.tail_kernels[k])
-    return jax.nn.log_softmax(logits + layer.tail_biases[k], axis=-1)  # [..., n_k]
+    return jax.nn.log_softmax(tail_logits(layer, k, x), axis=-1)
 
 
 def log_probs(layer: OutputLayer, x: jax.Array) -> jax.Array:
@@ -235,6 +239,47 @@ def _head(layer: OutputLayer, x: jax.Array, second: bool = True, index: bool = T
 
 
 # ---------------------------------------------------------------- exact queries
+
+
+def top_k(layer: OutputLayer, x: jax.Array, k: int):
+    """The k most likely words of the full distribution, with their log p.
+
+    The top k of the head's words and of every tail cluster's words, merged: each
+    list is in `lax.top_k` order (descending, ties lowest index first) and the
+    lists are concatenated in id order, so the merged list is a stable descending
+    order of the whole vocabulary's log-probabilities (a tie at the cut keeps the
+    lowest ids). A cluster's order is that of its raw logits, so only its
+    log-normaliser is reduced over all its words, and no [T, V] array is
+    materialised. Every cluster runs for every token: for decoding's few tokens a
+    `lax.cond` skipping the clusters that cannot hold a top-k word cost more on
+    CPU than the clusters themselves.
+
+    Args:
+      x: [T, D] exit features; k: static, 1 <= k <= V.
+
+    Returns:
+      (log p [T, k] descending, ids [T, k] int32).
+    """
+    logits, words = head_logits(layer, x), layer.head_words
+    normaliser = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [T, 1]
+    values, ids = _padded_top_k(logits[:, :words], k)
+    values, ids = [values - normaliser], [ids]
+    for c in range(layer.n_tails):
+        tail = tail_logits(layer, c, x)  # [T, n_c]
+        offset = logits[:, words + c, None] - normaliser  # log P_c  [T, 1]
+        offset = offset - jax.nn.logsumexp(tail, axis=-1, keepdims=True)
+        tail_values, tail_ids = _padded_top_k(tail, k)
+        values.append(tail_values + offset)
+        ids.append(tail_ids + layer.bounds[c])
+    merged, order = jax.lax.top_k(jnp.concatenate(values, -1), k)
+    return merged, jnp.take_along_axis(jnp.concatenate(ids, -1), order, -1)
+
+
+def _padded_top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k` of [T, n] padded with -inf (id 0) to k entries when n < k."""
+    top, ids = jax.lax.top_k(values, min(k, values.shape[-1]))
+    padding = ((0, 0), (0, k - top.shape[-1]))
+    return jnp.pad(top, padding, constant_values=-jnp.inf), jnp.pad(ids, padding)
 
 
 def top_two(layer: OutputLayer, x: jax.Array, capacity=None):

@@ -39,7 +39,7 @@ from ee_jax.early_exit import (
     halting_loop,
 )
 from ee_jax.model import EarlyExitLM, check_positions, check_tokens
-from ee_jax.sampling import check_sampling, row_key, sample_tokens
+from ee_jax.sampling import check_sampling, row_key, sample_ranked, sample_tokens
 from ee_jax.state import RecurrentState, check_carry, check_state
 
 
@@ -176,7 +176,8 @@ def generate(
     exits, `chunk` steps per jitted scan. temperature 0 is greedy; otherwise
     samples from softmax(logits / temperature), restricted to the sample_top_k
     largest logits and then to the nucleus of mass sample_top_p when given
-    (`sample_tokens`), with the key
+    (`sample_tokens`; with a top k, its k candidates come from the exit's head
+    and only the tail clusters that can hold one, `adaptive.top_k`), with the key
     `row_key(rng, row, position of the token fed)`: the output does not depend on
     `chunk` or on the other rows of the batch, and a generation resumed
     from a returned state continues exactly as an uninterrupted one (pass the last
@@ -307,11 +308,17 @@ def _generate_chunk(
             new, depth, _, after = decode_step(
                 model, variables, state, token, threshold, measure, greedy_token
             )
+        elif sample_top_k is not None:  # the k candidates, without every word's logit
+            top_k = functools.partial(adaptive.top_k, k=sample_top_k)
+            (values, ids), depth, _, after = decode_step(
+                model, variables, state, token, threshold, measure, top_k
+            )
+            new = sample_ranked(values, ids, key, temperature, sample_top_p)
         else:
             logits, depth, _, after = decode_step(
                 model, variables, state, token, threshold, measure
             )
-            new = sample_tokens(logits, key, temperature, sample_top_k, sample_top_p)
+            new = sample_tokens(logits, key, temperature, None, sample_top_p)
         state = after.select(~stopped, state)  # a stopped row keeps its state and position
         new, depth = jnp.where(stopped, stop, new), jnp.where(stopped, 0, depth)
         return (state, new, stopped | (new == stop)), (new, depth)

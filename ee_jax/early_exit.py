@@ -332,37 +332,39 @@ def state_saturation(before: jax.Array, after: jax.Array) -> jax.Array:
     )
 
 
-def exit_outputs(apply, config: ModelConfig, state: HaltState, fn) -> jax.Array:
-    """fn(output layer, features [T, D]) -> [T, ...] of every token at its exit head.
+def exit_outputs(apply, config: ModelConfig, state: HaltState, fn):
+    """fn(output layer, features [T, D]) -> [T, ...] (or a pytree of them) of every
+    token at its exit head.
 
     Run from each token's stored exit features: once per exit head that some token
     used (a single head unless heads are per exit). Carrying features [..., D]
     through the loop instead of logits avoids a [..., V] select per layer; the
     output computed at the end is the one a token's exit head computes anyway.
 
-    Returns: [*token shape, ...].
+    Returns: [*token shape, ...] (a pytree of them).
     """
     tokens = state.exit_depth.shape
     features = state.features.reshape(-1, state.features.shape[-1])  # [T, D]
 
     def run(layer):
         output = fn(apply(layer, method=EarlyExitLM.output_layer), features)  # [T, ...]
-        return output.reshape(*tokens, *output.shape[1:])
+        return jax.tree.map(lambda o: o.reshape(*tokens, *o.shape[1:]), output)
 
     if config.unembedding != "per_exit":
         return run(0)
 
     def add_head(layer, outputs):
         chosen = state.exit_depth == layer + 1  # [...]
-        expand = lambda c: c.reshape(*c.shape, *[1] * (outputs.ndim - c.ndim))  # noqa: E731
+        expand = lambda c, o: c.reshape(*c.shape, *[1] * (o.ndim - c.ndim))  # noqa: E731
+        select = lambda new, old: jnp.where(expand(chosen, old), new, old)  # noqa: E731
         return jax.lax.cond(
             jnp.any(chosen),
-            lambda: jnp.where(expand(chosen), run(layer), outputs),
+            lambda: jax.tree.map(select, run(layer), outputs),
             lambda: outputs,
         )
 
-    empty = jax.eval_shape(run, 0)
-    return jax.lax.fori_loop(0, config.n_layers, add_head, jnp.zeros(empty.shape, empty.dtype))
+    empty = jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), jax.eval_shape(run, 0))
+    return jax.lax.fori_loop(0, config.n_layers, add_head, empty)
 
 
 @flax.struct.dataclass

@@ -1,7 +1,9 @@
 """Sampling the next token: temperature, top-k and nucleus (top-p), without sorts.
 
 `sample_tokens` draws one token per row from softmax(logits / T) over the kept
-ids (Gumbel-max); `top_k_logits` and `top_p_logits` mask the others with -inf;
+ids (Gumbel-max); with a top k, among the k candidates alone (`sample_ranked`,
+which decoding feeds from `adaptive.top_k` without every word's logit);
+`top_k_logits` and `top_p_logits` mask the others with -inf;
 `tempered_log_probs` is that distribution's log (self-speculative decoding's
 p and q). A T that is 0 to float32 arithmetic is greedy (the argmax, lowest id
 among ties) on every path.
@@ -51,16 +53,10 @@ def sample_tokens(
     """One token per row from softmax(logits / temperature) over the top k and the
     nucleus of mass top p; [B] int32.
 
-    Gumbel-max: with g ~ Gumbel(0, 1) i.i.d., argmax(logits / T + g) is a sample of
-    softmax(logits / T). For T < 1 the same argmax is taken of logits + T * g
-    (scaled by T > 0), so nothing can overflow: logits / T with T >= 1 is at most
-    the logits, T * g with T < 1 at most g (|g| < 17 in float32). At T = 0, or a T
-    whose product with g underflows, this is exactly the argmax (ties: lowest id):
-    sampling tends to greedy as T -> 0+.
-
     sample_top_k keeps exactly k ids: the first k of a stable descending order of
-    the logits, so a tie at the cut keeps the lowest ids (`top_k_logits`);
-    sample_top_p then keeps the nucleus of that distribution (`top_p_logits`).
+    the logits (`lax.top_k`), so a tie at the cut keeps the lowest ids; the draw is
+    then among those k (`sample_ranked`). sample_top_p then keeps the nucleus of
+    that distribution; without a top k, the nucleus of all V (`top_p_logits`).
 
     Args:
       logits: [B, V] logits (or log-probabilities) of the next token.
@@ -69,18 +65,47 @@ def sample_tokens(
       sample_top_k: None (every id) or k in [1, V] (static).
       sample_top_p: None (every id) or p in (0, 1] ([], traced).
     """
-    logits = top_k_logits(logits, sample_top_k)
+    logits = logits.astype(jnp.float32)
+    if sample_top_k is not None:
+        return sample_ranked(*jax.lax.top_k(logits, sample_top_k), rng, temperature, sample_top_p)
     if sample_top_p is not None:
         logits = top_p_logits(logits, temperature, sample_top_p)
+    return gumbel_argmax(logits, rng, temperature).astype(jnp.int32)
+
+
+def sample_ranked(values, ids, rng, temperature, sample_top_p=None) -> jax.Array:
+    """One token per row among ranked candidates: ids [B, k] drawn from
+    softmax(values / T) over values [B, k] (descending, ties lowest id first: the
+    order of `lax.top_k` and `adaptive.top_k`), restricted with sample_top_p to the
+    nucleus: the first candidates whose mass reaches top p, each kept while the
+    mass before it is below p (Holtzman et al. 2020). k-sized work only; [B] int32."""
+    values = values.astype(jnp.float32)
+    if sample_top_p is not None:
+        probs = jnp.exp(tempered_log_probs(values, temperature))  # [B, k]
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the candidates before each
+        top_p = jnp.asarray(sample_top_p, jnp.float32)[..., None]
+        values = jnp.where(before < top_p, values, -jnp.inf)
+    choice = gumbel_argmax(values, rng, temperature)  # [B]
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def gumbel_argmax(scores, rng, temperature) -> jax.Array:
+    """A draw of softmax(scores / T) per row of scores [B, n] (-inf allowed): the index
+    argmax(scores / T + g), g ~ Gumbel(0, 1) i.i.d. (Gumbel-max); [B].
+
+    For T < 1 the same argmax is taken of scores + T * g (scaled by T > 0), so
+    nothing can overflow: scores / T with T >= 1 is at most the scores, T * g with
+    T < 1 at most g (|g| < 17 in float32). At T = 0, or a T whose product with g
+    underflows, this is exactly the argmax (ties: lowest index): sampling tends to
+    greedy as T -> 0+. rng: one key, or one per row [B].
+    """
     temperature = jnp.asarray(temperature, jnp.float32)
     if jnp.ndim(rng) == 0:
-        noise = jax.random.gumbel(rng, logits.shape, jnp.float32)  # [B, V], finite
+        noise = jax.random.gumbel(rng, scores.shape, jnp.float32)  # finite
     else:  # a key per row
-        noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:], jnp.float32))(rng)
-    scores = jnp.where(
-        temperature >= 1, logits / temperature + noise, logits + temperature * noise
-    )  # [B, V]
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, scores.shape[1:], jnp.float32))(rng)
+    scores = jnp.where(temperature >= 1, scores / temperature + noise, scores + temperature * noise)
+    return jnp.argmax(scores, axis=-1)
 
 
 def top_k_logits(logits, sample_top_k: int | None) -> jax.Array:

@@ -222,6 +222,45 @@ def test_top_two_argmax_and_target_nll_are_exact(regime):
         assert np.mean(np.argmax(log_probs, axis=-1) >= 60) > 0.2  # tails hold the argmax
 
 
+@pytest.mark.parametrize("regime", ["random", "trained", "tail"])
+def test_top_k_is_the_stable_top_k_of_the_full_distribution(regime):
+    # Given the float64 full distribution and its stable descending order.
+    layer = output_layer(regime, seed=2)
+    x = jax.random.normal(jax.random.key(10), (512, 32))
+    log_probs = reference_log_probs(layer, x)
+    order = np.argsort(-log_probs, axis=-1, kind="stable")
+    top = jax.jit(adaptive.top_k, static_argnums=2)
+    for k, rows in ((1, 512), (40, 512), (1, 1), (40, 1), (100, 4)):
+        # When the top k come from the head and the tails that can hold one (rows
+        # decide together whether a tail runs).
+        values, ids = top(layer, x[:rows], k)
+        # Then they are the first k of that order, with their log-probabilities (rows
+        # with two of the first k + 1 within float32 rounding are left out).
+        expected = np.take_along_axis(log_probs[:rows], order[:rows, : k + 1], -1)
+        clear = np.all(-np.diff(expected, axis=-1) > 1e-5, axis=-1)
+        assert clear.mean() > 0.9 or rows < 10
+        np.testing.assert_array_equal(np.asarray(ids)[clear], order[:rows][clear, :k])
+        np.testing.assert_allclose(values, expected[:, :k], atol=1e-5)
+    if regime == "tail":
+        assert np.mean(order[:, :40] >= 60) > 0.3  # tail words are among the top 40
+
+
+def test_top_k_ties_at_the_cut_keep_the_lowest_ids_across_clusters():
+    # Word 3 (head) and word 60 (all of cluster 1) have the same probability.
+    layer = output_layer("random")
+    zero = lambda a: jnp.zeros_like(a)  # noqa: E731
+    layer = layer.replace(
+        head_kernel=zero(layer.head_kernel),
+        head_bias=jnp.zeros(62).at[3].set(2.0).at[60].set(2.0).at[7].set(3.0),
+        tail_kernels=tuple(map(zero, layer.tail_kernels)),
+        tail_biases=(jnp.full(190, -jnp.inf).at[0].set(0.0), layer.tail_biases[1]),
+    )
+    _, ids = adaptive.top_k(layer, jnp.ones((2, 32)), 3)
+    np.testing.assert_array_equal(ids, [[7, 3, 60]] * 2)
+    _, ids = adaptive.top_k(layer, jnp.ones((2, 32)), 2)
+    np.testing.assert_array_equal(ids, [[7, 3]] * 2)
+
+
 def test_argmax_ties_take_the_lowest_id_across_clusters():
     # A head word and a tail word with exactly equal probability: argmax is the head word.
     layer = output_layer("random")

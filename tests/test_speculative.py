@@ -110,24 +110,26 @@ def test_trace_blocks_gives_the_state_after_every_position(config):
             np.testing.assert_allclose(got[:, :, i], expected[1:], atol=1e-5)
 
 
-def reference_nucleus(probs: np.ndarray, top_p: float | None) -> np.ndarray:
-    """probs [..., V] (float64) renormalised over the nucleus: the first ids of a
-    stable descending sort whose cumulative probability reaches top_p."""
-    if top_p is None:
-        return probs
+def reference_nucleus(probs: np.ndarray, top_p: float | None, top_k: int | None = None):
+    """probs [..., V] (float64) renormalised over the first top_k ids of a stable
+    descending sort, then over the nucleus: the first of those whose cumulative
+    probability reaches top_p."""
     order = np.argsort(-probs, axis=-1, kind="stable")
     ranked = np.take_along_axis(probs, order, axis=-1)
+    if top_k is not None:
+        ranked = np.where(np.arange(ranked.shape[-1]) < top_k, ranked, 0.0)
+        ranked = ranked / ranked.sum(axis=-1, keepdims=True)
     before = np.cumsum(ranked, axis=-1) - ranked  # mass ahead of each ranked id
-    keep = np.zeros(probs.shape, bool)
-    np.put_along_axis(keep, order, before < top_p, axis=-1)
-    kept = np.where(keep, probs, 0.0)
+    keep = (ranked > 0) & (before < (1.0 if top_p is None else top_p))
+    kept = np.zeros(probs.shape)
+    np.put_along_axis(kept, order, np.where(keep, ranked, 0.0), axis=-1)
     return kept / kept.sum(axis=-1, keepdims=True)
 
 
-def exact_joint(model, variables, context, length, layer, temperature, top_p=None):
-    """p(x_1..x_length | context) of exit `layer` (0-based) at `temperature` (and over
-    the nucleus of mass top_p), by enumerating every continuation with full passes;
-    [V] * length."""
+def exact_joint(model, variables, context, length, layer, temperature, top_p=None, top_k=None):
+    """p(x_1..x_length | context) of exit `layer` (0-based) at `temperature` (over the
+    top k, then the nucleus of mass top_p), by enumerating every continuation with
+    full passes; [V] * length."""
     vocab = model.config.vocab_size
     joint = np.ones([1] * 0)
     for step in range(length):
@@ -136,7 +138,7 @@ def exact_joint(model, variables, context, length, layer, temperature, top_p=Non
         batch = np.concatenate([np.repeat(context[None], len(prefixes), 0), prefixes], 1)
         logits = model.apply(variables, jnp.asarray(batch), method=EarlyExitLM.exit_logits)
         log_p = jax.nn.log_softmax(np.asarray(logits[layer, :, -1], np.float64) / temperature)
-        conditional = reference_nucleus(np.exp(np.asarray(log_p, np.float64)), top_p)
+        conditional = reference_nucleus(np.exp(np.asarray(log_p, np.float64)), top_p, top_k)
         joint = joint[..., None] * conditional.reshape([vocab] * step + [vocab])
     return joint
 
@@ -202,15 +204,18 @@ def test_speculative_sampling_has_the_full_models_distribution(top_p):
     assert 0 < stats.acceptance_rate < 1  # drafts were both kept and rejected
 
 
-def test_sampling_with_a_nucleus_has_the_models_distribution():
+@pytest.mark.parametrize("top_k, top_p", [(None, 0.8), (5, None), (5, 0.8)])
+def test_sampling_with_a_top_k_or_nucleus_has_the_models_distribution(top_k, top_p):
     # Given the exact distribution of the full model's next 3 tokens at temperature
-    # 0.8 over the nucleus of mass 0.8, and the one without the nucleus.
+    # 0.8 over the top k and the nucleus of mass top_p, and the unrestricted one.
     model, variables = model_and_variables(SMALL)
-    exact = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8, 0.8)
-    unrestricted = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8)
-    # When 20,000 rows each sample 3 tokens at full depth (decode.generate).
-    new, _ = sample_rows(generate, 8, threshold=1.0, sample_top_p=0.8)
-    # Then they follow the nucleus distribution, not the unrestricted one.
+    last = SMALL.n_layers - 1
+    exact = exact_joint(model, variables, CONTEXT, 3, last, 0.8, top_p, top_k)
+    unrestricted = exact_joint(model, variables, CONTEXT, 3, last, 0.8)
+    # When 20,000 rows each sample 3 tokens at full depth (decode.generate; with a
+    # top k, among the k candidates of `adaptive.top_k`).
+    new, _ = sample_rows(generate, 8, threshold=1.0, sample_top_k=top_k, sample_top_p=top_p)
+    # Then they follow the restricted distribution, not the unrestricted one.
     assert_chi_square_fits(new, exact.ravel(), unrestricted.ravel(), 8)
 
 
