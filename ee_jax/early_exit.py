@@ -229,6 +229,10 @@ def halting_loop(
     measure = ExitMeasure(measure)
     can_exit_early = threshold < 1.0
     compact = compact and exited_state == "freeze"
+    # Inside a compacted branch the tokens are gathered already: a tail cluster runs
+    # for all of them or none (a second ladder of gather sizes in each of the
+    # branches made the loop compile 4x slower).
+    tail_capacity = () if compact else None
 
     def cond_fn(state: HaltState) -> jax.Array:
         return (state.layer < config.n_layers) & ~jnp.all(state.exited)
@@ -245,7 +249,9 @@ def halting_loop(
             update = apply(layer, x, method=EarlyExitLM.block_feed_forward)
             after = before + (update + mixed)
             features = apply(after, layer, method=EarlyExitLM.exit_features)
-            confidence = _confidence(apply, measure, before, after, features, layer, threshold)
+            confidence = _confidence(
+                apply, measure, before, after, features, layer, threshold, tail_capacity
+            )
             return after, features, confidence
 
         tokens = state.exited.shape
@@ -290,17 +296,19 @@ _jitted_early_exit = jax.jit(
 )
 
 
-def _confidence(apply, measure, before, after, features, layer, threshold) -> jax.Array:
+def _confidence(
+    apply, measure, before, after, features, layer, threshold, capacity=None
+) -> jax.Array:
     """The measure for every token after block `layer`; [...] (token shape).
 
     Softmax measures are decided exactly from the exit's head, evaluating tail
     clusters only where they can change "confidence >= threshold"
-    (`adaptive.exit_confidence`).
+    (`adaptive.exit_confidence`, gathering those tokens by `capacity`).
     """
     if measure in SOFTMAX_MEASURES:
         output = apply(layer, method=EarlyExitLM.output_layer)
         flat = features.reshape(-1, features.shape[-1])  # [T, D]
-        confidence = adaptive.exit_confidence(output, flat, measure, threshold)
+        confidence = adaptive.exit_confidence(output, flat, measure, threshold, capacity)
         return confidence.reshape(features.shape[:-1])
     if measure == ExitMeasure.LEARNED:
         return jax.nn.sigmoid(apply(after, layer, method=EarlyExitLM.exit_classifier))
