@@ -44,6 +44,7 @@ class ModelConfig:
     num_experts: int = 4  # E, experts in each MoE FFN (0: blocks without an FFN)
     top_k: int = 1  # experts each token is routed to
     dropout: float = 0.1  # dropout rate on embeddings and residual branches (training)
+    layer_dropout: float = 0.0  # rate a row skips the last block in training; depth-linear
     causal: bool = True  # causal BK core (next-token model); False sees later tokens
     confidence_threshold: float = 0.9  # default halting threshold in [0, 1]
     bk_heads: int = 1  # H, potentials per token = independent tridiagonal systems
@@ -88,8 +89,9 @@ class ModelConfig:
             raise ValueError(
                 f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "layer_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(
                 f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}"
@@ -171,6 +173,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip gradients to this global norm
     exit_weighting: ExitWeighting = "uniform"  # loss weight of each exit: uniform/linear/final
     balance_weight: float = 0.01  # weight of the MoE load-balancing loss
+    exit_ramp_steps: int = 0  # the early exits' loss weight rises from 0 over these steps
     exit_token_fraction: float = 1.0  # fraction of positions scoring the exits before the last
     classifier_token_fraction: float = 1.0  # of positions training exit classifiers (<= above)
     classifier_target: ClassifierTarget = "agreement"  # what the learned exit measure predicts
@@ -194,6 +197,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if (
+            not isinstance(self.exit_ramp_steps, int)
+            or isinstance(self.exit_ramp_steps, bool)
+            or self.exit_ramp_steps < 0
+        ):
+            raise ValueError(
+                f"exit_ramp_steps must be an integer >= 0, got {self.exit_ramp_steps!r}"
+            )
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(
                 f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}"
@@ -293,15 +304,9 @@ def tiny(vocab_size: int = 97) -> ModelConfig:
 
 
 def seed(vocab_size: int = 10000) -> ModelConfig:
-    """The configuration of the public PyTorch original (its defaults)."""
-    return ModelConfig(
-        vocab_size=vocab_size,
-        d_model=64,
-        n_layers=4,
-        n_seq=128,
-        num_experts=4,
-        top_k=1,
-    )
+    """The configuration of the public PyTorch original: its defaults (D = 64, L = 4,
+    N = 128, 4 experts, top-1 routing) are ModelConfig's."""
+    return ModelConfig(vocab_size=vocab_size)
 
 
 def train_preset(name: str, vocab_size: int) -> TrainConfig:

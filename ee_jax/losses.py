@@ -93,7 +93,7 @@ def exit_nll(
 
 def lm_loss(params, tokens, targets, mask, config: TrainConfig, **options):
     """`lm_loss_from` the start of a text (a fresh state), with its keyword
-    options (rngs, tail_capacities): (loss [], metrics)."""
+    options (rngs, tail_capacities, step): (loss [], metrics)."""
     start = RecurrentState.make(config.model, tokens.shape[0])
     loss, (metrics, _) = lm_loss_from(params, start, tokens, targets, mask, config, **options)
     return loss, metrics
@@ -109,6 +109,7 @@ def lm_loss_from(
     *,
     rngs: dict[str, jax.Array] | None = None,
     tail_capacities: tuple[int, ...] | None = None,
+    step=None,
 ) -> tuple[jax.Array, tuple[dict, RecurrentState]]:
     """The joint training loss of a window read from `state`, and its parts.
 
@@ -119,7 +120,10 @@ def lm_loss_from(
 
     loss = sum_l weights[l] * CE_l + balance_weight * mean_l(balance_l) + C_exit
            + distillation_weight * mean_{l<L} KL_l,
-    with weights = `exit_weights`(L, config.exit_weighting) and the terms of
+    with weights = `exit_weights`(L, config.exit_weighting), the early exits'
+    (l < L) times min(1, step / exit_ramp_steps) with config.exit_ramp_steps > 0
+    (an early-exit curriculum: the exits join as training goes, as in LayerSkip,
+    Elhoushi et al. 2024), and the terms of
     `exit_cross_entropies` (CE_l), `moe_balance_loss`, `exit_classifier_loss`
     (C_exit, for config.classifier_target) and `head_distillation_loss` (KL_l), the
     early exits and the classifiers on the positions of `sampled_positions`.
@@ -141,6 +145,7 @@ def lm_loss_from(
       tail_capacities: static gather size per tail cluster for the final exit's
         targets (`tail_capacities` of the training data); for the exits scored on a
         subset they are capped at its size. Default: `adaptive.gather_sizes`' ladder.
+      step: the training step [] (for config.exit_ramp_steps; None: the ramp is over).
 
     Returns:
       (loss [], (metrics, state after the window)), metrics: "exit_nll" [L] (nan for
@@ -158,7 +163,10 @@ def lm_loss_from(
     )
     # This order of summation fixes the last bit of the logged loss (recorded runs).
     balance_loss = moe_balance_loss(balance)
-    loss = exits.final_loss + config.balance_weight * balance_loss + exits.early_loss
+    early_loss = exits.early_loss
+    if config.exit_ramp_steps and step is not None:
+        early_loss = early_loss * jnp.minimum(1.0, step / config.exit_ramp_steps)
+    loss = exits.final_loss + config.balance_weight * balance_loss + early_loss
     classifier_loss = distillation_loss = jnp.zeros(())
     if len(exits.early) and config.distillation_weight > 0:
         distillation_loss = head_distillation_loss(

@@ -4,6 +4,7 @@ Shape legend: B batch, N positions, D width, V vocabulary, L layers, H BK heads.
 
     tokens [B, N] -> embed -> h_0 [B, N, D]
     h_l = h_{l-1} + dropout(MoE(LN(h_{l-1})) + s_l * BK(LN(h_{l-1})))   l = 1..L
+          (in training, with layer_dropout, a row may keep h_{l-1}: `_skip_rows`)
     exit l: p_l(w) = output_l(LN_l(h_l))                                 [B, N, V]
 
 The output layer (`ee_jax.adaptive`) is a full softmax, logits = x @ U^T + b, or
@@ -236,16 +237,30 @@ class EarlyExitLM(nn.Module):
 
         def step(h, layer_inputs):
             params, layer, layer_state = layer_inputs
-            h, balance_loss, layer_state = self._apply_block(
+            out, balance_loss, layer_state = self._apply_block(
                 params, h, layer, dropout_rng, mask, layer_state
             )
-            return h, (h, balance_loss, layer_state)
+            if dropout_rng is not None and self.config.layer_dropout:
+                out = self._skip_rows(h, out, layer, dropout_rng)
+            return out, (out, balance_loss, layer_state)
 
         layers = jnp.arange(self.config.n_layers)
         xs = (self.blocks, layers, state.layers)
         _, (states, balance_losses, layer_states) = jax.lax.scan(step, h, xs)
         after = RecurrentState(position=state.position + tokens.shape[1], layers=layer_states)
         return states, balance_losses, after
+
+    def _skip_rows(self, before, after, layer, dropout_rng):
+        """Layer dropout (stochastic depth, Huang et al. 2016, rising with depth as in
+        LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710): each row keeps block
+        `layer`'s input instead of its output with probability
+        layer_dropout * layer / (L - 1) (0 for the first block). The block's mixer
+        state still reads the window (it does at inference). [B, N, D] each."""
+        n_layers = self.config.n_layers
+        rate = self.config.layer_dropout * layer / max(n_layers - 1, 1)
+        key = jax.random.fold_in(dropout_rng, n_layers + layer)  # blocks use 0..L-1
+        skip = jax.random.bernoulli(key, rate, (before.shape[0], 1, 1))
+        return jnp.where(skip, before, after)
 
     def trace_blocks(self, h: jax.Array, layers, first: int):
         """Blocks first..L-1 (0-based, static) at inference on h [B, N, D], the output of

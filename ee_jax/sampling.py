@@ -3,7 +3,7 @@
 `sample_tokens` draws one token per row from softmax(logits / T) over the kept
 ids (Gumbel-max); with a top k, among the k candidates alone (`sample_ranked`,
 which decoding feeds from `adaptive.top_k` without every word's logit);
-`top_k_logits` and `top_p_logits` mask the others with -inf;
+without a top k, `top_p_logits` masks the ids outside the nucleus with -inf;
 `tempered_log_probs` is that distribution's log (self-speculative decoding's
 p and q). A T that is 0 to float32 arithmetic is greedy (the argmax, lowest id
 among ties) on every path.
@@ -79,14 +79,21 @@ def sample_ranked(values, ids, rng, temperature, sample_top_p=None) -> jax.Array
     order of `lax.top_k` and `adaptive.top_k`), restricted with sample_top_p to the
     nucleus: the first candidates whose mass reaches top p, each kept while the
     mass before it is below p (Holtzman et al. 2020). k-sized work only; [B] int32."""
-    values = values.astype(jnp.float32)
-    if sample_top_p is not None:
-        probs = jnp.exp(tempered_log_probs(values, temperature))  # [B, k]
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the candidates before each
-        top_p = jnp.asarray(sample_top_p, jnp.float32)[..., None]
-        values = jnp.where(before < top_p, values, -jnp.inf)
-    choice = gumbel_argmax(values, rng, temperature)  # [B]
+    choice = gumbel_argmax(ranked_nucleus(values, temperature, sample_top_p), rng, temperature)
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def ranked_nucleus(values, temperature, sample_top_p=None) -> jax.Array:
+    """Ranked candidates' values [..., k] (descending, ties lowest id first) as float32,
+    those outside the nucleus of mass sample_top_p set to -inf (None: all kept): a
+    candidate is kept while the mass of softmax(values / T) before it is below p."""
+    values = values.astype(jnp.float32)
+    if sample_top_p is None:
+        return values
+    probs = jnp.exp(tempered_log_probs(values, temperature))  # [..., k]
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the candidates before each
+    top_p = jnp.asarray(sample_top_p, jnp.float32)[..., None]
+    return jnp.where(before < top_p, values, -jnp.inf)
 
 
 def gumbel_argmax(scores, rng, temperature) -> jax.Array:
@@ -106,24 +113,6 @@ def gumbel_argmax(scores, rng, temperature) -> jax.Array:
         noise = jax.vmap(lambda key: jax.random.gumbel(key, scores.shape[1:], jnp.float32))(rng)
     scores = jnp.where(temperature >= 1, scores / temperature + noise, scores + temperature * noise)
     return jnp.argmax(scores, axis=-1)
-
-
-def top_k_logits(logits, sample_top_k: int | None) -> jax.Array:
-    """logits [..., V] as float32, all but the sample_top_k largest set to -inf (None:
-    every id kept): the first k of a stable descending order, so a tie at the cut
-    keeps the lowest ids.
-
-    Without a sort of the V logits (12 ms for V = 33,278 on this CPU): `lax.top_k`
-    (0.1 ms), whose ties come lowest index first, and a scatter of its k ids.
-    """
-    logits = logits.astype(jnp.float32)
-    if sample_top_k is None:
-        return logits
-    ids = jax.lax.top_k(logits, sample_top_k)[1]  # [..., k]
-    flat = ids.reshape(-1, sample_top_k)
-    rows = jnp.arange(flat.shape[0])[:, None]
-    keep = jnp.zeros((flat.shape[0], logits.shape[-1]), bool).at[rows, flat].set(True)
-    return jnp.where(keep.reshape(logits.shape), logits, -jnp.inf)
 
 
 def tempered_log_probs(logits, temperature) -> jax.Array:

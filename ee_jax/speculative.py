@@ -18,7 +18,8 @@ probability min(1, p(d) / q(d)) and replaces the first rejected one by a sample
 of norm(max(0, p - q)) (speculative sampling: Leviathan et al. 2023, "Fast
 Inference from Transformers via Speculative Decoding"; Chen et al. 2023), so
 the output has exactly the full model's distribution (p, q: the full model's and
-the draft exit's distributions after temperature and top-k).
+the draft exit's distributions after temperature, top-k and nucleus; with a
+top k, both are lists of k candidates, `exit_distribution`).
 
 Self-speculation with a model's own early layers: Draft & Verify (Zhang et al.
 2023), LayerSkip (Elhoushi et al. 2024).
@@ -34,9 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ee_jax import adaptive
 from ee_jax.decode import _check_count, _prefill, check_decodable, greedy_token
 from ee_jax.model import EarlyExitLM, check_positions, check_tokens
-from ee_jax.sampling import check_sampling, tempered_log_probs, top_k_logits, top_p_logits
+from ee_jax.sampling import (
+    check_sampling,
+    ranked_nucleus,
+    tempered_log_probs,
+    top_p_logits,
+)
 from ee_jax.state import RecurrentState
 
 
@@ -150,16 +157,44 @@ def speculative_generate(
     return jnp.concatenate([prompt, new[:, :steps]], axis=1), stats
 
 
-def warped_log_probs(logits, temperature, sample_top_k, sample_top_p=None):
-    """log of `sampling.sample_tokens`' distribution: softmax(logits / T) over the
-    sample_top_k largest logits (ties at the cut: lowest ids) and then over the
-    nucleus of mass sample_top_p (`sampling.top_p_logits`); [..., V]. A T that is 0 to
-    float32 arithmetic gives all the mass to the argmax (`sampling.tempered_log_probs`):
-    sampling tends to greedy as T -> 0+."""
-    logits = top_k_logits(logits, sample_top_k)
-    if sample_top_p is not None:
-        logits = top_p_logits(logits, temperature, sample_top_p)
-    return tempered_log_probs(logits, temperature)
+def exit_distribution(apply, hidden, layer, sampling):
+    """Exit `layer`'s sampling distribution at hidden states [..., D] (`sample_tokens`'):
+    (log probabilities [..., n], their ids [..., n] or None). With a top k: over the
+    exit's k most likely words (`adaptive.top_k`, n = k, descending; no [..., V]
+    array); otherwise over the whole vocabulary in id order (n = V, ids None).
+    Then over the nucleus of mass sample_top_p; a T that is 0 to float32
+    arithmetic gives all the mass to the argmax (`sampling.tempered_log_probs`).
+
+    sampling: (temperature [], sample_top_k, sample_top_p)."""
+    temperature, sample_top_k, sample_top_p = sampling
+    if sample_top_k is None:
+        logits = apply(hidden, layer, method=EarlyExitLM.exit_head)
+        if sample_top_p is not None:
+            logits = top_p_logits(logits, temperature, sample_top_p)
+        return tempered_log_probs(logits, temperature), None
+    output = apply(layer, method=EarlyExitLM.output_layer)
+    features = apply(hidden, layer, method=EarlyExitLM.exit_features)
+    values, ids = adaptive.top_k(output, features.reshape(-1, features.shape[-1]), sample_top_k)
+    values = ranked_nucleus(values, temperature, sample_top_p)
+    shape = (*features.shape[:-1], sample_top_k)
+    return tempered_log_probs(values, temperature).reshape(shape), ids.reshape(shape)
+
+
+def _draw(key, distribution) -> jax.Array:
+    """A token per row from an `exit_distribution` ([B, n] entries); [B] int32."""
+    log_probs, ids = distribution
+    index = jax.random.categorical(key, log_probs)
+    token = index if ids is None else jnp.take_along_axis(ids, index[..., None], -1)[..., 0]
+    return token.astype(jnp.int32)
+
+
+def _log_prob_of(distribution, tokens) -> jax.Array:
+    """log p of tokens [...] under an `exit_distribution` with entries [..., n]; [...]
+    (-inf for a token outside a top-k list: ids in a list are distinct)."""
+    log_probs, ids = distribution
+    if ids is None:
+        return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+    return jnp.max(jnp.where(ids == tokens[..., None], log_probs, -jnp.inf), axis=-1)
 
 
 def _per_row(x, index, position_axis: int, batch_axis: int):
@@ -183,8 +218,9 @@ def draft(model, variables, token, position, layers, key, *, draft_exit, k, samp
 
     Returns:
       (layer-e hidden states of the k + 1 fed tokens [B, k+1, D], the mixer states of
-      blocks 1..e after each (leaves [k+1, e, B, ...]), drafts [B, k],
-      log q of each draft step [B, k, V] or None when greedy).
+      blocks 1..e after each (leaves [k+1, e, B, ...]), drafts [B, k], the draft
+      exit's distribution q at each draft step (`exit_distribution`, entries
+      [B, k, n]) or None when greedy).
     """
     config = model.config
     apply = functools.partial(model.apply, variables)
@@ -205,81 +241,87 @@ def draft(model, variables, token, position, layers, key, *, draft_exit, k, samp
             layer_states.append(layer_state)
         return hidden, jax.tree.map(lambda *xs: jnp.stack(xs), *layer_states)
 
-    def head(hidden, key):  # the draft exit's token [B] and log q [B, V] (sampling)
+    def head(hidden, key):  # the draft exit's token [B] and its q (sampling)
         if sampling is None:
             output = apply(draft_exit - 1, method=EarlyExitLM.output_layer)
             features = apply(hidden, draft_exit - 1, method=EarlyExitLM.exit_features)
             return greedy_token(output, features), None
-        logits = apply(hidden, draft_exit - 1, method=EarlyExitLM.exit_head)
-        log_q = warped_log_probs(logits, *sampling)
-        return jax.random.categorical(key, log_q).astype(jnp.int32), log_q
+        q = exit_distribution(apply, hidden, draft_exit - 1, sampling)
+        return _draw(key, q), q
 
     def step(carry, j):
         token, layers = carry
         hidden, layers = blocks(token, position + j, layers)
-        drafted, log_q = head(hidden, jax.random.fold_in(key, j))
-        return (drafted, layers), (hidden, layers, drafted, log_q)
+        drafted, q = head(hidden, jax.random.fold_in(key, j))
+        return (drafted, layers), (hidden, layers, drafted, q)
 
-    (last, layers), (hiddens, states, drafts, log_q) = jax.lax.scan(
+    (last, layers), (hiddens, states, drafts, q) = jax.lax.scan(
         step, (token, layers), jnp.arange(k)
     )
     hidden, layers = blocks(last, position + k, layers)
     hiddens = jnp.concatenate([hiddens, hidden[None]])  # [k+1, B, D]
     states = jax.tree.map(lambda xs, x: jnp.concatenate([xs, x[None]]), states, layers)
-    log_q = None if log_q is None else jnp.swapaxes(log_q, 0, 1)
-    return jnp.swapaxes(hiddens, 0, 1), states, drafts.T, log_q
+    q = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), q)  # entries [B, k, n]
+    return jnp.swapaxes(hiddens, 0, 1), states, drafts.T, q
 
 
-def verify(model, variables, hiddens, layers, *, draft_exit, greedy):
+def verify(model, variables, hiddens, layers, *, draft_exit, sampling):
     """Blocks e+1..L on the layer-e hidden states [B, k+1, D] of a round in one pass
     from their mixer states (leaves [L-e, B, ...]): (the final exit's greedy tokens
-    [B, k+1] (`decode.greedy_token`, as `decode.generate` picks them) or, not greedy,
-    its logits [B, k+1, V]; the mixer states after each position (leaves
-    [L-e, B, k+1, ...]))."""
+    [B, k+1] (`decode.greedy_token`, as `decode.generate` picks them) or, sampling,
+    its distribution p (`exit_distribution`, entries [B, k+1, n]); the mixer states
+    after each position (leaves [L-e, B, k+1, ...]))."""
     apply = functools.partial(model.apply, variables)
     final, states = apply(hiddens, layers, draft_exit, method=EarlyExitLM.trace_blocks)
     last = model.config.n_layers - 1
-    if not greedy:
-        return apply(final, last, method=EarlyExitLM.exit_head), states
+    if sampling is not None:
+        return exit_distribution(apply, final, last, sampling), states
     features = apply(final, last, method=EarlyExitLM.exit_features)  # [B, k+1, D]
     output = apply(last, method=EarlyExitLM.output_layer)
     tokens = greedy_token(output, features.reshape(-1, features.shape[-1]))
     return tokens.reshape(features.shape[:-1]), states
 
 
-def accept(drafts, log_q, logits, key, sampling):
+def accept(drafts, q, p, key):
     """Each row's accepted drafts and its one token from the full model.
 
-    Greedy (sampling None): drafts are kept while they equal the full model's argmax;
-    the extra token is the argmax at the first disagreement (or after the last
-    draft). Sampling: a draft d is kept with probability min(1, p(d) / q(d)); the
-    extra token is drawn from norm(max(0, p - q)) at the first rejection, from p
-    after k accepted drafts (Leviathan et al. 2023, algorithm 1).
+    Greedy (q None): drafts are kept while they equal the full model's argmax; the
+    extra token is the argmax at the first disagreement (or after the last draft).
+    Sampling: a draft d is kept with probability min(1, p(d) / q(d)); the extra
+    token is drawn from norm(max(0, p - q)) at the first rejection, from p after k
+    accepted drafts (Leviathan et al. 2023, algorithm 1). With top-k lists the
+    residual lives on p's list, q read at its ids.
 
     Args:
-      drafts: [B, k]; log_q: [B, k, V] or None; logits: the full model's [B, k+1, V]
-        (greedy: its tokens [B, k+1]).
+      drafts: [B, k]; q: the draft exit's distributions (entries [B, k, n]) or None;
+        p: the full model's (entries [B, k+1, n]), greedy: its tokens [B, k+1].
 
     Returns:
       (accepted drafts per row [B] int32 in [0, k], extra token [B] int32).
     """
     batch, k = drafts.shape
-    if sampling is None:  # logits: the full model's greedy tokens
-        accepted = jnp.sum(jnp.cumprod(drafts == logits[:, :k], axis=1), axis=1)
-        return accepted, jnp.take_along_axis(logits, accepted[:, None], axis=1)[:, 0]
-    log_p = warped_log_probs(logits, *sampling)  # [B, k+1, V]
-    at_draft = lambda lp: jnp.take_along_axis(lp, drafts[..., None], axis=-1)[..., 0]  # noqa: E731
-    ratio = jnp.exp(at_draft(log_p[:, :k]) - at_draft(log_q))  # p(d) / q(d); q(d) > 0: drawn
+    if q is None:  # p: the full model's greedy tokens
+        accepted = jnp.sum(jnp.cumprod(drafts == p[:, :k], axis=1), axis=1)
+        return accepted, jnp.take_along_axis(p, accepted[:, None], axis=1)[:, 0]
+    first_k = jax.tree.map(lambda x: x[:, :k], p)
+    ratio = jnp.exp(_log_prob_of(first_k, drafts) - _log_prob_of(q, drafts))  # q(d) > 0: drawn
     uniform = jax.random.uniform(jax.random.fold_in(key, 0), (batch, k))
     accepted = jnp.sum(jnp.cumprod(uniform < ratio, axis=1), axis=1)
-    p = _per_row(jnp.exp(log_p), accepted, 1, 0)  # [B, V] at the first rejected place
-    no_draft = jnp.full_like(log_q[:, :1], -jnp.inf)  # after k accepted drafts: q = 0
-    q = _per_row(jnp.exp(jnp.concatenate([log_q, no_draft], axis=1)), accepted, 1, 0)
-    residual = jnp.maximum(p - q, 0.0)
+    # p and q at the first rejected place; after k accepted drafts q = 0.
+    log_p, p_ids = jax.tree.map(lambda x: _per_row(x, accepted, 1, 0), p)  # [B, n]
+    log_q, q_ids = jax.tree.map(
+        lambda x: _per_row(jnp.concatenate([x, jnp.zeros_like(x[:, :1])], 1), accepted, 1, 0), q
+    )
+    q_probs = jnp.where(accepted[:, None] < k, jnp.exp(log_q), 0.0)  # [B, n]
+    if p_ids is not None:  # q at each of p's ids
+        same = p_ids[:, :, None] == q_ids[:, None, :]  # [B, n, n]
+        q_probs = jnp.sum(jnp.where(same, q_probs[:, None, :], 0.0), axis=-1)
+    probs = jnp.exp(log_p)
+    residual = jnp.maximum(probs - q_probs, 0.0)
     # A rejection where p <= q everywhere has probability 0; if rounding makes one, p.
-    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p)
-    extra = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(residual))
-    return accepted, extra.astype(jnp.int32)
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, probs)
+    extra = _draw(jax.random.fold_in(key, 1), (jnp.log(residual), p_ids))
+    return accepted, extra
 
 
 @flax.struct.dataclass
@@ -320,7 +362,7 @@ def _speculative_loop(
         layers = carry.state.layers
         lower = jax.tree.map(lambda x: x[:draft_exit], layers)  # blocks 1..e
         upper = jax.tree.map(lambda x: x[draft_exit:], layers)  # blocks e+1..L
-        hiddens, lower_states, drafts, log_q = draft(
+        hiddens, lower_states, drafts, q = draft(
             model,
             variables,
             carry.last,
@@ -331,10 +373,10 @@ def _speculative_loop(
             k=k,
             sampling=sampling,
         )
-        logits, upper_states = verify(
-            model, variables, hiddens, upper, draft_exit=draft_exit, greedy=greedy
+        p, upper_states = verify(
+            model, variables, hiddens, upper, draft_exit=draft_exit, sampling=sampling
         )
-        accepted, extra = accept(drafts, log_q, logits, jax.random.fold_in(key, 1), sampling)
+        accepted, extra = accept(drafts, q, p, jax.random.fold_in(key, 1))
         active = carry.count < steps  # [B]: rows still short of `steps` tokens
         slot = jnp.arange(k + 1)
         new = jnp.concatenate([drafts, extra[:, None]], axis=1)  # [B, k+1]

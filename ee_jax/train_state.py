@@ -143,7 +143,7 @@ def make_train_step(
         raise ValueError("carry_state=True needs windows_per_epoch (len of the train stream)")
     optimizer = make_optimizer(config)
 
-    def loss_fn(params, start: RecurrentState, batch: Batch, rngs):
+    def loss_fn(params, start: RecurrentState, batch: Batch, rngs, step):
         return lm_loss_from(
             params,
             start,
@@ -153,6 +153,7 @@ def make_train_step(
             config,
             rngs=rngs,
             tail_capacities=capacities,
+            step=step,
         )
 
     def train_step(state: TrainState, batch: Batch, rngs: dict[str, jax.Array]):
@@ -166,7 +167,7 @@ def make_train_step(
             )
             start = start.replace(layers=carried)
         (loss, (metrics, after)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, start, batch, rngs
+            state.params, start, batch, rngs, state.step
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -167,23 +167,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=480.0,
         help="whole run, seconds (default 480)",
     )
-    add("--bk_seconds", type=cli.positive_float, default=75.0, help="bk_core time box (default 75)")
-    add(
-        "--model_seconds", type=cli.positive_float, default=60.0, help="model time box (default 60)"
-    )
-    add(
-        "--generate_seconds",
-        type=cli.positive_float,
-        default=40.0,
-        help="generate time box (default 40)",
-    )
-    add(
-        "--train_seconds",
-        type=cli.positive_float,
-        default=300.0,
-        help="training time box, compilation included (default 300; less if the "
-        "time limit leaves less)",
-    )
+    for section, seconds, note in (
+        ("bk", 75, "bk_core"),
+        ("model", 60, "model"),
+        ("generate", 40, "generate"),
+        ("train", 300, "training; compilation included, less if the time limit leaves less"),
+    ):
+        add(
+            f"--{section}_seconds",
+            type=cli.positive_float,
+            default=float(seconds),
+            help=f"time box of the {note} section, seconds (default {seconds})",
+        )
     add(
         "--min_repeats",
         type=cli.positive_int,

@@ -1,7 +1,12 @@
 r"""Generate text from a trained run, showing each token's exit depth.
 
-    python experiments/generate.py --workdir runs/cpu --prompt "The game was" \
-        --steps 40 --temperature 0.8 --sample_top_k 40
+    python experiments/generate.py --workdir runs/cpu --prompt "The game was" --steps 40
+
+By default it samples (temperature 1, the 40 most likely tokens) and exits at
+the threshold `experiments/eval_early_exit.py` calibrated on valid for the
+learned exit (WORKDIR/eval/results.json), when the run has one; else at the
+model's threshold with the softmax_max measure. --temperature 0 is greedy
+(greedy text falls into loops); --sample_top_k none samples from every token.
 
 Needs only the run folder (`ee_jax.load_run`). The prompt is plain text, split
 with the corpus's rules (`data.encode_text`: "game's" -> "game 's"); words
@@ -22,6 +27,8 @@ import ee_jax
 from ee_jax import cli
 from ee_jax.config import ExitMeasure
 
+CALIBRATED_MEASURE = "learned"  # the default measure, where the run has calibrated it
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.make_parser(__doc__)
@@ -32,25 +39,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--threshold",
         type=float,
         default=None,
-        help="exit threshold in [0, 1] (default: the model's)",
+        help="exit threshold in [0, 1] (default: the calibrated one, else the model's)",
     )
     parser.add_argument(
         "--measure",
-        default="softmax_max",
+        default=None,
         choices=[m.value for m in ExitMeasure],
-        help="confidence measure",
+        help=f"confidence measure (default: {CALIBRATED_MEASURE} when the run has its "
+        "calibrated threshold, else softmax_max)",
     )
     parser.add_argument(
         "--temperature",
         type=float,
-        default=0.0,
+        default=1.0,
         help="sampling temperature, finite, >= 0; 0 = greedy",
     )
     parser.add_argument(
         "--sample_top_k",
-        type=int,
-        default=None,
-        help="sample only from the k most likely tokens, k in [1, V] (default: all)",
+        type=lambda text: None if text.lower() == "none" else int(text),
+        default=40,
+        help="sample only from the k most likely tokens, k in [1, V], or none (all)",
     )
     parser.add_argument(
         "--sample_top_p",
@@ -103,6 +111,22 @@ def encode_prompt(vocab, text: str, model_config) -> np.ndarray:
     return prompt
 
 
+def exit_options(args: argparse.Namespace) -> tuple[str, float | None, str]:
+    """(measure, threshold or None for the model's, a line saying where they come
+    from): the flags where given, else the run's calibrated learned exit, else
+    softmax_max at the model's threshold."""
+    measure, threshold = args.measure, args.threshold
+    if measure is None:
+        calibrated = cli.calibrated_threshold(args.workdir, CALIBRATED_MEASURE)
+        measure = CALIBRATED_MEASURE if calibrated is not None else "softmax_max"
+    if threshold is not None:
+        return measure, threshold, f"exit: {measure} >= {threshold:g} (--threshold)"
+    threshold = cli.calibrated_threshold(args.workdir, measure)
+    if threshold is None:
+        return measure, None, f"exit: {measure} at the model's threshold"
+    return measure, threshold, f"exit: {measure} >= {threshold:g}, calibrated on valid"
+
+
 def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -> None:
     """Raises ValueError (one line for the user) on flags or a model decode.generate
     would refuse; a ValueError from generate itself is then a bug and keeps its
@@ -113,7 +137,7 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
 
     decode.check_decodable(config.model)
     if args.threshold is not None:
-        check_exit_options(args.threshold, args.measure, "freeze")
+        check_exit_options(args.threshold, args.measure or CALIBRATED_MEASURE, "freeze")
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     if args.chunk < 1:
@@ -147,7 +171,8 @@ def main(argv=None) -> int:
         check_generate_flags(args, config, prompt.shape[1])
     except ValueError as error:
         return cli.report_error(error)
-    print(f"(word[d]: predicted at exit depth d of {config.model.n_layers})")
+    args.measure, args.threshold, source = exit_options(args)
+    print(f"({source}; word[d]: predicted at exit depth d of {config.model.n_layers})")
     print(" ".join(vocab.decode(list(prompt[0]))), flush=True)
     tracing = contextlib.nullcontext()
     if args.profile:  # the first chunk includes compiling the decoding step

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TOLERANCE
+from conftest import TOLERANCE, init_variables
 
 from ee_jax import adaptive
 from ee_jax.config import ExitMeasure, ModelConfig, TrainConfig, tiny
@@ -44,7 +44,7 @@ def reference_log_probs(layer: adaptive.OutputLayer, x) -> np.ndarray:
 def model_and_variables(unembedding: str, seed: int = 0):
     model = EarlyExitLM(CONFIG.replace(unembedding=unembedding))
     tokens = jnp.zeros((1, CONFIG.n_seq), jnp.int32)
-    return model, model.init(jax.random.key(seed), tokens)
+    return model, init_variables(model, jax.random.key(seed), tokens)
 
 
 def random_tokens(seed: int, batch: int = 3):

@@ -3,13 +3,14 @@
 import argparse
 import functools
 import importlib.util
+import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCE, random_exit_classifiers
+from conftest import TOLERANCE, init_variables, random_exit_classifiers
 
 import ee_jax
 from ee_jax import decode, passes
@@ -19,7 +20,7 @@ from ee_jax.decode import decode_sequence, decode_step, generate
 from ee_jax.early_exit import early_exit_forward
 from ee_jax.model import EarlyExitLM
 from ee_jax.passes import real_loop_row, stream_evaluate
-from ee_jax.sampling import sample_tokens, top_k_logits, top_p_logits
+from ee_jax.sampling import sample_tokens, top_p_logits
 from ee_jax.state import RecurrentState
 
 CONFIG = tiny()
@@ -36,7 +37,7 @@ def model_and_tokens(output="full"):
     config = {"full": CONFIG, "adaptive": ADAPTIVE, "values": VALUES, "free": FREE}[output]
     model = EarlyExitLM(config)
     tokens = jax.random.randint(jax.random.key(3), (2, config.n_seq), 0, config.vocab_size)
-    variables = model.init(jax.random.key(1), tokens)
+    variables = init_variables(model, jax.random.key(1), tokens)
     return model, random_exit_classifiers(variables, jax.random.key(2)), tokens
 
 
@@ -450,13 +451,36 @@ def test_decode_step_refuses_a_position_past_the_learned_table(setup):
         generate(model, variables, tokens[:, :1], 2, jax.random.key(0), state=at(15))
 
 
+def test_generate_cli_samples_at_the_calibrated_exit_by_default(tmp_path):
+    # Given a run folder without an evaluation, then one with a calibrated learned exit.
+    script = load_script("generate")
+    args = script.parse_args(["--workdir", str(tmp_path)])
+    # Then the script samples (T = 1, top 40) and, without a calibration, exits by
+    # softmax_max at the model's threshold.
+    assert (args.temperature, args.sample_top_k) == (1.0, 40)
+    assert script.exit_options(args)[:2] == ("softmax_max", None)
+    (tmp_path / "eval").mkdir()
+    results = {"calibration": {"learned": {"threshold": 0.97}, "softmax_max": {"threshold": 0.5}}}
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(results))
+    # When there is one: the learned exit at its calibrated threshold, unless the
+    # flags say otherwise; --sample_top_k none samples from every token.
+    measure, threshold, source = script.exit_options(args)
+    assert (measure, threshold) == ("learned", 0.97) and "calibrated" in source
+    args = script.parse_args(["--workdir", str(tmp_path), "--measure", "softmax_max"])
+    assert script.exit_options(args)[:2] == ("softmax_max", 0.5)
+    args = script.parse_args(["--workdir", str(tmp_path), "--threshold", "0.8"])
+    assert script.exit_options(args)[:2] == ("learned", 0.8)
+    args = script.parse_args(["--workdir", str(tmp_path), "--sample_top_k", "none"])
+    assert args.sample_top_k is None
+
+
 def test_generate_cli_prints_and_counts_the_tokens_up_to_eos(monkeypatch, capsys):
     # Given an untrained tiny model, its greedy continuation of "w3 w1" (12 tokens), and
     # a vocabulary whose <eos> is the first new id it writes after its 2nd token.
     script = load_script("generate")
     config = script_config()
     model = EarlyExitLM(config.model)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    variables = init_variables(model, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     prompt, steps = np.array([[3, 1]]), 12
     free, free_depths = generate(model, variables, prompt, steps, jax.random.key(0))
     new, new_depths = np.asarray(free[0, 2:]), np.asarray(free_depths[0])
@@ -475,6 +499,7 @@ def test_generate_cli_prints_and_counts_the_tokens_up_to_eos(monkeypatch, capsys
     monkeypatch.setattr(ee_jax, "enable_compilation_cache", lambda *args: None)
     # When the script generates with --stop_at_eos true.
     argv = ["--workdir", "w", "--prompt", "w3 w1", "--steps", str(steps), "--chunk", str(chunk)]
+    argv += ["--temperature", "0"]  # greedy, as the reference
     assert script.main([*argv, "--stop_at_eos", "true"]) == 0
     lines = capsys.readouterr().out.splitlines()
     # Then it prints and counts the tokens up to <eos> with their depths, and no more.
@@ -495,13 +520,11 @@ def test_generate_cli_prints_and_counts_the_tokens_up_to_eos(monkeypatch, capsys
 def test_top_k_keeps_the_first_k_of_a_stable_descending_order(k):
     # Given logits with many ties (few distinct values), 4 rows of V = 97.
     logits = np.random.default_rng(k).integers(-3, 4, (4, V)).astype(np.float32)
-    # When all but the top k are masked (lax.top_k and a count of ties, no sort).
-    kept = np.asarray(top_k_logits(jnp.asarray(logits), k)) > -np.inf
-    # Then the kept ids are exactly the first k of numpy's stable descending sort.
+    # When sample_tokens picks its k candidates (lax.top_k, no sort).
+    _, ids = jax.lax.top_k(jnp.asarray(logits), k)
+    # Then they are the first k of numpy's stable descending sort, in that order.
     order = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-    expected = np.zeros_like(kept)
-    np.put_along_axis(expected, order, True, axis=-1)
-    np.testing.assert_array_equal(kept, expected)
+    np.testing.assert_array_equal(ids, order)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])

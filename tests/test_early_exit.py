@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCE, random_exit_classifiers
+from conftest import TOLERANCE, init_variables, random_exit_classifiers
 
 from ee_jax.config import tiny
 from ee_jax.early_exit import ExitInfo, ExitStats, early_exit_forward, early_exit_loop
@@ -24,7 +24,7 @@ def model_and_variables(seed=0, causal=True, output="full"):
     config = ADAPTIVE if output == "adaptive" else CONFIG
     model = EarlyExitLM(config.replace(causal=causal))
     tokens = jnp.zeros((1, CONFIG.n_seq), jnp.int32)
-    variables = model.init(jax.random.key(seed), tokens)
+    variables = init_variables(model, jax.random.key(seed), tokens)
     if seed:  # make the learned classifiers non-trivial (they start at zero)
         variables = random_exit_classifiers(variables, jax.random.key(seed))
     return model, variables
@@ -134,7 +134,7 @@ def test_compacted_loop_equals_the_masked_loop_and_the_eager_reference(mixer, me
     # "almost no one": active-token counts that take several gather sizes.
     model = EarlyExitLM(MIXERS[mixer])
     tokens = random_tokens(4, batch=4)
-    variables = model.init(jax.random.key(4), tokens)
+    variables = init_variables(model, jax.random.key(4), tokens)
     variables = random_exit_classifiers(variables, jax.random.key(5))
     _, info = early_exit_forward(model, variables, tokens, 0.0, measure=measure)
     confidence = np.asarray(info.confidence)

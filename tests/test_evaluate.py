@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import TOLERANCE
+from conftest import TOLERANCE, init_variables
 
 from ee_jax import calibrate as calibrate_lib
 from ee_jax import evaluate, exit_scores, passes, report
@@ -36,7 +36,7 @@ def model_and_split(output="full"):
     # fill its last window (so padding is exercised).
     config = CONFIGS[output]
     model = EarlyExitLM(config)
-    params = model.init(jax.random.key(0), np.zeros((1, config.n_seq), np.int32))
+    params = init_variables(model, jax.random.key(0), np.zeros((1, config.n_seq), np.int32))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, 1000)
     stream = make_lm_stream(ids, 4, config.n_seq, eos_id=0)
     scores = passes.collect_exit_scores(model, params, stream, progress=False)

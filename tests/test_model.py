@@ -9,7 +9,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCE
+from conftest import TOLERANCE, init_variables
 
 from ee_jax.bk_core import resolve_method
 from ee_jax.config import ModelConfig, TrainConfig, tiny
@@ -28,7 +28,7 @@ def tokens():
 
 def init(config, tokens, seed=0):
     model = EarlyExitLM(config)
-    return model, model.init(jax.random.key(seed), tokens)
+    return model, init_variables(model, jax.random.key(seed), tokens)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +39,7 @@ def init(config, tokens, seed=0):
         (dict(n_layers=1.5), "n_layers"),
         (dict(top_k=5), "top_k"),
         (dict(dropout=1.0), "dropout"),
+        (dict(layer_dropout=1.0), "layer_dropout"),
         (dict(confidence_threshold=1.2), "confidence_threshold"),
         (dict(z_imag=(0.0, 1.0)), "z_imag"),
         (dict(bk_method="dense"), "bk_method"),
@@ -600,3 +601,63 @@ def test_auto_bk_method_is_the_backends_method_and_methods_agree(tokens):
     np.testing.assert_allclose(
         outputs["associative"], outputs["sequential"], rtol=TOLERANCE["float32"], atol=1e-5
     )
+
+
+def test_layer_dropout_skips_whole_rows_more_often_in_deeper_blocks(tokens):
+    # Given layer dropout 0.6 (blocks 1, 2, 3 of 3 skipped at rates 0, 0.3, 0.6) and
+    # 400 rows, without other dropout.
+    config = CONFIG.replace(layer_dropout=0.6, dropout=0.0)
+    model, variables = init(config, tokens)
+    rows = jnp.tile(tokens, (200, 1))
+    # When the training pass runs (and the inference pass, which never skips).
+    states, _ = model.apply(
+        variables,
+        rows,
+        False,
+        rngs={"dropout": jax.random.key(4)},
+        method=EarlyExitLM.hidden_states,
+    )
+    plain, _ = model.apply(variables, rows, method=EarlyExitLM.hidden_states)
+    # Then each block either ran or left a row exactly as it was, the first one always
+    # ran, and deeper blocks skipped more rows, at about their rates.
+    np.testing.assert_array_equal(states[0], plain[0])
+    for layer, rate in ((1, 0.3), (2, 0.6)):
+        ran = model.apply(variables, states[layer - 1], layer, method=EarlyExitLM.block)[0]
+        skipped = np.all(np.asarray(states[layer] == states[layer - 1]), axis=(1, 2))
+        np.testing.assert_allclose(states[layer][~skipped], ran[~skipped], atol=1e-5)
+        assert abs(skipped.mean() - rate) < 0.1, (layer, skipped.mean())
+
+
+def test_the_early_exit_ramp_scales_the_early_exits_loss_from_zero(tokens):
+    # Given the joint loss with a ramp of 100 steps (uniform weights, 3 exits).
+    model, variables = init(CONFIG, tokens)
+    targets, mask = jnp.roll(tokens, -1, axis=1), jnp.ones_like(tokens)
+    config = TrainConfig(model=CONFIG, exit_ramp_steps=100)
+    # When it is taken at steps 0, 25 and 400 and after the ramp (no step).
+    loss = {
+        step: lm_loss(variables, tokens, targets, mask, config, step=step)
+        for step in (0, 25, 400, None)
+    }
+    # Then the early exits' term (1/3 of each early exit's cross-entropy) is
+    # scaled by 0, 0.25, 1 and 1.
+    nll = loss[None][1]["exit_nll"]
+    early = float(nll[0] + nll[1]) / 3
+    for step, scale in ((0, 0.0), (25, 0.25), (400, 1.0)):
+        expected = float(loss[None][0]) - (1 - scale) * early
+        np.testing.assert_allclose(float(loss[step][0]), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(exit_ramp_steps=-1), "exit_ramp_steps"),
+        (dict(exit_ramp_steps=2.5), "exit_ramp_steps"),
+        (dict(optimizer="adam"), "optimizer"),
+        (dict(lr_schedule="cosine"), "lr_schedule"),
+        (dict(plateau_factor=1.0), "plateau_factor"),
+        (dict(optimizer="sgd", weight_decay=0.01), "weight_decay"),
+    ],
+)
+def test_train_config_rejects_invalid_values_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(model=CONFIG, **changes)

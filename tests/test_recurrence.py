@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_exit_classifiers
+from conftest import init_variables, random_exit_classifiers
 from test_bk_core import reference_causal_solve, reference_dense
 
 from ee_jax import bk_core, decode, train_state
@@ -105,7 +105,7 @@ def test_a_state_needs_the_causal_core_and_its_link():
 def model_and_variables(config=VALUES):
     model = EarlyExitLM(config)
     tokens = jnp.zeros((1, config.n_seq), jnp.int32)
-    variables = model.init(jax.random.key(1), tokens)
+    variables = init_variables(model, jax.random.key(1), tokens)
     return model, random_exit_classifiers(variables, jax.random.key(2))
 
 

@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import TOLERANCE
+from conftest import TOLERANCE, init_variables
 
 from ee_jax.config import tiny
 from ee_jax.decode import generate
 from ee_jax.model import EarlyExitLM
-from ee_jax.speculative import speculative_generate, warped_log_probs
+from ee_jax.sampling import tempered_log_probs
+from ee_jax.speculative import speculative_generate
 from ee_jax.state import RecurrentState
 
 ADAPTIVE = dict(output="adaptive", adaptive_cutoffs=(20, 50), adaptive_div=2.0)
@@ -30,7 +31,7 @@ def model_and_variables(config, damping=0.3):
     by `damping`: its exits (one shared head) then agree often, not always, so
     drafts are accepted at several counts in 0..k, as in a trained model."""
     model = EarlyExitLM(config)
-    variables = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    variables = init_variables(model, jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
     blocks = variables["params"]["blocks"]
     scale = jnp.asarray([1.0] + [damping] * (config.n_layers - 1))
     damp = lambda x: x * scale.reshape(-1, *[1] * (x.ndim - 1))  # noqa: E731
@@ -272,6 +273,4 @@ def test_sampling_at_a_temperature_float32_flushes_to_zero_gives_greedy_tokens(t
     np.testing.assert_array_equal(got, expected)
     # And the distribution both draw from is all on the argmax (ties: the lowest id).
     logits = jnp.asarray([[1.0, 3.0, 2.0, 3.0]])
-    np.testing.assert_array_equal(
-        np.exp(warped_log_probs(logits, temperature, None)), [[0, 1, 0, 0]]
-    )
+    np.testing.assert_array_equal(np.exp(tempered_log_probs(logits, temperature)), [[0, 1, 0, 0]])
