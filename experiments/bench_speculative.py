@@ -160,7 +160,7 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     )
     hiddens = draft()[0]
     verify = jax.jit(
-        lambda: speculative.verify(model, variables, hiddens, upper, draft_exit=e, greedy=True)
+        lambda: speculative.verify(model, variables, hiddens, upper, draft_exit=e, sampling=None)
     )
     parts = interleaved({"draft": draft, "verify": verify}, 10 * args.repeats)
     row["draft ms per round"] = 1e3 * parts["draft"].median_s
