@@ -58,6 +58,13 @@ def init_variables(model, key, tokens) -> dict:
     return model.init(key, tokens)
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames="method")
+def apply_jitted(model, variables, *args, method=None):
+    """`model.apply(variables, *args, method=method)` compiled as one program (for
+    reference passes; arguments are traced, so only shapes are checked)."""
+    return model.apply(variables, *args, method=method)
+
+
 def random_exit_classifiers(variables: dict, key) -> dict:
     """`variables` with random exit classifier kernels (they start at zero, which makes
     every token equally confident under the "learned" measure)."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TOLERANCE, init_variables
+from conftest import TOLERANCE, apply_jitted, init_variables
 
 from ee_jax import adaptive
 from ee_jax.config import ExitMeasure, ModelConfig, TrainConfig, tiny
@@ -446,10 +446,10 @@ def test_threshold_one_gives_the_full_forward_and_zero_the_first_exit():
     model, variables = model_and_variables("per_exit")
     tokens = random_tokens(4)
     logits, info = early_exit_forward(model, variables, tokens, 1.0, measure="softmax_margin")
-    np.testing.assert_allclose(logits, model.apply(variables, tokens), atol=1e-5)
+    np.testing.assert_allclose(logits, apply_jitted(model, variables, tokens), atol=1e-5)
     assert np.all(np.asarray(info.exit_depth) == CONFIG.n_layers)
     logits, info = early_exit_forward(model, variables, tokens, 0.0, measure="softmax_margin")
-    first = model.apply(variables, tokens, method=EarlyExitLM.exit_logits)[0]
+    first = apply_jitted(model, variables, tokens, method=EarlyExitLM.exit_logits)[0]
     np.testing.assert_allclose(logits, first, atol=1e-5)
     assert np.all(np.asarray(info.exit_depth) == 1)
 

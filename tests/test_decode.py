@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCE, init_variables, random_exit_classifiers
+from conftest import TOLERANCE, apply_jitted, init_variables, random_exit_classifiers
 
 import ee_jax
 from ee_jax import decode, passes
@@ -77,7 +77,9 @@ def test_decoding_equals_the_parallel_loop_with_frozen_exits(output, measure):
 def test_threshold_one_decodes_the_plain_forward(setup):
     model, variables, tokens = setup
     logits, depths = decode_sequence(model, variables, tokens, 1.0)
-    np.testing.assert_allclose(logits, model.apply(variables, tokens), atol=TOLERANCE["float32"])
+    np.testing.assert_allclose(
+        logits, apply_jitted(model, variables, tokens), atol=TOLERANCE["float32"]
+    )
     assert np.all(np.asarray(depths) == CONFIG.n_layers)
 
 
@@ -87,7 +89,7 @@ def test_generate_greedy_continues_with_the_argmax(setup):
     assert out.shape == (2, 10) and depths.shape == (2, 6)
     np.testing.assert_array_equal(out[:, :4], tokens[:, :4])
     # Greedy: each new token is the full model's argmax given what came before.
-    logits = model.apply(variables, out[:, :-1])
+    logits = apply_jitted(model, variables, out[:, :-1])
     np.testing.assert_array_equal(out[:, 4:], np.argmax(np.asarray(logits)[:, 3:], -1))
     sampled, _ = generate(
         model, variables, tokens[:, :4], 6, jax.random.key(0), temperature=1.0, sample_top_k=5

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCE, init_variables, random_exit_classifiers
+from conftest import TOLERANCE, apply_jitted, init_variables, random_exit_classifiers
 
 from ee_jax.config import tiny
 from ee_jax.early_exit import ExitInfo, ExitStats, early_exit_forward, early_exit_loop
@@ -37,7 +37,7 @@ def random_tokens(seed, batch=3):
 def reference_early_exit(model, variables, tokens, threshold, measure, exited_state):
     """An eager Python loop over layers, written from the definition (the exit head's
     full [..., V] logits; for an adaptive output its log-probabilities)."""
-    apply = functools.partial(model.apply, variables)
+    apply = functools.partial(apply_jitted, model, variables)  # each piece compiled whole
     n_layers = model.config.n_layers
     hidden = np.asarray(apply(tokens, method=EarlyExitLM.embed))
     exited = np.zeros(tokens.shape, bool)

@@ -9,7 +9,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCE, init_variables
+from conftest import TOLERANCE, apply_jitted, init_variables
 
 from ee_jax.bk_core import resolve_method
 from ee_jax.config import ModelConfig, TrainConfig, tiny
@@ -61,8 +61,8 @@ def test_config_rejects_invalid_values_naming_the_field(changes, field):
 def test_exit_logits_stack_every_exit_and_last_equals_forward(tokens, unembedding):
     config = CONFIG.replace(unembedding=unembedding)
     model, variables = init(config, tokens)
-    final = model.apply(variables, tokens)
-    exits = model.apply(variables, tokens, method=EarlyExitLM.exit_logits)
+    final = apply_jitted(model, variables, tokens)
+    exits = apply_jitted(model, variables, tokens, method=EarlyExitLM.exit_logits)
     chex.assert_shape(final, (BATCH, config.n_seq, config.vocab_size))
     chex.assert_shape(exits, (config.n_layers, BATCH, config.n_seq, config.vocab_size))
     np.testing.assert_allclose(exits[-1], final, atol=1e-6)
@@ -78,7 +78,7 @@ def test_changing_a_token_changes_only_later_logits_when_causal(tokens, causal):
     t = 9
     changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % config.vocab_size)
     # When both are run through the full forward.
-    before, after = model.apply(variables, tokens), model.apply(variables, changed)
+    before, after = apply_jitted(model, variables, tokens), apply_jitted(model, variables, changed)
     # Then positions <= t are unchanged if and only if the core is causal.
     difference = float(jnp.max(jnp.abs(before[:, : t + 1] - after[:, : t + 1])))
     if causal:
@@ -265,7 +265,7 @@ def test_loss_matches_log_softmax_of_materialised_logits(tokens):
         mask,
         TrainConfig(model=CONFIG, exit_weighting="uniform", balance_weight=0.0),
     )
-    logits = model.apply(variables, tokens, method=EarlyExitLM.exit_logits)
+    logits = apply_jitted(model, variables, tokens, method=EarlyExitLM.exit_logits)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[None, ..., None], -1)[..., 0]
     expected = jnp.sum(nll * mask, axis=(1, 2)) / mask.sum()
     np.testing.assert_allclose(metrics["exit_nll"], expected, rtol=TOLERANCE["float32"])
@@ -351,7 +351,7 @@ def test_only_the_mixer_carries_context_and_only_forward(tokens, mixer):
     model, variables = init(config, tokens)
     t = 4
     changed = tokens.at[:, t].set((tokens[:, t] + 1) % config.vocab_size)
-    before, after = model.apply(variables, tokens), model.apply(variables, changed)
+    before, after = apply_jitted(model, variables, tokens), apply_jitted(model, variables, changed)
     later = float(jnp.max(jnp.abs(before[:, t + 1 :] - after[:, t + 1 :])))
     np.testing.assert_array_equal(before[:, :t], after[:, :t])
     assert (later == 0.0) if mixer == "none" else (later > 1e-3)
@@ -401,7 +401,7 @@ def test_lstm_mixer_without_ffn_equals_a_float64_eager_lstm(tokens):
         treedef, [noise(p, k) for p, k in zip(leaves, keys, strict=True)]
     )
     # When its hidden states are computed, then they equal the eager float64 loop.
-    states, balance = model.apply(variables, tokens, method=EarlyExitLM.hidden_states)
+    states, balance = apply_jitted(model, variables, tokens, method=EarlyExitLM.hidden_states)
     expected = reference_lstm_model(variables["params"], tokens, config.n_layers)
     np.testing.assert_allclose(states, expected, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(balance, 0.0)
@@ -496,7 +496,7 @@ def test_model_balance_losses_equal_reference_over_unmasked_tokens(tokens):
     model, variables = init(config, tokens)
     mask = jnp.ones_like(tokens).at[0, 12:].set(0).at[1, 3:].set(0)
     states, balance = model.apply(variables, tokens, True, mask, method=EarlyExitLM.hidden_states)
-    inputs = [model.apply(variables, tokens, method=EarlyExitLM.embed), *states[:-1]]
+    inputs = [apply_jitted(model, variables, tokens, method=EarlyExitLM.embed), *states[:-1]]
     blocks = variables["params"]["blocks"]
     for layer, h in enumerate(inputs):
         # When the router statistics are recomputed in float64 on LN(h) of kept tokens.
@@ -567,7 +567,7 @@ def test_backward_scan_carries_no_full_stack_of_block_gradients(tokens):
     stacked = {s for s in stacked if len(s) >= 3}  # kernels; not confusable with h [B, N, D]
 
     def loss(v):
-        states, balance = model.apply(v, tokens, method=EarlyExitLM.hidden_states)
+        states, balance = apply_jitted(model, v, tokens, method=EarlyExitLM.hidden_states)
         return jnp.sum(states) + jnp.sum(balance)
 
     # When the gradient is traced.
@@ -580,9 +580,9 @@ def test_backward_scan_carries_no_full_stack_of_block_gradients(tokens):
 
 def test_block_with_a_traced_layer_index_still_works(tokens):
     model, variables = init(CONFIG, tokens)
-    h = model.apply(variables, tokens, method=EarlyExitLM.embed)
+    h = apply_jitted(model, variables, tokens, method=EarlyExitLM.embed)
     run = jax.jit(lambda layer: model.apply(variables, h, layer, method=EarlyExitLM.block)[0])
-    states, _ = model.apply(variables, tokens, method=EarlyExitLM.hidden_states)
+    states, _ = apply_jitted(model, variables, tokens, method=EarlyExitLM.hidden_states)
     np.testing.assert_allclose(run(0), states[0], atol=1e-6)
 
 
@@ -617,12 +617,12 @@ def test_layer_dropout_skips_whole_rows_more_often_in_deeper_blocks(tokens):
         rngs={"dropout": jax.random.key(4)},
         method=EarlyExitLM.hidden_states,
     )
-    plain, _ = model.apply(variables, rows, method=EarlyExitLM.hidden_states)
+    plain, _ = apply_jitted(model, variables, rows, method=EarlyExitLM.hidden_states)
     # Then each block either ran or left a row exactly as it was, the first one always
     # ran, and deeper blocks skipped more rows, at about their rates.
     np.testing.assert_array_equal(states[0], plain[0])
     for layer, rate in ((1, 0.3), (2, 0.6)):
-        ran = model.apply(variables, states[layer - 1], layer, method=EarlyExitLM.block)[0]
+        ran = apply_jitted(model, variables, states[layer - 1], layer, method=EarlyExitLM.block)[0]
         skipped = np.all(np.asarray(states[layer] == states[layer - 1]), axis=(1, 2))
         np.testing.assert_allclose(states[layer][~skipped], ran[~skipped], atol=1e-5)
         assert abs(skipped.mean() - rate) < 0.1, (layer, skipped.mean())

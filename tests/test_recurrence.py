@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_variables, random_exit_classifiers
+from conftest import apply_jitted, init_variables, random_exit_classifiers
 from test_bk_core import reference_causal_solve, reference_dense
 
 from ee_jax import bk_core, decode, train_state
@@ -120,7 +120,7 @@ def test_one_pass_equals_chunks_and_token_by_token_decoding(config):
     tokens = random_tokens((3, 50))
     # When the whole sequence is read in one pass, in chunks with the state handed
     # over, and token by token (decoding at full depth).
-    whole, _ = model.apply(variables, tokens, method=EarlyExitLM.hidden_states)
+    whole, _ = apply_jitted(model, variables, tokens, method=EarlyExitLM.hidden_states)
     state, parts = RecurrentState.make(config, 3), []
     for chunk in np.split(np.asarray(tokens), [7, 8, 31], axis=1):
         states, _, state = model.apply(
@@ -133,7 +133,9 @@ def test_one_pass_equals_chunks_and_token_by_token_decoding(config):
     assert np.all(np.asarray(state.position) == 50) and np.all(
         np.asarray(depths) == config.n_layers
     )
-    final = model.apply(variables, whole[-1], config.n_layers - 1, method=EarlyExitLM.exit_head)
+    final = apply_jitted(
+        model, variables, whole[-1], config.n_layers - 1, method=EarlyExitLM.exit_head
+    )
     np.testing.assert_allclose(decoded, final, atol=1e-4)
 
 
@@ -152,7 +154,7 @@ def test_a_learned_position_table_still_bounds_the_length():
 def reference_continuous_nll(model, variables, stream):
     """Each row of the stream read in ONE pass (no windows): mean target NLL per exit."""
     config = model.config
-    states, _ = model.apply(variables, stream.inputs, method=EarlyExitLM.hidden_states)
+    states, _ = apply_jitted(model, variables, stream.inputs, method=EarlyExitLM.hidden_states)
     flat = states.reshape(config.n_layers, stream.inputs.size, -1)
     nll = exit_nll(model, variables, flat, stream.targets.reshape(-1), range(config.n_layers))
     mask = stream.mask.reshape(-1)
@@ -190,7 +192,7 @@ def test_greedy_generation_far_past_n_seq_is_the_full_models_argmax():
     out, depths = generate(model, variables, prompt, 60, jax.random.key(0), threshold=1.0, chunk=16)
     assert out.shape == (2, 65) and depths.shape == (2, 60)
     # Then each new token is the argmax of the full model over everything before it.
-    logits = model.apply(variables, out[:, :-1])
+    logits = apply_jitted(model, variables, out[:, :-1])
     np.testing.assert_array_equal(out[:, 5:], np.argmax(np.asarray(logits)[:, 4:], -1))
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import TOLERANCE, init_variables
+from conftest import TOLERANCE, apply_jitted, init_variables
 
 from ee_jax.config import tiny
 from ee_jax.decode import generate
@@ -93,7 +93,7 @@ def test_trace_blocks_gives_the_state_after_every_position(config):
     # Given hidden states after block 1 and the full model's pass over 12 tokens.
     model, variables = model_and_variables(config)
     tokens = prompt(2, 12, config.vocab_size)
-    states, _ = model.apply(variables, tokens, method=EarlyExitLM.hidden_states)
+    states, _ = apply_jitted(model, variables, tokens, method=EarlyExitLM.hidden_states)
     start = RecurrentState.make(config, 2)
     upper = jax.tree.map(lambda x: x[1:], start.layers)
     # When blocks 2..L run on them, keeping every position's state.
@@ -137,7 +137,7 @@ def exact_joint(model, variables, context, length, layer, temperature, top_p=Non
         prefixes = np.array(list(itertools.product(range(vocab), repeat=step)), np.int32)
         prefixes = prefixes.reshape(len(prefixes), step)
         batch = np.concatenate([np.repeat(context[None], len(prefixes), 0), prefixes], 1)
-        logits = model.apply(variables, jnp.asarray(batch), method=EarlyExitLM.exit_logits)
+        logits = apply_jitted(model, variables, jnp.asarray(batch), method=EarlyExitLM.exit_logits)
         log_p = jax.nn.log_softmax(np.asarray(logits[layer, :, -1], np.float64) / temperature)
         conditional = reference_nucleus(np.exp(np.asarray(log_p, np.float64)), top_p, top_k)
         joint = joint[..., None] * conditional.reshape([vocab] * step + [vocab])
