@@ -36,7 +36,8 @@ import numbers
 import numpy as np
 import scipy.stats
 
-from ee_jax.exit_scores import ExitScores, check_count, depth_row, exit_depths
+from ee_jax.config import check_count
+from ee_jax.exit_scores import ExitScores, depth_row, exit_depths
 
 RISKS = ("consistency", "quality")
 

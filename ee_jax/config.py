@@ -3,6 +3,7 @@
 import dataclasses
 import enum
 import inspect
+import numbers
 import re
 from typing import Literal, get_args
 
@@ -15,6 +16,12 @@ Mixer = Literal["bk", "lstm", "attention", "none"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["warmup_cosine", "plateau"]
 Position = Literal["learned", "none"]
+
+
+def check_count(name: str, value, low: int = 1) -> None:
+    """Raises ValueError unless `value` is an integer >= low (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -74,10 +81,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.num_experts, int) or self.num_experts < 0:
-            raise ValueError(f"num_experts must be an integer >= 0, got {self.num_experts!r}")
-        if not isinstance(self.bk_value_dim, int) or self.bk_value_dim < 0:
-            raise ValueError(f"bk_value_dim must be an integer >= 0, got {self.bk_value_dim!r}")
+        check_count("num_experts", self.num_experts, 0)
+        check_count("bk_value_dim", self.bk_value_dim, 0)
         if self.bk_value_dim and not self.causal:
             raise ValueError("bk_value_dim > 0 needs causal=True (the causal solve)")
         if self.mixer == "attention" and self.d_model % self.attention_heads:
@@ -197,14 +202,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if (
-            not isinstance(self.exit_ramp_steps, int)
-            or isinstance(self.exit_ramp_steps, bool)
-            or self.exit_ramp_steps < 0
-        ):
-            raise ValueError(
-                f"exit_ramp_steps must be an integer >= 0, got {self.exit_ramp_steps!r}"
-            )
+        check_count("exit_ramp_steps", self.exit_ramp_steps, 0)
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(
                 f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}"

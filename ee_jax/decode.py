@@ -20,7 +20,6 @@ constant.
 """
 
 import functools
-import numbers
 import os
 import pathlib
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ee_jax import adaptive
-from ee_jax.config import ModelConfig
+from ee_jax.config import ModelConfig, check_count
 from ee_jax.early_exit import (
     HaltState,
     check_exit_options,
@@ -213,15 +212,15 @@ def generate(
     check_decodable(config)
     check_exit_options(threshold, measure, "freeze")
     check_tokens(prompt, config, stream=True)
-    _check_count("steps", steps, 0)
-    _check_count("chunk", chunk, 1)
+    check_count("steps", steps, 0)
+    check_count("chunk", chunk, 1)
     check_sampling(temperature, sample_top_k, config.vocab_size, sample_top_p)
     batch, prompt_length = np.shape(prompt)
     state = RecurrentState.make(config, batch) if state is None else state
     check_state(state, config, batch)
     check_positions(config, int(np.max(state.position)), prompt_length + steps - 1)
     if stop_token is not None:
-        _check_count("stop_token", stop_token, 0)
+        check_count("stop_token", stop_token, 0)
         if stop_token >= config.vocab_size:
             raise ValueError(f"stop_token must be in [0, {config.vocab_size}), got {stop_token}")
     prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
@@ -253,11 +252,6 @@ def generate(
         np.concatenate(depths, axis=1) if depths else np.zeros((batch, 0)), jnp.int32
     )
     return (tokens, depths, state) if return_state else (tokens, depths)
-
-
-def _check_count(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @functools.partial(jax.jit, static_argnums=0)

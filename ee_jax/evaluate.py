@@ -22,12 +22,11 @@ import jax
 import numpy as np
 
 from ee_jax.calibrate import LTT_RISKS, check_levels, learn_then_test_rows
-from ee_jax.config import ExitWeighting, check_choice
+from ee_jax.config import ExitWeighting, check_choice, check_count
 from ee_jax.data import LMStream
 from ee_jax.early_exit import check_exit_options, check_stream, early_exit_forward
 from ee_jax.exit_scores import (
     calibrate,
-    check_count,
     check_ppl_budget,
     depth_row,
     evaluated_measures,

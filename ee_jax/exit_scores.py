@@ -21,12 +21,6 @@ from ee_jax.flops import exit_flops
 from ee_jax.losses import exit_weights
 
 
-def check_count(name: str, value, low: int = 1) -> None:
-    """Raises ValueError unless `value` is an integer >= low (a bool is not one)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 def check_ppl_budget(max_ppl_change_pct) -> None:
     """Raises ValueError unless the calibration tolerance is a finite number >= 0."""
     value = max_ppl_change_pct

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ee_jax import adaptive
-from ee_jax.decode import _check_count, _prefill, check_decodable, greedy_token
+from ee_jax.config import check_count
+from ee_jax.decode import _prefill, check_decodable, greedy_token
 from ee_jax.model import EarlyExitLM, check_positions, check_tokens
 from ee_jax.sampling import (
     check_sampling,
@@ -117,8 +118,8 @@ def speculative_generate(
     config = model.config
     check_decodable(config)
     check_tokens(prompt, config, stream=True)
-    _check_count("steps", steps, 0)
-    _check_count("draft_tokens", draft_tokens, 1)
+    check_count("steps", steps, 0)
+    check_count("draft_tokens", draft_tokens, 1)
     if (
         isinstance(draft_exit, bool)
         or not isinstance(draft_exit, numbers.Integral)
