@@ -21,22 +21,27 @@ ENVIRONMENT_FILE = "environment.jsonl"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
+def package_versions(names) -> dict[str, str | None]:
+    """The installed version of each named package; None where it is absent."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def record_environment(workdir: pathlib.Path, start: int) -> dict:
     """Appends this sitting's software and machine to workdir/environment.jsonl: the
     step it starts from, the UTC time, the versions of PACKAGES, $XLA_FLAGS (as
     `import ee_jax` left them) and the devices. Numerics depend on all of them, so
     a run that does not reproduce can be traced to its sittings. Returns the row."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     device = jax.devices()[0]
     row = {
         "start_step": start,
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": versions,
+        "versions": package_versions(PACKAGES),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,

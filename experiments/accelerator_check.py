@@ -38,10 +38,8 @@ device is lent.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -63,6 +61,7 @@ from ee_jax.bk_core import resolve_method, resolvent_diagonal
 from ee_jax.config import TrainConfig, train_preset
 from ee_jax.data import Batch, Corpus, Vocabulary, load_wikitext2, make_lm_stream
 from ee_jax.losses import tail_capacities
+from ee_jax.metrics import package_versions
 from ee_jax.model import EarlyExitLM
 from ee_jax.passes import exit_perplexities
 from ee_jax.timing import Timing, cold_compilation, time_jitted
@@ -221,12 +220,10 @@ class TimeBox:
 
 
 def versions() -> dict:
-    """Installed version of each package in VERSIONED (None where absent) and Python's."""
-    found = {"python": platform.python_version()}
-    for name in VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[name] = importlib.metadata.version(name)
-    return found
+    """Python's version and the installed version of each package in VERSIONED (absent
+    ones left out)."""
+    found = {name: v for name, v in package_versions(VERSIONED).items() if v is not None}
+    return {"python": platform.python_version(), **found}
 
 
 def git_commit() -> str | None:
