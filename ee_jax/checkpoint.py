@@ -37,7 +37,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = pathlib.Path(directory).expanduser().resolve()
-        self._quiet, self._write_failed = _QuietBackgroundErrors(), False
+        self._quiet = _QuietBackgroundErrors(self.directory)
+        self._write_failed = False
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
@@ -224,15 +225,17 @@ class _QuietBackgroundErrors(logging.Filter):
     the caller's thread (`wait_until_finished`), which the Checkpointer reports as
     one CheckpointError line:
     - orbax logs each background thread's exception (absl logger), and asyncio
-      the ones of its write tasks nobody awaited any more ("Task exception was
-      never retrieved"): log records with a traceback through orbax;
+      the ones of its write tasks and tensorstore futures nobody awaited any more
+      ("Task/Future exception was never retrieved"): log records with a traceback
+      through orbax or an exception naming a file under the checkpoint folder;
     - tensorstore's writes still in flight finish after orbax closed their event
       loop, and each prints "RuntimeError: Event loop is closed" (unraisable).
     Other log records and unraisable exceptions pass to their usual handlers.
     """
 
-    def __init__(self):
+    def __init__(self, directory: pathlib.Path):
         super().__init__()
+        self.directory = str(directory)
         self.active = True
         self.previous_hook = sys.unraisablehook
         sys.unraisablehook = self.unraisable
@@ -247,12 +250,13 @@ class _QuietBackgroundErrors(logging.Filter):
             sys.unraisablehook = self.previous_hook
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (self.active and record.exc_info and record.exc_info[2]):
+        if not (self.active and record.exc_info and record.exc_info[1]):
             return True
         files = [record.pathname] + [
             frame.filename for frame in traceback.extract_tb(record.exc_info[2])
         ]
-        return not any(ORBAX_PATH in file for file in files)
+        through_orbax = any(ORBAX_PATH in file for file in files)
+        return not (through_orbax or self.directory in str(record.exc_info[1]))
 
     def unraisable(self, info) -> None:
         closed_loop = info.exc_type is RuntimeError and str(info.exc_value) == (
