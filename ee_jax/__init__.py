@@ -36,7 +36,7 @@ _EXPORTS = {
     "generate": "decode",
     "decode_sequence": "decode",
     "stream_evaluate": "passes",
-    "speculative_generate": "speculative",
+    "SpeculativeStats": "speculative",
     "Corpus": "data",
     "LMStream": "data",
     "Vocabulary": "data",
@@ -65,7 +65,7 @@ __all__ = [  # the lazily imported names of _EXPORTS and this module's own
     "generate",
     "decode_sequence",
     "stream_evaluate",
-    "speculative_generate",
+    "SpeculativeStats",
     "Corpus",
     "LMStream",
     "Vocabulary",
@@ -103,7 +103,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names; runtime imports the
     from ee_jax.model import EarlyExitLM
     from ee_jax.passes import exit_perplexities, stream_evaluate
     from ee_jax.run import Run, load_run
-    from ee_jax.speculative import speculative_generate
+    from ee_jax.speculative import SpeculativeStats
     from ee_jax.state import RecurrentState
     from ee_jax.train_state import TrainState
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ee_jax import adaptive
+from ee_jax import adaptive, speculative
 from ee_jax.config import ModelConfig, check_count
 from ee_jax.early_exit import (
     HaltState,
@@ -167,8 +167,12 @@ def generate(
     chunk: int = 64,
     on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None,
     return_state: bool = False,
+    draft_exit: int | None = None,
+    draft_tokens: int = 1,
+    return_stats: bool = False,
 ):
-    """Continues each [B, P] prompt by `steps` tokens with early exit.
+    """Continues each [B, P] prompt by `steps` tokens with early exit, or by the full
+    model's tokens drafted by an early exit (self-speculative decoding).
 
     The prompt is read in one parallel pass at full depth, from `state` (default:
     the start of a text); then each new token is one `decode_step` with per-token
@@ -181,6 +185,15 @@ def generate(
     `chunk` or on the other rows of the batch, and a generation resumed
     from a returned state continues exactly as an uninterrupted one (pass the last
     token as the prompt and the same rng).
+
+    With draft_exit, each chunk is rounds of `speculative.speculative_chunk`: exit
+    draft_exit drafts draft_tokens tokens, blocks draft_exit+1..L verify them in
+    one pass, and the tokens are the full model's (greedy: exactly threshold 1.0's;
+    sampling: exactly its distribution). A round's key is `row_key(rng, row,
+    position of its first token fed)`; rounds start where the last one's tokens
+    end, and a chunk cuts the round at its end, so sampled text depends on
+    `chunk` and a resumed generation continues an uninterrupted one exactly when
+    the first call's steps is a multiple of `chunk` (greedy text: always).
 
     Args:
       prompt: [B, P] ids, P >= 1 (after a returned state: its last token).
@@ -195,22 +208,41 @@ def generate(
         generated token is not fed yet: continue with it as the prompt). A row
         that stopped has read its text up to its stop token (not fed yet), and is
         at that token's position.
+      draft_exit: None (per-token early exit) or the exit that drafts, an integer
+        in [1, L - 1]; threshold and measure are then unused (a threshold other
+        than None or 1.0 is refused: the tokens are the full model's).
+      draft_tokens: drafts per verify pass, an integer >= 1 (with draft_exit).
+      return_stats: also return the `speculative.SpeculativeStats` of the verify
+        passes (with draft_exit).
 
     Returns:
       (tokens [B, P + S] int32, exit depths [B, S] of each new token), S <= steps
-      (less only with stop_token), plus the RecurrentState with return_state.
+      (less only with stop_token), plus the RecurrentState with return_state, plus
+      the SpeculativeStats with return_stats. With draft_exit a token's depth is
+      draft_exit for an accepted draft and L for the full model's own token.
 
     Raises:
       ValueError: a bidirectional or attention model, a bad prompt
         (`check_tokens`), steps or chunk not an integer in range, a state of
         another batch size or model, a "learned" position table too short for
         the positions, bad sampling parameters (`check_sampling`), stop_token out
-        of range, or bad exit options; raised before any computation.
+        of range, bad exit or draft options (`speculative.check_draft`), or
+        return_stats without draft_exit; raised before any computation.
     """
     config = model.config
-    threshold = config.confidence_threshold if threshold is None else threshold
     check_decodable(config)
-    check_exit_options(threshold, measure, "freeze")
+    if draft_exit is None:
+        threshold = config.confidence_threshold if threshold is None else threshold
+        check_exit_options(threshold, measure, "freeze")
+        if return_stats:
+            raise ValueError("return_stats needs draft_exit: stats are of verify passes")
+    else:
+        speculative.check_draft(config, draft_exit, draft_tokens)
+        if threshold is not None and threshold != 1.0:
+            raise ValueError(
+                f"with draft_exit the tokens are the full model's: threshold must be None "
+                f"or 1.0, got {threshold!r}"
+            )
     check_tokens(prompt, config, stream=True)
     check_count("steps", steps, 0)
     check_count("chunk", chunk, 1)
@@ -226,19 +258,33 @@ def generate(
     prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
     if prompt_length > 1:
         state = _prefill(model, variables, state, prompt[:, :-1])
-    options = dict(measure=measure, sample_top_k=sample_top_k, greedy=temperature == 0)
+    options = dict(sample_top_k=sample_top_k, greedy=temperature == 0)
     options["sample_top_p"] = None if sample_top_p is None else jnp.float32(sample_top_p)
     stop = jnp.int32(-1 if stop_token is None else stop_token)  # -1: no id matches
-    scalars = (jnp.float32(threshold), jnp.float32(temperature), rng, stop)
+    scalars = (jnp.float32(temperature), rng, stop)
+    if draft_exit is None:
+        generate_chunk = functools.partial(
+            _generate_chunk, threshold=jnp.float32(threshold), measure=measure, **options
+        )
+    else:
+        generate_chunk = functools.partial(
+            speculative.speculative_chunk,
+            draft_exit=int(draft_exit),
+            draft_tokens=int(draft_tokens),
+            **options,
+        )
     last, stopped = prompt[:, -1], jnp.zeros(batch, bool)
-    tokens, depths = [np.asarray(prompt)], []
+    tokens, depths, accepted = [np.asarray(prompt)], [], []
     for done in range(0, steps, chunk):
         length, fed = min(chunk, steps - done), np.asarray(state.position)
         with jax.profiler.TraceAnnotation("generate_chunk"):  # named in a profiler trace
-            new, depth, state, stopped = _generate_chunk(
-                model, variables, state, last, stopped, *scalars, length, **options
+            new, depth, state, stopped, *rounds = generate_chunk(
+                model, variables, state, last, stopped, *scalars, length
             )
-        last = new[:, -1]
+        if rounds:  # drafts accepted per round [length, B]: the rounds that ran
+            ran = np.asarray(rounds[0])
+            accepted.append(ran[: int((ran >= 0).any(axis=1).sum())])
+        last = new[:, -1]  # a stopped row's places repeat its stop token
         # A row's position advances while it is going: the chunk ends at the last stop.
         kept = int(np.max(np.asarray(state.position) - fed))
         tokens.append(np.asarray(new)[:, :kept])
@@ -251,7 +297,11 @@ def generate(
     depths = jnp.asarray(
         np.concatenate(depths, axis=1) if depths else np.zeros((batch, 0)), jnp.int32
     )
-    return (tokens, depths, state) if return_state else (tokens, depths)
+    outputs = (tokens, depths) + ((state,) if return_state else ())
+    if return_stats:
+        ran = np.concatenate(accepted) if accepted else np.zeros((0, batch), np.int32)
+        outputs += (speculative.SpeculativeStats(ran, int(draft_tokens)),)
+    return outputs
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -268,7 +318,7 @@ def greedy_token(output: adaptive.OutputLayer, features: jax.Array) -> jax.Array
 
 
 @functools.partial(
-    jax.jit, static_argnums=(0, 9), static_argnames=("measure", "sample_top_k", "greedy")
+    jax.jit, static_argnums=(0, 8), static_argnames=("measure", "sample_top_k", "greedy")
 )
 def _generate_chunk(
     model,
@@ -276,12 +326,12 @@ def _generate_chunk(
     state,
     token,
     stopped,
-    threshold,
     temperature,
     rng,
     stop,
     length,
     *,
+    threshold,
     measure,
     sample_top_k,
     greedy,

@@ -22,7 +22,9 @@ the draft exit's distributions after temperature, top-k and nucleus; with a
 top k, both are lists of k candidates, `exit_distribution`).
 
 Self-speculation with a model's own early layers: Draft & Verify (Zhang et al.
-2023), LayerSkip (Elhoushi et al. 2024).
+2023), LayerSkip (Elhoushi et al. 2024). It is a mode of `decode.generate`
+(`draft_exit=`, `draft_tokens=`), with everything that has: a starting state,
+a stop token, streaming by chunks, the returned state.
 """
 
 import dataclasses
@@ -36,12 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ee_jax import adaptive
-from ee_jax.config import check_count
-from ee_jax.decode import _prefill, check_decodable, greedy_token
-from ee_jax.model import EarlyExitLM, check_positions, check_tokens
+from ee_jax.config import ModelConfig, check_count
+from ee_jax.model import EarlyExitLM
 from ee_jax.sampling import (
-    check_sampling,
     ranked_nucleus,
+    row_key,
     tempered_log_probs,
     top_p_logits,
 )
@@ -50,10 +51,12 @@ from ee_jax.state import RecurrentState
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeStats:
-    """What the rounds of `speculative_generate` did, per row.
+    """What the verify passes of a speculative `decode.generate` did, per row.
 
     accepted_per_round: [R, B] drafts accepted by each verify pass (0..k), -1
-      after the row had all its tokens (R: the most rounds any row took).
+      where the row had all its tokens or had stopped (R: the most rounds any
+      row took). A round cut at a chunk's end or a stop token keeps fewer tokens
+      than it accepted; the count is the pass's.
     draft_tokens: k, drafts per round.
     """
 
@@ -73,52 +76,14 @@ class SpeculativeStats:
 
     @property
     def tokens_per_round(self) -> float:
-        """New tokens per verify pass (accepted drafts + 1), over every round of every row."""
+        """Tokens per verify pass (accepted drafts + 1), over every round of every row."""
         done = self.accepted_per_round[self.accepted_per_round >= 0]
         return float(done.mean() + 1) if done.size else 0.0
 
 
-def speculative_generate(
-    model: EarlyExitLM,
-    variables,
-    prompt,
-    steps: int,
-    rng,
-    *,
-    draft_exit: int,
-    draft_tokens: int,
-    temperature: float = 0.0,
-    sample_top_k: int | None = None,
-    sample_top_p: float | None = None,
-):
-    """Continues each [B, P] prompt by `steps` tokens of the full model, drafted by an
-    early exit and verified by the remaining blocks (module docstring).
-
-    The prompt is read in one parallel pass (as `decode.generate`); then the whole
-    draft-verify-accept loop is one jitted `lax.while_loop`, each row at its own
-    position. temperature 0 is greedy; otherwise sampling from softmax(logits / T)
-    over the sample_top_k largest logits and the nucleus of mass sample_top_p when
-    given (as `sampling.sample_tokens`).
-
-    Args:
-      prompt: [B, P] ids, P >= 1.
-      steps: new tokens per row, an integer >= 0.
-      rng: a PRNG key (used when temperature > 0).
-      draft_exit: the exit that drafts, an integer in [1, L - 1] (1-based: after block 1).
-      draft_tokens: k >= 1, drafts per verify pass.
-
-    Returns:
-      (tokens [B, P + steps] int32, `SpeculativeStats`).
-
-    Raises:
-      ValueError: a bidirectional or attention model, a bad prompt (`check_tokens`),
-        steps, draft_exit or draft_tokens out of range, positions past a "learned"
-        position table, or bad sampling parameters; raised before any computation.
-    """
-    config = model.config
-    check_decodable(config)
-    check_tokens(prompt, config, stream=True)
-    check_count("steps", steps, 0)
+def check_draft(config: ModelConfig, draft_exit, draft_tokens) -> None:
+    """Raises ValueError unless draft_exit is an integer in [1, L - 1] (1-based: the
+    exit after block draft_exit) and draft_tokens an integer >= 1."""
     check_count("draft_tokens", draft_tokens, 1)
     if (
         isinstance(draft_exit, bool)
@@ -129,33 +94,6 @@ def speculative_generate(
             f"draft_exit must be an integer in [1, {config.n_layers - 1}] (an exit before "
             f"the last), got {draft_exit!r}"
         )
-    check_sampling(temperature, sample_top_k, config.vocab_size, sample_top_p)
-    batch, prompt_length = np.shape(prompt)
-    check_positions(config, 0, prompt_length + steps - 1)
-    prompt = jnp.asarray(prompt, jnp.int32)  # [B, P]; ids checked, so no value changes
-    state = RecurrentState.make(config, batch)
-    if prompt_length > 1:
-        state = _prefill(model, variables, state, prompt[:, :-1])
-    if steps == 0:
-        return prompt, SpeculativeStats(np.zeros((0, batch), np.int32), draft_tokens)
-    new, accepted = _speculative_loop(
-        model,
-        variables,
-        state,
-        prompt[:, -1],
-        rng,
-        jnp.float32(temperature),
-        steps,
-        int(draft_exit),
-        int(draft_tokens),
-        temperature == 0,
-        sample_top_k,
-        None if sample_top_p is None else jnp.float32(sample_top_p),
-    )
-    accepted = np.asarray(accepted)
-    rounds = int((accepted >= 0).any(axis=1).sum())
-    stats = SpeculativeStats(accepted[:rounds], int(draft_tokens))
-    return jnp.concatenate([prompt, new[:, :steps]], axis=1), stats
 
 
 def exit_distribution(apply, hidden, layer, sampling):
@@ -181,10 +119,16 @@ def exit_distribution(apply, hidden, layer, sampling):
     return tempered_log_probs(values, temperature).reshape(shape), ids.reshape(shape)
 
 
-def _draw(key, distribution) -> jax.Array:
-    """A token per row from an `exit_distribution` ([B, n] entries); [B] int32."""
+def _fold_in(keys, data) -> jax.Array:
+    """Each of keys [B] folded with `data`; [B]."""
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+
+
+def _draw(keys, distribution) -> jax.Array:
+    """A token per row from an `exit_distribution` ([B, n] entries), row b with key
+    keys[b]; [B] int32."""
     log_probs, ids = distribution
-    index = jax.random.categorical(key, log_probs)
+    index = jax.vmap(jax.random.categorical)(keys, log_probs)
     token = index if ids is None else jnp.take_along_axis(ids, index[..., None], -1)[..., 0]
     return token.astype(jnp.int32)
 
@@ -207,12 +151,13 @@ def _per_row(x, index, position_axis: int, batch_axis: int):
     return jax.vmap(take, in_axes=(batch_axis, 0), out_axes=out_batch_axis)(x, index)
 
 
-def draft(model, variables, token, position, layers, key, *, draft_exit, k, sampling):
+def draft(model, variables, token, position, layers, keys, *, draft_exit, k, sampling):
     """k draft tokens from exit `draft_exit`, one step at a time, then the k-th fed too.
 
     Args:
       token: [B] the last accepted token (not yet fed); position: [B] its position.
       layers: the mixer states of blocks 1..e before `token` (leaves [e, B, ...]).
+      keys: [B] a key per row (used when sampling).
       sampling: None (greedy: the exit's argmax, `adaptive.exact_argmax`) or
         (temperature [], sample_top_k, sample_top_p) for draws from the exit's
         distribution.
@@ -242,18 +187,18 @@ def draft(model, variables, token, position, layers, key, *, draft_exit, k, samp
             layer_states.append(layer_state)
         return hidden, jax.tree.map(lambda *xs: jnp.stack(xs), *layer_states)
 
-    def head(hidden, key):  # the draft exit's token [B] and its q (sampling)
+    def head(hidden, keys):  # the draft exit's token [B] and its q (sampling)
         if sampling is None:
             output = apply(draft_exit - 1, method=EarlyExitLM.output_layer)
             features = apply(hidden, draft_exit - 1, method=EarlyExitLM.exit_features)
-            return greedy_token(output, features), None
+            return adaptive.exact_argmax(output, features)[0], None
         q = exit_distribution(apply, hidden, draft_exit - 1, sampling)
-        return _draw(key, q), q
+        return _draw(keys, q), q
 
     def step(carry, j):
         token, layers = carry
         hidden, layers = blocks(token, position + j, layers)
-        drafted, q = head(hidden, jax.random.fold_in(key, j))
+        drafted, q = head(hidden, _fold_in(keys, j))
         return (drafted, layers), (hidden, layers, drafted, q)
 
     (last, layers), (hiddens, states, drafts, q) = jax.lax.scan(
@@ -279,11 +224,11 @@ def verify(model, variables, hiddens, layers, *, draft_exit, sampling):
         return exit_distribution(apply, final, last, sampling), states
     features = apply(final, last, method=EarlyExitLM.exit_features)  # [B, k+1, D]
     output = apply(last, method=EarlyExitLM.output_layer)
-    tokens = greedy_token(output, features.reshape(-1, features.shape[-1]))
+    tokens = adaptive.exact_argmax(output, features.reshape(-1, features.shape[-1]))[0]
     return tokens.reshape(features.shape[:-1]), states
 
 
-def accept(drafts, q, p, key):
+def accept(drafts, q, p, keys):
     """Each row's accepted drafts and its one token from the full model.
 
     Greedy (q None): drafts are kept while they equal the full model's argmax; the
@@ -306,7 +251,7 @@ def accept(drafts, q, p, key):
         return accepted, jnp.take_along_axis(p, accepted[:, None], axis=1)[:, 0]
     first_k = jax.tree.map(lambda x: x[:, :k], p)
     ratio = jnp.exp(_log_prob_of(first_k, drafts) - _log_prob_of(q, drafts))  # q(d) > 0: drawn
-    uniform = jax.random.uniform(jax.random.fold_in(key, 0), (batch, k))
+    uniform = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_fold_in(keys, 0))
     accepted = jnp.sum(jnp.cumprod(uniform < ratio, axis=1), axis=1)
     # p and q at the first rejected place; after k accepted drafts q = 0.
     log_p, p_ids = jax.tree.map(lambda x: _per_row(x, accepted, 1, 0), p)  # [B, n]
@@ -321,45 +266,70 @@ def accept(drafts, q, p, key):
     residual = jnp.maximum(probs - q_probs, 0.0)
     # A rejection where p <= q everywhere has probability 0; if rounding makes one, p.
     residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, probs)
-    extra = _draw(jax.random.fold_in(key, 1), (jnp.log(residual), p_ids))
+    extra = _draw(_fold_in(keys, 1), (jnp.log(residual), p_ids))
     return accepted, extra
 
 
 @flax.struct.dataclass
 class _Rounds:
-    """The carry of `_speculative_loop`'s rounds."""
+    """The carry of `speculative_chunk`'s rounds."""
 
-    tokens: jax.Array  # [B, steps + k + 1] int32: new tokens so far (the first `count`)
+    tokens: jax.Array  # [B, length] int32: the chunk's new tokens (the first `count`)
+    depths: jax.Array  # [B, length] int32: draft_exit (accepted draft) or L, 0 unwritten
     count: jax.Array  # [B] int32: new tokens each row has
+    stopped: jax.Array  # [B] bool: the row has written the stop token
     last: jax.Array  # [B] int32: each row's last token, not yet fed
     state: RecurrentState  # before `last`: each row at its own position
-    accepted: jax.Array  # [steps, B] int32: drafts accepted per round, -1 if none ran
+    accepted: jax.Array  # [length, B] int32: drafts accepted per round, -1 if none ran
     index: jax.Array  # [] int32: rounds run
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10))
-def _speculative_loop(
+@functools.partial(
+    jax.jit,
+    static_argnums=(0, 8),
+    static_argnames=("draft_exit", "draft_tokens", "greedy", "sample_top_k"),
+)
+def speculative_chunk(
     model,
     variables,
     state,
     token,
-    rng,
+    stopped,
     temperature,
-    steps,
+    rng,
+    stop,
+    length,
+    *,
     draft_exit,
-    k,
+    draft_tokens,
     greedy,
     sample_top_k,
     sample_top_p,
 ):
-    """The draft-verify-accept rounds from `token` [B] (not yet fed) and `state`:
-    (new tokens [B, steps + k + 1] (the first `steps` valid), accepted drafts per
-    round [steps, B] (-1 where the row had finished or the round never ran))."""
-    batch = token.shape[0]
+    """Draft-verify-accept rounds from `token` [B] (not yet fed) and `state`, in one
+    jitted `lax.while_loop`, until every row has `length` new tokens or has written
+    `stop` (`decode.generate`'s chunk with draft_exit).
+
+    A round's tokens are cut after `length` and after a stop token: the row's state
+    is then the one after the tokens before the last kept one (picked from the
+    round's per-position states, as a rejection is). The sampling key of a round is
+    `row_key(rng, row, position of its first fed token)`, so rows draw
+    independently.
+
+    Returns:
+      (new tokens [B, length] (`stop` after a row's stop), their depths [B, length]:
+      draft_exit for an accepted draft, L for the full model's token, 0 after a
+      stop; the state after feeding all but the last new token; stopped [B];
+      drafts accepted by each verify pass [length, B], -1 where the row had
+      finished or the round never ran).
+    """
+    batch, k, last_layer = token.shape[0], draft_tokens, model.config.n_layers
     sampling = None if greedy else (temperature, sample_top_k, sample_top_p)
+    rows, slot = jnp.arange(batch), jnp.arange(draft_tokens + 1)
 
     def round_fn(carry: _Rounds) -> _Rounds:
-        key = jax.random.fold_in(rng, carry.index)
+        active = (carry.count < length) & ~carry.stopped  # [B]
+        keys = jax.vmap(row_key, (None, 0, 0))(rng, rows, carry.state.position)
         layers = carry.state.layers
         lower = jax.tree.map(lambda x: x[:draft_exit], layers)  # blocks 1..e
         upper = jax.tree.map(lambda x: x[draft_exit:], layers)  # blocks e+1..L
@@ -369,7 +339,7 @@ def _speculative_loop(
             carry.last,
             carry.state.position,
             lower,
-            jax.random.fold_in(key, 0),
+            _fold_in(keys, 0),
             draft_exit=draft_exit,
             k=k,
             sampling=sampling,
@@ -377,40 +347,48 @@ def _speculative_loop(
         p, upper_states = verify(
             model, variables, hiddens, upper, draft_exit=draft_exit, sampling=sampling
         )
-        accepted, extra = accept(drafts, q, p, jax.random.fold_in(key, 1))
-        active = carry.count < steps  # [B]: rows still short of `steps` tokens
-        slot = jnp.arange(k + 1)
+        accepted, extra = accept(drafts, q, p, _fold_in(keys, 1))
         new = jnp.concatenate([drafts, extra[:, None]], axis=1)  # [B, k+1]
         new = jnp.where(slot == accepted[:, None], extra[:, None], new)
-        keep = (slot <= accepted[:, None]) & active[:, None]
-        index = jnp.where(keep, carry.count[:, None] + slot, carry.tokens.shape[1])  # else dropped
-        tokens = carry.tokens.at[jnp.arange(batch)[:, None], index].set(new, mode="drop")
-        # Roll back: every layer's state after the last accepted token (place `accepted`).
+        # The last kept place: the full model's token, the first stop, or the chunk's end.
+        is_stop = (new == stop) & (slot <= accepted[:, None])
+        first_stop = jnp.min(jnp.where(is_stop, slot, k + 1), axis=1)
+        cut = jnp.minimum(jnp.minimum(accepted, first_stop), length - 1 - carry.count)
+        keep = (slot <= cut[:, None]) & active[:, None]
+        index = jnp.where(keep, carry.count[:, None] + slot, length)  # else dropped
+        depth = jnp.where(slot < accepted[:, None], draft_exit, last_layer)
+        write = lambda x, values: x.at[rows[:, None], index].set(values, mode="drop")  # noqa: E731
+        # Roll back: every layer's state after the tokens before the last kept one.
         rolled = jax.tree.map(
             lambda low, high: jnp.concatenate(
-                [_per_row(low, accepted, 0, 2), _per_row(high, accepted, 2, 1)]
+                [_per_row(low, cut, 0, 2), _per_row(high, cut, 2, 1)]
             ),
             lower_states,
             upper_states,
         )  # leaves [L, B, ...]
-        step = jnp.where(active, accepted + 1, 0)
+        step = jnp.where(active, cut + 1, 0)
         after = RecurrentState(position=carry.state.position + step, layers=rolled)
         return _Rounds(
-            tokens=tokens,
+            tokens=write(carry.tokens, new),
+            depths=write(carry.depths, depth),
             count=carry.count + step,
-            last=jnp.where(active, extra, carry.last),
+            stopped=carry.stopped | (active & (first_stop <= cut)),
+            last=jnp.where(active, _per_row(new, cut, 1, 0), carry.last),
             state=after.select(active, carry.state),
             accepted=carry.accepted.at[carry.index].set(jnp.where(active, accepted, -1)),
             index=carry.index + 1,
         )
 
     start = _Rounds(
-        tokens=jnp.zeros((batch, steps + k + 1), jnp.int32),
+        tokens=jnp.full((batch, length), stop, jnp.int32),
+        depths=jnp.zeros((batch, length), jnp.int32),
         count=jnp.zeros(batch, jnp.int32),
+        stopped=stopped,
         last=token,
         state=state,
-        accepted=jnp.full((steps, batch), -1, jnp.int32),
+        accepted=jnp.full((length, batch), -1, jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
-    done = jax.lax.while_loop(lambda carry: jnp.any(carry.count < steps), round_fn, start)
-    return done.tokens, done.accepted
+    going = lambda carry: jnp.any((carry.count < length) & ~carry.stopped)  # noqa: E731
+    done = jax.lax.while_loop(going, round_fn, start)
+    return done.tokens, done.depths, done.state, done.stopped, done.accepted

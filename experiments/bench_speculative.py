@@ -5,7 +5,7 @@
 Prompts are --prompt_length tokens of the WikiText-2 test split (row b starts at
 b x 997), greedy decoding:
 1. Acceptance: for every draft exit e in 1..L-1 and k in --draft_tokens, the
-   acceptance rate, tokens per verify pass and tokens/s of `speculative_generate`
+   acceptance rate, tokens per verify pass and tokens/s of `decode.generate` with draft_exit
    at B = 1 over --search_steps tokens; the best (e, k) by tokens/s.
 2. Lossless: the best (e, k) against full-depth greedy `decode.generate`
    (threshold 1.0) over --check_tokens tokens at B = 1 and B = 8: the share of
@@ -68,14 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def search(model, variables, prompt, args) -> list[dict]:
-    from ee_jax.speculative import speculative_generate
+    from ee_jax.decode import generate
 
     rows = []
     for draft_exit in range(1, model.config.n_layers):
         for k in args.draft_tokens:
             options = dict(draft_exit=draft_exit, draft_tokens=k)
             run = functools.partial(
-                speculative_generate,
+                generate,
                 model,
                 variables,
                 prompt,
@@ -83,9 +83,10 @@ def search(model, variables, prompt, args) -> list[dict]:
                 jax.random.key(0),
                 **options,
                 **sampling(args),
+                return_stats=True,
             )
             seconds = median_s(lambda run=run: run()[0], 1)
-            stats = run()[1]
+            stats = run()[2]
             rows.append(
                 {
                     **options,
@@ -109,14 +110,13 @@ def sampling(args) -> dict:
 
 def lossless(model, variables, corpus, best, args) -> dict:
     from ee_jax.decode import generate
-    from ee_jax.speculative import speculative_generate
 
     result = {}
     for batch in (1, 8):
         steps = -(-args.check_tokens // batch)
         prompt = cli.prompts_from_test_split(corpus, batch, args.prompt_length)
         full, _ = generate(model, variables, prompt, steps, jax.random.key(0), threshold=1.0)
-        spec, _ = speculative_generate(model, variables, prompt, steps, jax.random.key(0), **best)
+        spec, _ = generate(model, variables, prompt, steps, jax.random.key(0), **best)
         new = slice(args.prompt_length, None)
         same = np.asarray(full[:, new]) == np.asarray(spec[:, new])
         result[f"B{batch}"] = {"tokens": int(same.size), "identical": float(same.mean())}
@@ -128,7 +128,6 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     and one round's draft and verify time."""
     from ee_jax import speculative
     from ee_jax.decode import generate
-    from ee_jax.speculative import speculative_generate
     from ee_jax.state import RecurrentState
 
     prompt = cli.prompts_from_test_split(corpus, batch, args.prompt_length)
@@ -141,7 +140,7 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
         "early exit": lambda: generate(
             *common, threshold=threshold, measure=args.exit_measure, **sample
         ),
-        "speculative": lambda: speculative_generate(*common, **best, **sample)[0],
+        "speculative": lambda: generate(*common, **best, **sample),
     }
     timed = interleaved(calls, max(2, args.repeats))  # the modes side by side
     seconds = {name: measured.median_s for name, measured in timed.items()}
@@ -155,8 +154,9 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     lower, upper = (jax.tree.map(lambda x: x[:e], state), jax.tree.map(lambda x: x[e:], state))
     token, position = jnp.asarray(prompt[:, 0]), jnp.zeros(batch, jnp.int32)
     options = dict(draft_exit=e, k=k, sampling=None)
+    keys = jax.random.split(key, batch)
     draft = jax.jit(
-        lambda: speculative.draft(model, variables, token, position, lower, key, **options)
+        lambda: speculative.draft(model, variables, token, position, lower, keys, **options)
     )
     hiddens = draft()[0]
     verify = jax.jit(

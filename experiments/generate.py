@@ -14,6 +14,13 @@ outside the vocabulary become <unk>, with a hint when their case is why. The
 text is printed as it is produced (--chunk tokens at a time). A model with
 position "none" generates any number of --steps; one with a learned position
 table at most n_seq positions in all.
+
+With --draft_exit E (and --draft_tokens K) it decodes self-speculatively: exit E
+drafts K tokens, the blocks after it verify them in one pass, and every token is
+the full model's (the same text greedy, the same distribution sampled); a
+token's depth is then E for an accepted draft and L for the full model's own.
+
+    python experiments/generate.py --workdir runs/cpu --steps 40 --draft_exit 2 --draft_tokens 2
 """
 
 import argparse
@@ -81,6 +88,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="tokens per jitted call (and per printed line)",
     )
     parser.add_argument(
+        "--draft_exit",
+        type=cli.positive_int,
+        default=None,
+        help="decode self-speculatively, drafting with this exit, in [1, L - 1] "
+        "(default: per-token early exit)",
+    )
+    parser.add_argument(
+        "--draft_tokens",
+        type=cli.positive_int,
+        default=2,
+        help="drafts per verify pass, with --draft_exit",
+    )
+    parser.add_argument(
         "--stop_at_eos",
         type=lambda text: {"true": True, "false": False}[text.lower()],
         default=False,
@@ -131,11 +151,20 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
     """Raises ValueError (one line for the user) on flags or a model decode.generate
     would refuse; a ValueError from generate itself is then a bug and keeps its
     traceback."""
-    from ee_jax import decode, sampling
+    from ee_jax import decode, sampling, speculative
     from ee_jax.early_exit import check_exit_options
     from ee_jax.model import check_positions
 
     decode.check_decodable(config.model)
+    if args.draft_exit is not None:
+        try:
+            speculative.check_draft(config.model, args.draft_exit, args.draft_tokens)
+        except ValueError as error:  # name the flags
+            raise ValueError(f"--draft_exit / --draft_tokens: {error}") from None
+        if args.threshold is not None or args.measure is not None:
+            raise ValueError(
+                "--draft_exit gives the full model's tokens: leave out --threshold and --measure"
+            )
     if args.threshold is not None:
         check_exit_options(args.threshold, args.measure or CALIBRATED_MEASURE, "freeze")
     if args.steps < 0:
@@ -171,8 +200,13 @@ def main(argv=None) -> int:
         check_generate_flags(args, config, prompt.shape[1])
     except ValueError as error:
         return cli.report_error(error)
-    args.measure, args.threshold, source = exit_options(args)
-    print(f"({source}; word[d]: predicted at exit depth d of {config.model.n_layers})")
+    if args.draft_exit is None:
+        args.measure, args.threshold, source = exit_options(args)
+        depth = f"predicted at exit depth d of {config.model.n_layers}"
+    else:
+        source = f"speculative: exit {args.draft_exit} drafts {args.draft_tokens} at a time"
+        depth = f"{args.draft_exit}: an accepted draft, {config.model.n_layers}: the full model's"
+    print(f"({source}; word[d]: {depth})")
     print(" ".join(vocab.decode(list(prompt[0]))), flush=True)
     tracing = contextlib.nullcontext()
     if args.profile:  # the first chunk includes compiling the decoding step
@@ -200,6 +234,8 @@ def generate_text(decode, model, params, vocab, prompt, args):
         sample_top_p=args.sample_top_p,
         stop_token=vocab.eos_id if args.stop_at_eos else None,
         chunk=args.chunk,
+        draft_exit=args.draft_exit,
+        draft_tokens=args.draft_tokens,
         on_chunk=lambda new, depth: print(
             " ".join(
                 f"{w}[{d}]" for w, d in zip(vocab.decode(list(new[0])), depth[0], strict=True)

@@ -356,6 +356,9 @@ def test_generate_cli_checks_prompt_ids_model_and_sampling_flags():
         (dict(sample_top_p=1.5), "sample_top_p"),
         (dict(sample_top_p=float("nan")), "sample_top_p"),
         (dict(steps=-1), "steps"),
+        (dict(draft_exit=config.model.n_layers), "--draft_exit / --draft_tokens"),
+        (dict(draft_exit=1, draft_tokens=0), "--draft_exit / --draft_tokens"),
+        (dict(draft_exit=1, threshold=0.5), "leave out --threshold and --measure"),
     ]:
         with pytest.raises(ValueError, match=message):
             script.check_generate_flags(argparse.Namespace(**{**vars(args), **flags}), config, 2)
