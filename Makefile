@@ -30,7 +30,7 @@ run: $(STAMP)
 # (segfault or abort) in four of five suite runs, each time in a different test;
 # every file run alone passes.
 # The longest files start first, so that the two lanes finish together.
-SLOW_TESTS := train notebooks adaptive early_exit recurrence multihost bk_core decode evaluate model
+SLOW_TESTS := train adaptive recurrence decode model bk_core evaluate early_exit speculative multihost api accelerator_check notebooks
 # The processes share compiled programs through a compilation cache of this run
 # (EE_JAX_CACHE_DIR, when not set already), removed at the end.
 test: $(STAMP)
