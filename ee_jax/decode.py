@@ -169,6 +169,7 @@ def generate(
     return_state: bool = False,
     draft_exit: int | None = None,
     draft_tokens: int = 1,
+    draft_threshold: float = 0.0,
     return_stats: bool = False,
 ):
     """Continues each [B, P] prompt by `steps` tokens with early exit, or by the full
@@ -211,7 +212,11 @@ def generate(
       draft_exit: None (per-token early exit) or the exit that drafts, an integer
         in [1, L - 1]; threshold and measure are then unused (a threshold other
         than None or 1.0 is refused: the tokens are the full model's).
-      draft_tokens: drafts per verify pass, an integer >= 1 (with draft_exit).
+      draft_tokens: the most drafts per verify pass, an integer >= 1 (with draft_exit).
+      draft_threshold: in [0, 1]: a row stops drafting after a draft whose
+        confidence (the draft exit's probability of its most likely token, in the
+        distribution it draws from) is below it (`speculative.draft`); 0: always
+        draft_tokens drafts.
       return_stats: also return the `speculative.SpeculativeStats` of the verify
         passes (with draft_exit).
 
@@ -237,7 +242,7 @@ def generate(
         if return_stats:
             raise ValueError("return_stats needs draft_exit: stats are of verify passes")
     else:
-        speculative.check_draft(config, draft_exit, draft_tokens)
+        speculative.check_draft(config, draft_exit, draft_tokens, draft_threshold)
         if threshold is not None and threshold != 1.0:
             raise ValueError(
                 f"with draft_exit the tokens are the full model's: threshold must be None "
@@ -269,6 +274,7 @@ def generate(
     else:
         generate_chunk = functools.partial(
             speculative.speculative_chunk,
+            draft_threshold=jnp.float32(draft_threshold),
             draft_exit=int(draft_exit),
             draft_tokens=int(draft_tokens),
             **options,
@@ -281,9 +287,10 @@ def generate(
             new, depth, state, stopped, *rounds = generate_chunk(
                 model, variables, state, last, stopped, *scalars, length
             )
-        if rounds:  # drafts accepted per round [length, B]: the rounds that ran
-            ran = np.asarray(rounds[0])
-            accepted.append(ran[: int((ran >= 0).any(axis=1).sum())])
+        if rounds:  # drafts accepted and made per round [length, B]: the rounds that ran
+            ran, made = np.asarray(rounds[0][0]), np.asarray(rounds[0][1])
+            count = int((ran >= 0).any(axis=1).sum())
+            accepted.append((ran[:count], made[:count]))
         last = new[:, -1]  # a stopped row's places repeat its stop token
         # A row's position advances while it is going: the chunk ends at the last stop.
         kept = int(np.max(np.asarray(state.position) - fed))
@@ -299,8 +306,12 @@ def generate(
     )
     outputs = (tokens, depths) + ((state,) if return_state else ())
     if return_stats:
-        ran = np.concatenate(accepted) if accepted else np.zeros((0, batch), np.int32)
-        outputs += (speculative.SpeculativeStats(ran, int(draft_tokens)),)
+        ran, made = (
+            [np.concatenate(parts) for parts in zip(*accepted, strict=True)]
+            if accepted
+            else [np.zeros((0, batch), np.int32)] * 2
+        )
+        outputs += (speculative.SpeculativeStats(ran, made, int(draft_tokens)),)
     return outputs
 
 

@@ -57,10 +57,14 @@ class SpeculativeStats:
       where the row had all its tokens or had stopped (R: the most rounds any
       row took). A round cut at a chunk's end or a stop token keeps fewer tokens
       than it accepted; the count is the pass's.
-    draft_tokens: k, drafts per round.
+    drafted_per_round: [R, B] drafts made for each verify pass (1..k; fewer than
+      k where a draft's confidence fell below the draft threshold), 0 where
+      accepted_per_round is -1.
+    draft_tokens: k, the most drafts per round.
     """
 
     accepted_per_round: np.ndarray
+    drafted_per_round: np.ndarray
     draft_tokens: int
 
     @property
@@ -70,9 +74,16 @@ class SpeculativeStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted drafts / drafted tokens, over every round of every row."""
-        done = self.accepted_per_round[self.accepted_per_round >= 0]
-        return float(done.sum() / (done.size * self.draft_tokens)) if done.size else 0.0
+        """Accepted drafts / drafts made, over every round of every row."""
+        done = self.accepted_per_round >= 0
+        made = self.drafted_per_round[done].sum()
+        return float(self.accepted_per_round[done].sum() / made) if made else 0.0
+
+    @property
+    def drafts_per_round(self) -> float:
+        """Drafts made per verify pass, over every round of every row."""
+        done = self.accepted_per_round >= 0
+        return float(self.drafted_per_round[done].mean()) if done.any() else 0.0
 
     @property
     def tokens_per_round(self) -> float:
@@ -81,10 +92,17 @@ class SpeculativeStats:
         return float(done.mean() + 1) if done.size else 0.0
 
 
-def check_draft(config: ModelConfig, draft_exit, draft_tokens) -> None:
+def check_draft(config: ModelConfig, draft_exit, draft_tokens, draft_threshold=0.0) -> None:
     """Raises ValueError unless draft_exit is an integer in [1, L - 1] (1-based: the
-    exit after block draft_exit) and draft_tokens an integer >= 1."""
+    exit after block draft_exit), draft_tokens an integer >= 1 and draft_threshold
+    a real in [0, 1]."""
     check_count("draft_tokens", draft_tokens, 1)
+    if (
+        isinstance(draft_threshold, bool)
+        or not isinstance(draft_threshold, numbers.Real)
+        or not 0.0 <= draft_threshold <= 1.0
+    ):
+        raise ValueError(f"draft_threshold must be a real in [0, 1], got {draft_threshold!r}")
     if (
         isinstance(draft_exit, bool)
         or not isinstance(draft_exit, numbers.Integral)
@@ -151,22 +169,30 @@ def _per_row(x, index, position_axis: int, batch_axis: int):
     return jax.vmap(take, in_axes=(batch_axis, 0), out_axes=out_batch_axis)(x, index)
 
 
-def draft(model, variables, token, position, layers, keys, *, draft_exit, k, sampling):
-    """k draft tokens from exit `draft_exit`, one step at a time, then the k-th fed too.
+def draft(model, variables, token, position, layers, keys, threshold, *, draft_exit, k, sampling):
+    """Up to k draft tokens per row from exit `draft_exit`, one step at a time, each
+    fed to blocks 1..e in turn; a row stops drafting after a draft whose confidence
+    (the draft exit's probability of its most likely token, in the distribution it
+    draws from) is below `threshold`, and the steps stop when every row has
+    (Kangaroo: Liu et al. 2024, "Kangaroo: Lossless Self-Speculative Decoding via
+    Double Early Exiting"; SpecDec++, Huang et al. 2024).
 
     Args:
       token: [B] the last accepted token (not yet fed); position: [B] its position.
       layers: the mixer states of blocks 1..e before `token` (leaves [e, B, ...]).
       keys: [B] a key per row (used when sampling).
+      threshold: [] float32 in [0, 1]; 0: every row drafts k tokens.
       sampling: None (greedy: the exit's argmax, `adaptive.exact_argmax`) or
         (temperature [], sample_top_k, sample_top_p) for draws from the exit's
         distribution.
 
     Returns:
-      (layer-e hidden states of the k + 1 fed tokens [B, k+1, D], the mixer states of
-      blocks 1..e after each (leaves [k+1, e, B, ...]), drafts [B, k], the draft
+      (layer-e hidden states of the k + 1 fed places [B, k+1, D], the mixer states
+      of blocks 1..e after each (leaves [k+1, e, B, ...]), drafts [B, k], the draft
       exit's distribution q at each draft step (`exit_distribution`, entries
-      [B, k, n]) or None when greedy).
+      [B, k, n]) or None when greedy, drafts made per row [B] int32 in [1, k]).
+      Places after a row's last draft fed hold what the batch's other rows needed
+      (or zeros): `accept` reads none of them.
     """
     config = model.config
     apply = functools.partial(model.apply, variables)
@@ -187,28 +213,62 @@ def draft(model, variables, token, position, layers, keys, *, draft_exit, k, sam
             layer_states.append(layer_state)
         return hidden, jax.tree.map(lambda *xs: jnp.stack(xs), *layer_states)
 
-    def head(hidden, keys):  # the draft exit's token [B] and its q (sampling)
+    def head(hidden, keys):  # the draft exit's token [B], its q (sampling), confidence [B]
         if sampling is None:
             output = apply(draft_exit - 1, method=EarlyExitLM.output_layer)
             features = apply(hidden, draft_exit - 1, method=EarlyExitLM.exit_features)
-            return adaptive.exact_argmax(output, features)[0], None
+            drafted, log_p = adaptive.exact_argmax(output, features)
+            return drafted, None, jnp.exp(log_p)
         q = exit_distribution(apply, hidden, draft_exit - 1, sampling)
-        return _draw(keys, q), q
+        return _draw(keys, q), q, jnp.exp(jnp.max(q[0], axis=-1))
 
-    def step(carry, j):
-        token, layers = carry
-        hidden, layers = blocks(token, position + j, layers)
-        drafted, q = head(hidden, _fold_in(keys, j))
-        return (drafted, layers), (hidden, layers, drafted, q)
+    def step(carry):  # draft d_j from place j, then feed it (place j + 1)
+        j, hiddens, states, drafts, q, drafting, drafted = carry
+        at = lambda x: jax.tree.map(operator.itemgetter(j), x)  # noqa: E731
+        token, q_j, confidence = head(at(hiddens), _fold_in(keys, j))
+        hidden, layer_states = blocks(token, position + j + 1, at(states))
+        return (
+            j + 1,
+            _set_place(hiddens, hidden, j + 1),
+            _set_place(states, layer_states, j + 1),
+            _set_place(drafts, token, j),
+            None if q is None else _set_place(q, q_j, j),
+            drafting & (confidence >= threshold) & (j + 1 < k),
+            drafted + drafting,
+        )
 
-    (last, layers), (hiddens, states, drafts, q) = jax.lax.scan(
-        step, (token, layers), jnp.arange(k)
+    def going(carry):
+        return jnp.any(carry[5])
+
+    hidden, layer_states = blocks(token, position, layers)  # place 0: the last token
+    hiddens = jnp.zeros((k + 1, *hidden.shape), hidden.dtype).at[0].set(hidden)
+    states = jax.tree.map(
+        lambda x: jnp.zeros((k + 1, *x.shape), x.dtype).at[0].set(x), layer_states
     )
-    hidden, layers = blocks(last, position + k, layers)
-    hiddens = jnp.concatenate([hiddens, hidden[None]])  # [k+1, B, D]
-    states = jax.tree.map(lambda xs, x: jnp.concatenate([xs, x[None]]), states, layers)
+    batch = token.shape[0]
+    q = None
+    if sampling is not None:  # buffers shaped like one step's q
+        shape = jax.eval_shape(lambda: exit_distribution(apply, hidden, draft_exit - 1, sampling))
+        q = jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shape)
+    start = (
+        jnp.int32(0),
+        hiddens,
+        states,
+        jnp.zeros((k, batch), jnp.int32),
+        q,
+        jnp.ones(batch, bool),
+        jnp.zeros(batch, jnp.int32),
+    )
+    _, hiddens, states, drafts, q, _, drafted = jax.lax.while_loop(going, step, start)
     q = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), q)  # entries [B, k, n]
-    return jnp.swapaxes(hiddens, 0, 1), states, drafts.T, q
+    return jnp.swapaxes(hiddens, 0, 1), states, drafts.T, q, drafted
+
+
+def _set_place(buffer, value, place):
+    """buffer (leaves [n, ...]) with `value` (leaves [...]) at index `place`."""
+    return jax.tree.map(
+        lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, place, 0), buffer, value
+    )
 
 
 def verify(model, variables, hiddens, layers, *, draft_exit, sampling):
@@ -228,37 +288,40 @@ def verify(model, variables, hiddens, layers, *, draft_exit, sampling):
     return tokens.reshape(features.shape[:-1]), states
 
 
-def accept(drafts, q, p, keys):
+def accept(drafts, q, p, keys, drafted):
     """Each row's accepted drafts and its one token from the full model.
 
     Greedy (q None): drafts are kept while they equal the full model's argmax; the
     extra token is the argmax at the first disagreement (or after the last draft).
     Sampling: a draft d is kept with probability min(1, p(d) / q(d)); the extra
-    token is drawn from norm(max(0, p - q)) at the first rejection, from p after k
-    accepted drafts (Leviathan et al. 2023, algorithm 1). With top-k lists the
-    residual lives on p's list, q read at its ids.
+    token is drawn from norm(max(0, p - q)) at the first rejection, from p after
+    every draft was accepted (Leviathan et al. 2023, algorithm 1). With top-k lists
+    the residual lives on p's list, q read at its ids.
 
     Args:
       drafts: [B, k]; q: the draft exit's distributions (entries [B, k, n]) or None;
         p: the full model's (entries [B, k+1, n]), greedy: its tokens [B, k+1].
+      drafted: [B] int32 in [1, k]: drafts each row made (the first ones; the rest
+        of its places are not read).
 
     Returns:
-      (accepted drafts per row [B] int32 in [0, k], extra token [B] int32).
+      (accepted drafts per row [B] int32 in [0, drafted], extra token [B] int32).
     """
     batch, k = drafts.shape
+    made = jnp.arange(k) < drafted[:, None]  # [B, k]
     if q is None:  # p: the full model's greedy tokens
-        accepted = jnp.sum(jnp.cumprod(drafts == p[:, :k], axis=1), axis=1)
+        accepted = jnp.sum(jnp.cumprod((drafts == p[:, :k]) & made, axis=1), axis=1)
         return accepted, jnp.take_along_axis(p, accepted[:, None], axis=1)[:, 0]
     first_k = jax.tree.map(lambda x: x[:, :k], p)
     ratio = jnp.exp(_log_prob_of(first_k, drafts) - _log_prob_of(q, drafts))  # q(d) > 0: drawn
     uniform = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_fold_in(keys, 0))
-    accepted = jnp.sum(jnp.cumprod(uniform < ratio, axis=1), axis=1)
-    # p and q at the first rejected place; after k accepted drafts q = 0.
+    accepted = jnp.sum(jnp.cumprod((uniform < ratio) & made, axis=1), axis=1)
+    # p and q at the first rejected place; after every draft accepted q = 0.
     log_p, p_ids = jax.tree.map(lambda x: _per_row(x, accepted, 1, 0), p)  # [B, n]
     log_q, q_ids = jax.tree.map(
         lambda x: _per_row(jnp.concatenate([x, jnp.zeros_like(x[:, :1])], 1), accepted, 1, 0), q
     )
-    q_probs = jnp.where(accepted[:, None] < k, jnp.exp(log_q), 0.0)  # [B, n]
+    q_probs = jnp.where(accepted[:, None] < drafted[:, None], jnp.exp(log_q), 0.0)  # [B, n]
     if p_ids is not None:  # q at each of p's ids
         same = p_ids[:, :, None] == q_ids[:, None, :]  # [B, n, n]
         q_probs = jnp.sum(jnp.where(same, q_probs[:, None, :], 0.0), axis=-1)
@@ -281,6 +344,7 @@ class _Rounds:
     last: jax.Array  # [B] int32: each row's last token, not yet fed
     state: RecurrentState  # before `last`: each row at its own position
     accepted: jax.Array  # [length, B] int32: drafts accepted per round, -1 if none ran
+    drafted: jax.Array  # [length, B] int32: drafts made per round, 0 if none ran
     index: jax.Array  # [] int32: rounds run
 
 
@@ -300,6 +364,7 @@ def speculative_chunk(
     stop,
     length,
     *,
+    draft_threshold,
     draft_exit,
     draft_tokens,
     greedy,
@@ -314,14 +379,14 @@ def speculative_chunk(
     is then the one after the tokens before the last kept one (picked from the
     round's per-position states, as a rejection is). The sampling key of a round is
     `row_key(rng, row, position of its first fed token)`, so rows draw
-    independently.
+    independently. draft_threshold: [] float32, `draft`'s threshold.
 
     Returns:
       (new tokens [B, length] (`stop` after a row's stop), their depths [B, length]:
       draft_exit for an accepted draft, L for the full model's token, 0 after a
       stop; the state after feeding all but the last new token; stopped [B];
-      drafts accepted by each verify pass [length, B], -1 where the row had
-      finished or the round never ran).
+      (drafts accepted by each verify pass [length, B], -1 where the row had
+      finished or the round never ran; drafts made [length, B], 0 there)).
     """
     batch, k, last_layer = token.shape[0], draft_tokens, model.config.n_layers
     sampling = None if greedy else (temperature, sample_top_k, sample_top_p)
@@ -333,13 +398,14 @@ def speculative_chunk(
         layers = carry.state.layers
         lower = jax.tree.map(lambda x: x[:draft_exit], layers)  # blocks 1..e
         upper = jax.tree.map(lambda x: x[draft_exit:], layers)  # blocks e+1..L
-        hiddens, lower_states, drafts, q = draft(
+        hiddens, lower_states, drafts, q, drafted = draft(
             model,
             variables,
             carry.last,
             carry.state.position,
             lower,
             _fold_in(keys, 0),
+            draft_threshold,
             draft_exit=draft_exit,
             k=k,
             sampling=sampling,
@@ -347,7 +413,7 @@ def speculative_chunk(
         p, upper_states = verify(
             model, variables, hiddens, upper, draft_exit=draft_exit, sampling=sampling
         )
-        accepted, extra = accept(drafts, q, p, _fold_in(keys, 1))
+        accepted, extra = accept(drafts, q, p, _fold_in(keys, 1), drafted)
         new = jnp.concatenate([drafts, extra[:, None]], axis=1)  # [B, k+1]
         new = jnp.where(slot == accepted[:, None], extra[:, None], new)
         # The last kept place: the full model's token, the first stop, or the chunk's end.
@@ -376,6 +442,7 @@ def speculative_chunk(
             last=jnp.where(active, _per_row(new, cut, 1, 0), carry.last),
             state=after.select(active, carry.state),
             accepted=carry.accepted.at[carry.index].set(jnp.where(active, accepted, -1)),
+            drafted=carry.drafted.at[carry.index].set(jnp.where(active, drafted, 0)),
             index=carry.index + 1,
         )
 
@@ -387,8 +454,9 @@ def speculative_chunk(
         last=token,
         state=state,
         accepted=jnp.full((length, batch), -1, jnp.int32),
+        drafted=jnp.zeros((length, batch), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
     going = lambda carry: jnp.any((carry.count < length) & ~carry.stopped)  # noqa: E731
     done = jax.lax.while_loop(going, round_fn, start)
-    return done.tokens, done.depths, done.state, done.stopped, done.accepted
+    return done.tokens, done.depths, done.state, done.stopped, (done.accepted, done.drafted)

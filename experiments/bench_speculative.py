@@ -4,9 +4,10 @@
 
 Prompts are --prompt_length tokens of the WikiText-2 test split (row b starts at
 b x 997), greedy decoding:
-1. Acceptance: for every draft exit e in 1..L-1 and k in --draft_tokens, the
-   acceptance rate, tokens per verify pass and tokens/s of `decode.generate` with draft_exit
-   at B = 1 over --search_steps tokens; the best (e, k) by tokens/s.
+1. Acceptance: for every draft exit e in 1..L-1, k in --draft_tokens and draft
+   threshold in --draft_thresholds, the acceptance rate, drafts and tokens per
+   verify pass and tokens/s of `decode.generate` with draft_exit at B = 1 over
+   --search_steps tokens; the best setting by tokens/s.
 2. Lossless: the best (e, k) against full-depth greedy `decode.generate`
    (threshold 1.0) over --check_tokens tokens at B = 1 and B = 8: the share of
    tokens that are identical.
@@ -21,6 +22,7 @@ Prints tables and writes --json.
 
 import argparse
 import functools
+import itertools
 import sys
 import time
 
@@ -42,6 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[1, 2, 3, 4, 6],
         help="k values searched",
+    )
+    parser.add_argument(
+        "--draft_thresholds",
+        type=cli.probability,
+        nargs="+",
+        default=[0.0],
+        help="draft confidence thresholds searched (0: always k drafts)",
     )
     parser.add_argument("--prompt_length", type=cli.positive_int, default=32)
     parser.add_argument("--search_steps", type=cli.positive_int, default=512)
@@ -71,36 +80,38 @@ def search(model, variables, prompt, args) -> list[dict]:
     from ee_jax.decode import generate
 
     rows = []
-    for draft_exit in range(1, model.config.n_layers):
-        for k in args.draft_tokens:
-            options = dict(draft_exit=draft_exit, draft_tokens=k)
-            run = functools.partial(
-                generate,
-                model,
-                variables,
-                prompt,
-                args.search_steps,
-                jax.random.key(0),
+    for draft_exit, k, threshold in itertools.product(
+        range(1, model.config.n_layers), args.draft_tokens, args.draft_thresholds
+    ):
+        options = dict(draft_exit=draft_exit, draft_tokens=k, draft_threshold=threshold)
+        run = functools.partial(
+            generate,
+            model,
+            variables,
+            prompt,
+            args.search_steps,
+            jax.random.key(0),
+            **options,
+            **sampling(args),
+            return_stats=True,
+        )
+        seconds = median_s(lambda run=run: run()[0], 1)
+        stats = run()[2]
+        rows.append(
+            {
                 **options,
-                **sampling(args),
-                return_stats=True,
-            )
-            seconds = median_s(lambda run=run: run()[0], 1)
-            stats = run()[2]
-            rows.append(
-                {
-                    **options,
-                    "acceptance_rate": stats.acceptance_rate,
-                    "tokens_per_round": stats.tokens_per_round,
-                    "tokens_per_s": args.search_steps / seconds,
-                }
-            )
-            print(
-                f"e={draft_exit} k={k}: acceptance {stats.acceptance_rate:.3f}, "
-                f"{stats.tokens_per_round:.2f} tokens/round, "
-                f"{rows[-1]['tokens_per_s']:.0f} tokens/s",
-                flush=True,
-            )
+                "acceptance_rate": stats.acceptance_rate,
+                "drafts_per_round": stats.drafts_per_round,
+                "tokens_per_round": stats.tokens_per_round,
+                "tokens_per_s": args.search_steps / seconds,
+            }
+        )
+        print(
+            f"e={draft_exit} k={k} t={threshold:g}: acceptance {stats.acceptance_rate:.3f}, "
+            f"{stats.drafts_per_round:.2f} drafts and {stats.tokens_per_round:.2f} tokens "
+            f"a round, {rows[-1]['tokens_per_s']:.0f} tokens/s",
+            flush=True,
+        )
     return rows
 
 
@@ -156,7 +167,7 @@ def speed_row(model, variables, corpus, best, threshold, args, batch: int) -> di
     options = dict(draft_exit=e, k=k, sampling=None)
     keys = jax.random.split(key, batch)
     draft = jax.jit(
-        lambda: speculative.draft(model, variables, token, position, lower, keys, **options)
+        lambda: speculative.draft(model, variables, token, position, lower, keys, 0.0, **options)
     )
     hiddens = draft()[0]
     verify = jax.jit(
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
     prompt = cli.prompts_from_test_split(corpus, 1, args.prompt_length)
     rows = search(model, variables, prompt, args)
     best_row = max(rows, key=lambda row: row["tokens_per_s"])
-    best = {"draft_exit": best_row["draft_exit"], "draft_tokens": best_row["draft_tokens"]}
+    best = {name: best_row[name] for name in ("draft_exit", "draft_tokens", "draft_threshold")}
     results = {
         "run": f"{args.workdir} step {step}",
         "backend": jax.default_backend(),

@@ -101,6 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="drafts per verify pass, with --draft_exit",
     )
     parser.add_argument(
+        "--draft_threshold",
+        type=cli.probability,
+        default=0.0,
+        help="with --draft_exit: a row stops drafting after a draft whose confidence is "
+        "below this, in [0, 1] (default 0: always --draft_tokens drafts)",
+    )
+    parser.add_argument(
         "--stop_at_eos",
         type=lambda text: {"true": True, "false": False}[text.lower()],
         default=False,
@@ -158,7 +165,9 @@ def check_generate_flags(args: argparse.Namespace, config, prompt_length: int) -
     decode.check_decodable(config.model)
     if args.draft_exit is not None:
         try:
-            speculative.check_draft(config.model, args.draft_exit, args.draft_tokens)
+            speculative.check_draft(
+                config.model, args.draft_exit, args.draft_tokens, args.draft_threshold
+            )
         except ValueError as error:  # name the flags
             raise ValueError(f"--draft_exit / --draft_tokens: {error}") from None
         if args.threshold is not None or args.measure is not None:
@@ -236,6 +245,7 @@ def generate_text(decode, model, params, vocab, prompt, args):
         chunk=args.chunk,
         draft_exit=args.draft_exit,
         draft_tokens=args.draft_tokens,
+        draft_threshold=args.draft_threshold,
         on_chunk=lambda new, depth: print(
             " ".join(
                 f"{w}[{d}]" for w, d in zip(vocab.decode(list(new[0])), depth[0], strict=True)

@@ -49,17 +49,18 @@ def prompt(batch, length, vocab, seed=5):
 
 
 @pytest.mark.parametrize(
-    "config, batch, steps, draft_exit, draft_tokens",
+    "config, batch, steps, draft_exit, draft_tokens, draft_threshold",
     [
-        (FREE, 1, 300, 1, 4),
-        (FREE, 3, 300, 2, 2),
-        (LEARNED, 2, 12, 1, 3),
-        (LSTM, 2, 100, 1, 3),
+        (FREE, 1, 300, 1, 4, 0.0),
+        (FREE, 3, 300, 2, 2, 0.0),
+        (FREE, 2, 100, 1, 3, 0.3),
+        (LEARNED, 2, 12, 1, 3, 0.0),
+        (LSTM, 2, 100, 1, 3, 0.0),
     ],
-    ids=["none-B1-e1-k4", "none-B3-e2-k2", "learned-B2-e1-k3", "lstm-B2-e1-k3"],
+    ids=["none-B1-e1-k4", "none-B3-e2-k2", "none-B2-e1-k3-t0.3", "learned-B2-e1-k3", "lstm"],
 )
 def test_greedy_speculative_decoding_gives_full_depth_greedy_tokens(
-    config, batch, steps, draft_exit, draft_tokens
+    config, batch, steps, draft_exit, draft_tokens, draft_threshold
 ):
     # Given a model and prompts, and full-depth greedy decoding's continuation.
     model, variables = model_and_variables(config)
@@ -75,6 +76,7 @@ def test_greedy_speculative_decoding_gives_full_depth_greedy_tokens(
         jax.random.key(0),
         draft_exit=draft_exit,
         draft_tokens=draft_tokens,
+        draft_threshold=draft_threshold,
         chunk=7,
         return_stats=True,
     )
@@ -82,15 +84,24 @@ def test_greedy_speculative_decoding_gives_full_depth_greedy_tokens(
     np.testing.assert_array_equal(out, expected)
     # And rounds both accepted drafts and rolled rows back to a place before the last
     # draft; a round gives its accepted drafts (depth e) and one full-model token
-    # (depth L), unless a chunk's end cut it.
-    accepted = stats.accepted_per_round
+    # (depth L), unless a chunk's end cut it. With a draft threshold, rounds made
+    # different numbers of drafts, some fewer than k; without, k.
+    accepted, drafted = stats.accepted_per_round, stats.drafted_per_round
     done = accepted[accepted >= 0]
     assert done.max() >= 1 and done.min() < draft_tokens and len(np.unique(done)) >= 2
+    made = drafted[accepted >= 0]
+    assert np.all(done <= made) and np.all(drafted[accepted < 0] == 0)
+    if draft_threshold > 0:
+        assert made.min() < draft_tokens and len(np.unique(made)) >= 2
+    else:
+        assert np.all(made == draft_tokens)
     assert set(np.unique(depths)) == {draft_exit, config.n_layers}
     full = np.asarray(depths) == config.n_layers
     chunks = -(-steps // 7)
     assert np.all((full.sum(1) <= stats.rounds) & (stats.rounds <= full.sum(1) + chunks))
-    assert stats.tokens_per_round == pytest.approx(1 + stats.acceptance_rate * draft_tokens)
+    assert stats.tokens_per_round == pytest.approx(
+        1 + stats.acceptance_rate * stats.drafts_per_round
+    )
 
 
 @pytest.mark.parametrize("config", [FREE, LSTM], ids=["bk", "lstm"])
@@ -247,21 +258,22 @@ def sample_rows(generate_fn, seed: int, **options):
     return np.asarray(out[:, len(CONTEXT) :]), extra
 
 
-@pytest.mark.parametrize("top_p", [None, 0.8])
-def test_speculative_sampling_has_the_full_models_distribution(top_p):
+@pytest.mark.parametrize("top_p, draft_threshold", [(None, 0.0), (0.8, 0.0), (None, 0.5)])
+def test_speculative_sampling_has_the_full_models_distribution(top_p, draft_threshold):
     # Given a small-vocabulary model, one context, and the exact distribution of the
     # full model's next 3 tokens at temperature 0.8 (over the nucleus of mass top_p),
     # and, as the alternative the test must detect, that of the unverified draft exit.
     model, variables = model_and_variables(SMALL)
     exact = exact_joint(model, variables, CONTEXT, 3, SMALL.n_layers - 1, 0.8, top_p)
     draft = exact_joint(model, variables, CONTEXT, 3, 0, 0.8, top_p)
-    # When 20,000 rows each sample 3 tokens speculatively (exit 1 drafts 2 at a time).
-    new, stats = sample_rows(
-        generate, 7, draft_exit=1, draft_tokens=2, sample_top_p=top_p, return_stats=True
-    )
+    # When 20,000 rows each sample 3 tokens speculatively (exit 1 drafts up to 2 at a
+    # time; with a draft threshold, a row stops drafting after an unconfident draft).
+    options = dict(draft_exit=1, draft_tokens=2, draft_threshold=draft_threshold)
+    new, stats = sample_rows(generate, 7, sample_top_p=top_p, return_stats=True, **options)
     # Then the tokens follow the full model's distribution, not the draft's.
     assert_chi_square_fits(new, exact.ravel(), draft.ravel(), 8)
     assert 0 < stats.acceptance_rate < 1  # drafts were both kept and rejected
+    assert (1 < stats.drafts_per_round < 2) if draft_threshold else stats.drafts_per_round == 2
 
 
 @pytest.mark.parametrize("top_k, top_p", [(None, 0.8), (5, None), (5, 0.8)])
@@ -291,6 +303,8 @@ def test_sampling_with_a_top_k_or_nucleus_has_the_models_distribution(top_k, top
         (dict(draft_exit=1, draft_tokens=2, sample_top_p=2.0), "sample_top_p"),
         (dict(draft_exit=1, threshold=0.9), "threshold must be None or 1.0"),
         (dict(return_stats=True), "return_stats needs draft_exit"),
+        (dict(draft_exit=1, draft_threshold=1.5), "draft_threshold must be a real in"),
+        (dict(draft_exit=1, draft_threshold=float("nan")), "draft_threshold must be a real in"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(options, message):
