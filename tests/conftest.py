@@ -28,6 +28,7 @@ os.environ.setdefault("EE_JAX_KEEP_FREED_MEMORY", "0")
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 import ee_jax  # noqa: E402
 
@@ -74,3 +75,29 @@ def random_exit_classifiers(variables: dict, key) -> dict:
     exits = dict(params["exits"])
     exits["classifier_kernel"] = jax.random.normal(key, exits["classifier_kernel"].shape)
     return {"params": {**params, "exits": exits}}
+
+
+def markov_text(n_lines: int, seed: int) -> str:
+    """Lines from a small Markov chain: learnable structure in a 40-word vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(40)]
+    successors = np.random.default_rng(0).integers(0, 40, (40, 3))  # 3 likely successors
+    lines = []
+    for _ in range(n_lines):
+        word = rng.integers(40)
+        line = [words[word]]
+        for _ in range(rng.integers(5, 15)):
+            word = successors[word, rng.integers(3)] if rng.random() < 0.9 else rng.integers(40)
+            line.append(words[word])
+        lines.append(" ".join(line))
+    return "\n".join(lines) + "\n"
+
+
+def write_markov_corpus(folder: pathlib.Path, train_lines: int) -> pathlib.Path:
+    """`folder` with train.txt, valid.txt and test.txt of `markov_text` (train_lines
+    lines, a tenth of that for valid and test; seeds 1, 2, 3)."""
+    for seed, (split, lines) in enumerate(
+        [("train", train_lines), ("valid", train_lines // 10), ("test", train_lines // 10)], 1
+    ):
+        (folder / f"{split}.txt").write_text(markov_text(lines, seed))
+    return folder

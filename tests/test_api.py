@@ -10,7 +10,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import markov_text
+from conftest import write_markov_corpus
 
 import ee_jax
 from ee_jax import train as train_lib
@@ -143,10 +143,7 @@ def test_public_names_are_the_modules_objects():
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> pathlib.Path:
-    folder = tmp_path_factory.mktemp("markov")
-    for split, (lines, seed) in {"train": (200, 1), "valid": (20, 2), "test": (20, 3)}.items():
-        (folder / f"{split}.txt").write_text(markov_text(lines, seed))
-    return folder
+    return write_markov_corpus(tmp_path_factory.mktemp("markov"), 200)
 
 
 def test_load_run_needs_nothing_but_the_run_folder(corpus_dir, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_train import markov_text
+from conftest import write_markov_corpus
 
 from ee_jax.data import load_wikitext2
 from ee_jax.run import load_run
@@ -106,9 +106,7 @@ def assert_same_params(workdir, reference, step):
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> dict:
-    corpus_dir = tmp_path_factory.mktemp("markov")
-    for split, (lines, seed) in {"train": (200, 1), "valid": (20, 2), "test": (20, 3)}.items():
-        (corpus_dir / f"{split}.txt").write_text(markov_text(lines, seed))
+    corpus_dir = write_markov_corpus(tmp_path_factory.mktemp("markov"), 200)
     data_cache = tmp_path_factory.mktemp("data_cache")
     load_wikitext2(corpus_dir, cache_dir=data_cache, verify_checksums=False)  # prepared once
     return {

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_markov_corpus
 
 from ee_jax import cli, train_state
 from ee_jax import train as train_lib
@@ -31,28 +32,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_wikitext2.py"
 
 
-def markov_text(n_lines: int, seed: int) -> str:
-    """Lines from a small Markov chain: learnable structure in a 40-word vocabulary."""
-    rng = np.random.default_rng(seed)
-    words = [f"w{i}" for i in range(40)]
-    successors = np.random.default_rng(0).integers(0, 40, (40, 3))  # 3 likely successors
-    lines = []
-    for _ in range(n_lines):
-        word = rng.integers(40)
-        line = [words[word]]
-        for _ in range(rng.integers(5, 15)):
-            word = successors[word, rng.integers(3)] if rng.random() < 0.9 else rng.integers(40)
-            line.append(words[word])
-        lines.append(" ".join(line))
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> pathlib.Path:
-    folder = tmp_path_factory.mktemp("markov")
-    for split, (lines, seed) in {"train": (600, 1), "valid": (60, 2), "test": (60, 3)}.items():
-        (folder / f"{split}.txt").write_text(markov_text(lines, seed))
-    return folder
+    return write_markov_corpus(tmp_path_factory.mktemp("markov"), 600)
 
 
 @pytest.fixture(scope="module")
